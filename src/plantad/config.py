@@ -1,0 +1,274 @@
+"""Typed settings: params.yaml is read here and nowhere else.
+
+Every knob of the product lives in one YAML file (also DVC's params file). Unknown keys and bad
+values are errors that name the dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be turned into settings."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["demo", "path"] = "demo"
+    root: str = "data/demo"
+    categories: list[str] | None = None  # None: every category found under root (multi-class)
+    image_size: int = Field(112, ge=14)  # model input side; images are resized to it
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # normal train images kept for calibration
+    loader_workers: int = Field(0, ge=0)
+
+
+class DemoConfig(_Section):
+    seed: int = 0
+    image_size: int = Field(128, ge=32)
+    categories: list[Literal["weave", "metal", "nut"]] = ["weave", "metal", "nut"]
+    n_train: int = Field(40, ge=2)  # normal training images per category
+    n_test_good: int = Field(10, ge=1)
+    n_test_defect: int = Field(5, ge=1)  # per defect type and category
+
+
+class TeacherConfig(_Section):
+    name: str = "vit_small_patch14_dinov2"
+    # "hub" (timm pretrained, needs network), "random" (explicit, warns loudly) or a checkpoint path
+    weights: str = "hub"
+    layers: list[int] = [2, 3, 4, 5, 6, 7, 8, 9]
+    groups: list[list[int]] = [[0, 1, 2, 3], [4, 5, 6, 7]]  # indices into `layers`
+    timm_kwargs: dict[str, Any] = {}  # architecture overrides, e.g. depth/embed_dim for tiny models
+
+    @model_validator(mode="after")
+    def _groups_index_layers(self) -> TeacherConfig:
+        n = len(self.layers)
+        flat = [i for g in self.groups for i in g]
+        if not self.groups or any(not g for g in self.groups):
+            raise ValueError("model.teacher.groups must be non-empty lists of layer indices")
+        bad = [i for i in flat if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"model.teacher.groups index {bad} outside model.teacher.layers (len {n})")
+        return self
+
+
+class DecoderConfig(_Section):
+    depth: int | None = None  # None: one decoder block per teacher layer (Dinomaly)
+    mlp_ratio: float = 4.0
+    num_heads: int | None = None  # None: the teacher's
+    bottleneck_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    linear_attention: bool = True
+
+
+class EncoderConfig(_Section):
+    depth: int | None = None  # None: the teacher's depth (same architecture, from scratch)
+    distill_patch_mean: bool = True  # [reconstructed] also regress the mean patch token
+
+
+class NoisyOrConfig(_Section):
+    # [reconstructed] training weights of -log(1 - P) = w_D * s_D + w_E * s_E
+    weighting: Literal["fixed", "adaptive"] = "adaptive"
+    weight_local: float = Field(1.0, ge=0.0)
+    weight_semantic: float = Field(1.0, ge=0.0)
+    ema_momentum: float = Field(0.99, ge=0.0, lt=1.0)
+    # calibration p_k = 1 - exp(-lambda_k * s_k): the `quantile` of normal scores maps to `probability`
+    calibration_quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    calibration_probability: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class SNLConfig(_Section):
+    num_centers: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    weight_channel: float = 1.0
+    weight_spatial: float = 1.0
+    weight_intra: float = 1.0
+    weight_inter: float = 1.0
+
+
+class ModelConfig(_Section):
+    method: Literal["dual", "snl"] = "dual"
+    # which branch(es) score an image: both (Noisy-OR), or one alone (for ablations)
+    branches: Literal["dual", "local", "semantic"] = "dual"
+    teacher: TeacherConfig = TeacherConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    noisy_or: NoisyOrConfig = NoisyOrConfig()
+    snl: SNLConfig = SNLConfig()
+
+
+class HardMiningConfig(_Section):
+    enabled: bool = True
+    final_fraction: float = Field(0.9, ge=0.0, lt=1.0)  # share of easiest points down-weighted
+    ramp_steps: int = Field(1000, ge=0)
+    factor: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(10000, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    min_lr: float = Field(2e-4, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float | None = 0.1
+    hard_mining: HardMiningConfig = HardMiningConfig()
+    log_every: int = Field(10, ge=1)
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+
+
+class ScoringConfig(_Section):
+    gaussian_sigma: float = Field(4.0, ge=0.0)
+    top_k_fraction: float = Field(0.01, gt=0.0, le=1.0)  # image score = mean of the top-k% map pixels
+    # decision threshold on the final probability: this quantile of held-out normal images
+    threshold_quantile: float = Field(0.99, gt=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1)
+
+
+class EvaluateConfig(_Section):
+    aupro_fpr_limit: float = Field(0.3, gt=0.0, le=1.0)
+    max_pixels_per_image: int | None = None  # subsample pixel metrics for speed; None: all
+
+
+class ValidationConfig(_Section):
+    """Bounds for the Great Expectations suite over the manifest."""
+
+    min_width: int = Field(32, ge=1)
+    max_width: int = Field(8192, ge=1)
+    min_height: int = Field(32, ge=1)
+    max_height: int = Field(8192, ge=1)
+    allowed_channels: list[int] = [1, 3, 4]
+    min_train_normal_per_category: int = Field(10, ge=1)
+    example_rows: int = Field(5, ge=1)  # rows quoted per failed expectation
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix
+    max_failures: int = Field(2, ge=0)
+    checkpoint_every_epochs: int = Field(1, ge=1)
+    steps_per_epoch: int = Field(20, ge=1)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI if set, else the embedded store
+    experiment: str = "plantad"
+    registered_model: str = "plantad-anomaly"
+    promote: Literal["manual", "auto"] = "manual"
+    promotion_metric: str = "image_auroc"
+    artifact_location: str | None = None  # e.g. s3://bucket/mlflow for a new experiment
+
+
+class S3Config(_Section):
+    endpoint_url: str | None = None  # None: AWS; set for MinIO, Ceph, moto ...
+    bucket: str | None = None
+    region: str = "us-east-1"
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    model_uri: str = "models:/plantad-anomaly@champion"
+    num_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    alias_poll_s: float = Field(10.0, gt=0.0)
+    max_image_bytes: int = Field(20_000_000, ge=1)
+
+
+class Settings(_Section):
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    validation: ValidationConfig = ValidationConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    s3: S3Config = S3Config()
+    serve: ServeConfig = ServeConfig()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid settings in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}' (check the spelling against params.yaml)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value), the value parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def settings_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_settings(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Settings:
+    """Read params.yaml (or defaults when `path` is None) and apply `--set key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"params file {p} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"params file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"params file {p} must hold a mapping at the top level")
+        source = str(p)
+    raw = apply_overrides(raw, list(overrides or []))
+    return settings_from_dict(raw, source)
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    return settings.model_dump(mode="json")
