@@ -60,7 +60,6 @@ class TeacherConfig(_Section):
 
 
 class DecoderConfig(_Section):
-    depth: int | None = None  # None: one decoder block per teacher layer (Dinomaly)
     mlp_ratio: float = 4.0
     num_heads: int | None = None  # None: the teacher's
     bottleneck_dropout: float = Field(0.2, ge=0.0, lt=1.0)
@@ -83,24 +82,14 @@ class NoisyOrConfig(_Section):
     calibration_probability: float = Field(0.5, gt=0.0, lt=1.0)
 
 
-class SNLConfig(_Section):
-    num_centers: int = Field(8, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
-    weight_channel: float = 1.0
-    weight_spatial: float = 1.0
-    weight_intra: float = 1.0
-    weight_inter: float = 1.0
-
-
 class ModelConfig(_Section):
-    method: Literal["dual", "snl"] = "dual"
+    method: Literal["dual"] = "dual"
     # which branch(es) score an image: both (Noisy-OR), or one alone (for ablations)
     branches: Literal["dual", "local", "semantic"] = "dual"
     teacher: TeacherConfig = TeacherConfig()
     decoder: DecoderConfig = DecoderConfig()
     encoder: EncoderConfig = EncoderConfig()
     noisy_or: NoisyOrConfig = NoisyOrConfig()
-    snl: SNLConfig = SNLConfig()
 
 
 class HardMiningConfig(_Section):

@@ -1,0 +1,149 @@
+"""`plantad` command line: thin wrappers over the package's functions (the stable interface)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from plantad.config import ConfigError, Settings, apply_overrides, load_settings, settings_from_dict, settings_to_dict
+
+log = logging.getLogger("plantad")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, args.set)
+
+
+def _manifest(args: argparse.Namespace, settings: Settings):
+    from plantad.data.manifest import read_manifest, scan_dataset
+
+    if getattr(args, "manifest", None):
+        return read_manifest(Path(args.manifest))
+    return scan_dataset(Path(args.data), settings.data.categories, on_error="raise", progress=True)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from plantad.data.demo import add_normal, generate_demo
+
+    settings = _settings(args)
+    out = Path(args.out)
+    if args.add_normal:
+        paths = add_normal(out, args.add_normal, seed=args.seed, image_size=settings.demo.image_size)
+        print(f"added {len(paths)} normal training images under {out}")
+        return 0
+    demo = settings.demo.model_copy(update={"seed": args.seed})
+    generate_demo(out, demo)
+    print(f"demo dataset written to {out}")
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from plantad.data.manifest import scan_dataset, write_manifest
+
+    settings = _settings(args)
+    df = scan_dataset(Path(args.data), settings.data.categories, on_error=args.on_error, progress=True)
+    write_manifest(df, Path(args.out))
+    print(f"manifest of {len(df)} images written to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from plantad.training.trainer import train_model
+
+    settings = _settings(args)
+    result = train_model(settings, _manifest(args, settings), Path(args.data), Path(args.out))
+    print(f"model saved to {result.model_path} (threshold {result.calibration['threshold']:.4f})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from plantad.evaluation.evaluate import evaluate_model
+    from plantad.evaluation.metrics import metrics_to_json
+    from plantad.models.checkpoint import load_model
+    from plantad.training.loop import resolve_device
+
+    model, meta = load_model(Path(args.model))
+    settings = settings_from_dict(apply_overrides(meta["settings"], args.set), source=f"{args.model} + --set")
+    model = model.to(resolve_device(settings.train.device))
+    metrics, pred = evaluate_model(model, _manifest(args, settings), Path(args.data), settings)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(metrics_to_json(metrics))
+    if args.plots:
+        from plantad.evaluation.report import write_plots
+
+        write_plots(pred, metrics, Path(args.plots))
+    keys = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro")
+    print("  ".join(f"{k}={metrics[k]:.4f}" for k in keys))
+    print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(settings_to_dict(_settings(args)), indent=2))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted params key")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plantad", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the procedural MVTec-layout demo dataset")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--add-normal", type=int, default=0, metavar="N", help="append N normal train images per category")
+    _common(p)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("scan", help="scan an MVTec-layout folder into a manifest Parquet")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--on-error", choices=["raise", "record"], default="raise")
+    _common(p)
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("train", help="train, calibrate and save a model on one machine")
+    p.add_argument("--data", required=True, help="dataset root (MVTec layout)")
+    p.add_argument("--manifest", help="use this manifest instead of scanning --data")
+    p.add_argument("--out", required=True, help="model directory to write")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score the test split and write metrics.json")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--manifest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--plots", help="folder for ROC/PR/per-category/overlay plots")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("config", help="print the resolved settings")
+    _common(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

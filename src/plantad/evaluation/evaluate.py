@@ -1,0 +1,94 @@
+"""Score a manifest's test split with the one scoring function and compute the metrics."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from plantad.config import Settings
+from plantad.data.dataset import ManifestDataset
+from plantad.evaluation.metrics import compute_metrics
+from plantad.scoring import score_batch
+
+
+@dataclass
+class Predictions:
+    rows: pd.DataFrame  # the scored manifest rows, in order
+    labels: np.ndarray  # (N,) int
+    probability: np.ndarray  # (N,) Noisy-OR probability (the image score)
+    local_score: np.ndarray | None
+    semantic_score: np.ndarray | None
+    is_anomalous: np.ndarray  # (N,) bool at the model's threshold
+    maps: np.ndarray  # (N, S, S) float32
+    masks: np.ndarray  # (N, S, S) uint8
+
+
+def test_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    rows = manifest[manifest["split"] == "test"].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError("the manifest has no test images (split=test) to evaluate on")
+    return rows
+
+
+def predict(model: nn.Module, rows: pd.DataFrame, root: Path, settings: Settings, progress: bool = True) -> Predictions:
+    ds = ManifestDataset(rows, root, settings.data.image_size, with_masks=True)
+    loader = DataLoader(ds, batch_size=settings.scoring.batch_size, num_workers=settings.data.loader_workers)
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("prob", "local", "sem", "dec", "map", "mask")}
+    for batch in tqdm(loader, desc="score", disable=not (progress and sys.stderr.isatty())):
+        out = score_batch(model, batch["image"], settings.scoring, amp=settings.train.amp)
+        cols["prob"].append(out.probability.cpu())
+        cols["dec"].append(out.is_anomalous.cpu())
+        cols["map"].append(out.anomaly_map.cpu().float())
+        cols["mask"].append(batch["mask"][:, 0].to(torch.uint8))
+        if out.local_score is not None:
+            cols["local"].append(out.local_score.cpu())
+        if out.semantic_score is not None:
+            cols["sem"].append(out.semantic_score.cpu())
+    cat = {k: torch.cat(v).numpy() if v else None for k, v in cols.items()}
+    return Predictions(
+        rows, rows["label"].to_numpy(dtype=int), cat["prob"], cat["local"], cat["sem"], cat["dec"], cat["map"], cat["mask"]
+    )
+
+
+def threshold_metrics(labels: np.ndarray, decisions: np.ndarray) -> dict[str, float]:
+    """Operating point at the stored threshold: what a line operator actually experiences."""
+    pos, neg = labels == 1, labels == 0
+    tp, fp = int((decisions & pos).sum()), int((decisions & neg).sum())
+    fn = int((~decisions & pos).sum())
+    recall = tp / max(1, tp + fn)
+    precision = tp / max(1, tp + fp)
+    return {
+        "recall": recall,
+        "precision": precision,
+        "false_positive_rate": fp / max(1, int(neg.sum())),
+        "f1": 2 * precision * recall / max(1e-12, precision + recall),
+    }
+
+
+def metrics_from_predictions(pred: Predictions, settings: Settings) -> dict[str, Any]:
+    metrics = compute_metrics(
+        pred.labels,
+        pred.probability,
+        pred.rows["category"].to_numpy(),
+        masks=pred.masks,
+        maps=pred.maps,
+        fpr_limit=settings.evaluate.aupro_fpr_limit,
+    )
+    metrics["at_threshold"] = threshold_metrics(pred.labels, pred.is_anomalous)
+    return metrics
+
+
+def evaluate_model(
+    model: nn.Module, manifest: pd.DataFrame, root: Path, settings: Settings, progress: bool = True
+) -> tuple[dict[str, Any], Predictions]:
+    pred = predict(model, test_rows(manifest), root, settings, progress)
+    return metrics_from_predictions(pred, settings), pred

@@ -1,0 +1,149 @@
+"""Frozen DINOv2 teacher (any timm ViT) that exposes mid-layer patch tokens and the class token.
+
+Weights come from exactly one explicit source: a local checkpoint (timm `.safetensors` or Meta's
+original `.pth`, converted by timm's checkpoint filter, which also resamples `pos_embed`), `hub`
+(timm pretrained, needs network) or `random` (only when asked for, with a loud warning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+from plantad.config import TeacherConfig
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_WARNING = (
+    "TEACHER HAS RANDOM WEIGHTS: model.teacher.weights=random was selected explicitly. Scores are "
+    "not those of a pretrained DINOv2; use a local checkpoint path or 'hub' in production."
+)
+
+
+class TeacherLoadError(RuntimeError):
+    """The configured teacher checkpoint is missing, unreadable or does not fit the architecture."""
+
+
+class TeacherFeatures(NamedTuple):
+    layers: list[torch.Tensor]  # per configured layer: raw block output, patch tokens (B, N, C)
+    prefix: list[torch.Tensor]  # per configured layer: class/register tokens (B, P, C)
+    cls: torch.Tensor  # final normalised class token (B, C)
+    patch_mean: torch.Tensor  # mean of the final normalised patch tokens (B, C)
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """What a saved model records so that anyone can tell which teacher produced its scores."""
+
+    name: str
+    weights: str  # "hub", "random" or the checkpoint path as configured
+    source: str  # "hub" | "random" | "checkpoint"
+    sha256: str | None  # of the checkpoint file, when one was used
+    timm_kwargs: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "source": self.source,
+            "sha256": self.sha256,
+            "timm_kwargs": dict(self.timm_kwargs),
+            "warning": RANDOM_WEIGHTS_WARNING if self.source == "random" else None,
+        }
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _create(cfg: TeacherConfig, image_size: int, **extra: Any) -> nn.Module:
+    return timm.create_model(cfg.name, img_size=image_size, num_classes=0, **cfg.timm_kwargs, **extra)
+
+
+def build_vit(cfg: TeacherConfig, image_size: int, load_weights: bool = True) -> tuple[nn.Module, TeacherIdentity]:
+    """Create the timm ViT and load the configured weights; `load_weights=False` gives the bare
+    architecture, used when a saved plantad model brings its own teacher weights."""
+    weights = cfg.weights
+    if not load_weights or weights == "random":
+        vit = _create(cfg, image_size, pretrained=False)
+        if load_weights:
+            log.warning(RANDOM_WEIGHTS_WARNING)
+        return vit, TeacherIdentity(cfg.name, weights, "random" if weights == "random" else _source(weights), None, cfg.timm_kwargs)
+    if weights == "hub":
+        try:
+            vit = _create(cfg, image_size, pretrained=True)
+        except Exception as exc:  # network, hub or auth errors from timm/huggingface_hub
+            raise TeacherLoadError(
+                f"could not download pretrained weights for teacher '{cfg.name}' from the hub ({exc}). "
+                "Offline machines must set model.teacher.weights to a local checkpoint path."
+            ) from exc
+        return vit, TeacherIdentity(cfg.name, weights, "hub", None, cfg.timm_kwargs)
+    return _load_checkpoint(cfg, image_size, Path(weights))
+
+
+def _source(weights: str) -> str:
+    return weights if weights in ("hub", "random") else "checkpoint"
+
+
+def _load_checkpoint(cfg: TeacherConfig, image_size: int, path: Path) -> tuple[nn.Module, TeacherIdentity]:
+    if not path.is_file():
+        raise TeacherLoadError(
+            f"teacher checkpoint {path} does not exist (model.teacher.weights). Give the path of a timm "
+            "'.safetensors' or Meta DINOv2 '.pth' file, 'hub' when online, or 'random' for tests."
+        )
+    try:
+        vit = _create(cfg, image_size, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    except RuntimeError as exc:  # load_state_dict lists missing/unexpected/mismatched keys
+        raise TeacherLoadError(
+            f"teacher checkpoint {path} does not fit architecture '{cfg.name}' "
+            f"(timm_kwargs={cfg.timm_kwargs}):\n{exc}"
+        ) from exc
+    except Exception as exc:  # unreadable or not a checkpoint at all
+        raise TeacherLoadError(f"teacher checkpoint {path} could not be read: {exc}") from exc
+    return vit, TeacherIdentity(cfg.name, str(path), "checkpoint", file_sha256(path), cfg.timm_kwargs)
+
+
+class Teacher(nn.Module):
+    """Frozen ViT; `forward` returns the configured layers' raw tokens and the final class token."""
+
+    def __init__(self, cfg: TeacherConfig, image_size: int, load_weights: bool = True) -> None:
+        super().__init__()
+        self.vit, self.identity = build_vit(cfg, image_size, load_weights)
+        depth = len(self.vit.blocks)
+        bad = [i for i in cfg.layers if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"model.teacher.layers {bad} outside the teacher's {depth} blocks")
+        self.layers = list(cfg.layers)
+        self.embed_dim: int = self.vit.embed_dim
+        self.num_heads: int = self.vit.blocks[0].attn.num_heads
+        self.num_prefix_tokens: int = self.vit.num_prefix_tokens
+        self.grid: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
+        for p in self.vit.parameters():
+            p.requires_grad_(False)
+        self.vit.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher stays in eval mode whatever its parent does."""
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> TeacherFeatures:
+        final, inter = self.vit.forward_intermediates(
+            x, indices=self.layers, return_prefix_tokens=True, norm=False, output_fmt="NLC"
+        )
+        patches = [p for p, _ in inter]
+        prefix = [c for _, c in inter]
+        final_patch = final[:, self.num_prefix_tokens :]
+        return TeacherFeatures(patches, prefix, final[:, 0], final_patch.mean(dim=1))

@@ -1,0 +1,91 @@
+"""The one path from image tensors to anomaly maps, scores, probabilities and decisions.
+
+Evaluation, batch scoring, the HTTP server and calibration all call `score_batch`, so a score
+means the same thing everywhere. Map: per-patch distance, bilinear up to the input size, Gaussian
+smoothing; image (local) score: mean of the top-k% map pixels (Dinomaly) [read].
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plantad.config import ScoringConfig
+
+
+class ScoreOutput(NamedTuple):
+    anomaly_map: torch.Tensor  # (B, S, S) local distance map at model input size
+    local_score: torch.Tensor | None  # (B,) raw S_D image score
+    semantic_score: torch.Tensor | None  # (B,) raw S_E score
+    p_local: torch.Tensor | None  # (B,)
+    p_semantic: torch.Tensor | None  # (B,)
+    probability: torch.Tensor  # (B,) Noisy-OR probability
+    is_anomalous: torch.Tensor  # (B,) bool, probability >= threshold
+
+
+def gaussian_kernel1d(sigma: float, device: torch.device) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4.0 * sigma)))  # scipy's default truncate=4
+    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, H, W) maps, reflect padding."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.device)
+    r = k.numel() // 2
+    x = maps.unsqueeze(1)
+    mode = "reflect" if min(maps.shape[-2:]) > r else "replicate"
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def upsample(patch_map: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(patch_map.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    flat = maps.flatten(1)
+    k = max(1, int(round(flat.shape[1] * fraction)))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def score_batch(
+    model: nn.Module, images: torch.Tensor, cfg: ScoringConfig, threshold: float | None = None, amp: bool = True
+) -> ScoreOutput:
+    """Score normalised images (B, 3, S, S). `threshold` overrides the model's stored threshold."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, S, S), got {tuple(images.shape)}")
+    size = model.image_size
+    if images.shape[-2:] != (size, size):
+        raise ValueError(f"images are {tuple(images.shape[-2:])} but the model expects {size}x{size}")
+    model.eval()
+    device = next(model.parameters()).device
+    with _autocast(device, amp):
+        raw = model(images.to(device, non_blocking=True))
+    if raw.patch_distance is not None:
+        amap = gaussian_blur(upsample(raw.patch_distance.float(), size), cfg.gaussian_sigma)
+        local = top_k_mean(amap, cfg.top_k_fraction)
+    else:  # semantic-only model: the image-level score is all it has
+        amap = raw.semantic.float().view(-1, 1, 1).expand(-1, size, size).contiguous()
+        local = None
+    semantic = None if raw.semantic is None else raw.semantic.float()
+    p_local, p_sem, prob = model.noisy_or.probabilities(local, semantic)
+    thr = float(model.noisy_or.threshold) if threshold is None else float(threshold)
+    decision = prob >= thr if math.isfinite(thr) else torch.zeros_like(prob, dtype=torch.bool)
+    return ScoreOutput(amap, local, semantic, p_local, p_sem, prob, decision)

@@ -1,0 +1,139 @@
+"""Plain PyTorch training: the step every runner (CLI, DVC stage, Ray Train worker) calls.
+
+Optimiser and schedule follow Dinomaly [read]: AdamW lr 2e-3, wd 1e-4, linear warm-up then cosine
+to min_lr, grad-norm clip; hard-mining fraction ramps linearly to its final value. Each student's
+gradient is clipped on its own, so joint training of the two students under one optimiser equals
+training each alone up to the Noisy-OR weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from plantad.config import HardMiningConfig, Settings, TrainConfig
+from plantad.models.dual import DualStudentModel, LossTerms
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def build_model(settings: Settings, load_teacher_weights: bool = True) -> nn.Module:
+    """The configured method's model (plain nn.Module; teacher frozen)."""
+    method = settings.model.method
+    if method == "dual":
+        return DualStudentModel(settings.model, settings.data.image_size, load_teacher_weights)
+    raise ValueError(f"unknown model.method {method!r}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr at `step`: linear warm-up, then cosine from lr down to min_lr."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def easy_fraction(step: int, cfg: HardMiningConfig) -> float:
+    if not cfg.enabled:
+        return 0.0
+    if cfg.ramp_steps == 0:
+        return cfg.final_fraction
+    return cfg.final_fraction * min(1.0, step / cfg.ramp_steps)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    groups = unwrap(model).student_parameter_groups()
+    params = [{"params": ps, "name": name} for name, ps in groups.items()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    return opt, sched
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    step: int,
+    cfg: TrainConfig,
+) -> dict[str, float]:
+    """One optimisation step on a batch of normal images (B, 3, S, S); returns scalar logs."""
+    model.train()
+    device = images.device
+    frac = easy_fraction(step, cfg.hard_mining)
+    with _autocast(device, cfg.amp):
+        terms: LossTerms = model(images, frac, cfg.hard_mining.factor)
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if cfg.grad_clip:
+        for group in optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    logs = {"loss": float(terms.total.detach()), "lr": optimizer.param_groups[0]["lr"], "easy_fraction": frac}
+    if terms.local is not None:
+        logs["loss_local"] = float(terms.local.detach())
+        logs["weight_local"] = terms.weight_local
+    if terms.semantic is not None:
+        logs["loss_semantic"] = float(terms.semantic.detach())
+        logs["weight_semantic"] = terms.weight_semantic
+    if not math.isfinite(logs["loss"]):
+        raise FloatingPointError(f"training diverged at step {step}: loss is {logs['loss']}")
+    return logs
+
+
+def fit(
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    start_step: int = 0,
+    stop_step: int | None = None,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> int:
+    """Run steps [start_step, stop_step) over an endless iterator of image batches; returns the next step."""
+    stop = cfg.steps if stop_step is None else min(stop_step, cfg.steps)
+    bar = tqdm(total=stop - start_step, desc="train", disable=not (progress and sys.stderr.isatty()))
+    step = start_step
+    for step in range(start_step, stop):
+        images = next(batches).to(device, non_blocking=True)
+        logs = train_step(model, images, optimizer, scheduler, step, cfg)
+        if on_step is not None:
+            on_step(step, logs)
+        if step % cfg.log_every == 0 or step == stop - 1:
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        bar.update(1)
+    bar.close()
+    return stop
