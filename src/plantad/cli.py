@@ -75,7 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plots:
         from plantad.evaluation.report import write_plots
 
-        write_plots(pred, metrics, Path(args.plots))
+        write_plots(pred, metrics, Path(args.plots), root=Path(args.data))
     keys = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro")
     print("  ".join(f"{k}={metrics[k]:.4f}" for k in keys))
     print(f"metrics written to {out}")

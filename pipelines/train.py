@@ -1,0 +1,57 @@
+"""DVC stage train: a Ray Train job on validated data, tracked as one MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from plantad.config import load_settings
+from plantad.data.manifest import read_manifest
+from plantad.tracking.experiment import start_training_run
+from plantad.tracking.lineage import data_version, git_commit
+from plantad.tracking.s3 import storage_env
+from plantad.tracking.store import resolve_tracking_uri
+from plantad.training.ray_train import run_ray_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--validation", required=True, help="validation.json of the validate stage")
+    parser.add_argument("--out", required=True, help="model directory to write")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.params)
+    report = json.loads(Path(args.validation).read_text())
+    if not report.get("success"):
+        print(f"error: refusing to train: {args.validation} records failed data validation", file=sys.stderr)
+        return 1
+    os.environ.update(storage_env(settings.s3))
+    project = Path.cwd()
+    manifest = read_manifest(Path(args.manifest))
+    tags = {**git_commit(project), **data_version(project, Path(args.data), manifest)}
+    uri = resolve_tracking_uri(settings.mlflow, project)
+    client = MlflowClient(uri)
+    run_id = start_training_run(client, settings.mlflow, settings, tags)
+    try:
+        result = run_ray_training(settings, manifest, Path(args.data), Path(args.out),
+                                  mlflow_run={"tracking_uri": uri, "run_id": run_id, "every": settings.train.log_every},
+                                  extra_meta={"mlflow_run_id": run_id, "lineage": tags})
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    for key, value in result.calibration.items():
+        client.log_metric(run_id, f"calibration/{key}", float(value))
+    client.set_terminated(run_id, "FINISHED")
+    print(f"model saved to {result.model_path}; MLflow run {run_id} at {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Evaluation artefacts: curve data for DVC plots and PNG figures for people and MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plantad.data.images import load_rgb
+from plantad.evaluation.evaluate import Predictions
+from plantad.evaluation.plots import plot_overlay_grid, plot_per_category, plot_pr, plot_roc, write_curve_csv
+
+
+def overlay_selection(pred: Predictions, per_category: int = 2) -> np.ndarray:
+    """A few of each category's highest-scoring anomalous and normal test images."""
+    picks: list[int] = []
+    for _, rows in pred.rows.groupby("category", sort=True):
+        idx = rows.index.to_numpy()
+        for label in (1, 0):
+            chosen = idx[pred.labels[idx] == label]
+            chosen = chosen[np.argsort(-pred.probability[chosen])][: per_category if label else 1]
+            picks.extend(chosen.tolist())
+    return np.asarray(picks, dtype=int)
+
+
+def _thumbnails(pred: Predictions, idx: np.ndarray, root: Path) -> np.ndarray:
+    size = pred.maps.shape[-1]
+    return np.stack([np.asarray(load_rgb(root / pred.rows.at[i, "path"]).resize((size, size))) for i in idx])
+
+
+def write_plots(pred: Predictions, metrics: dict[str, Any], out_dir: Path, root: Path | None = None) -> list[Path]:
+    """ROC/PR curves (CSV for DVC plots + PNG), per-category bars, anomaly-map overlays."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cats = pred.rows["category"].to_numpy()
+    paths = [
+        write_curve_csv(pred.labels, pred.probability, out_dir / "roc.csv", kind="roc"),
+        write_curve_csv(pred.labels, pred.probability, out_dir / "pr.csv", kind="pr"),
+        plot_roc(pred.labels, pred.probability, out_dir / "roc.png", "Image ROC", categories=cats),
+        plot_pr(pred.labels, pred.probability, out_dir / "pr.png", "Image precision-recall", categories=cats),
+        plot_per_category(metrics, out_dir / "per_category.png"),
+    ]
+    if root is not None:
+        sel = overlay_selection(pred)
+        titles = [f"{pred.rows.at[i, 'category']}/{pred.rows.at[i, 'defect_type']} P={pred.probability[i]:.2f}" for i in sel]
+        paths.append(plot_overlay_grid(_thumbnails(pred, sel, root), pred.maps[sel], pred.masks[sel], titles, out_dir / "overlays.png"))
+    return [Path(p) for p in paths]

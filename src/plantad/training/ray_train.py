@@ -1,0 +1,210 @@
+"""Distributed training with Ray Train (TorchTrainer, DDP) over Ray Data shards.
+
+The only module that touches `get_dataset_shard`, `prepare_model`, `report` and `TorchTrainer`.
+Workers run the same `fit`/`train_step` as `plantad train`; rank 0 checkpoints every epoch to the
+configured storage (local or s3://) and a restarted worker group resumes from the last one
+(`FailureConfig`). The driver then calibrates on held-out normal images and saves the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from plantad.config import RayConfig, Settings, settings_from_dict, settings_to_dict
+from plantad.data.dataset import split_holdout
+from plantad.data.images import ImageTransform, load_rgb
+from plantad.models.checkpoint import save_model
+from plantad.training.calibration import calibrate
+from plantad.training.loop import build_model, build_optimizer, fit, unwrap
+from plantad.training.trainer import TrainResult, holdout_batches, image_loader, normal_train_rows, seed_everything
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.pt"
+
+
+def connect(cfg: RayConfig) -> None:
+    """Join the configured cluster (ray.address, else RAY_ADDRESS), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=False)
+
+
+def decode_batch(batch: dict[str, np.ndarray], root: str, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data map: relative paths -> normalised image arrays, with the training transform."""
+    transform = ImageTransform(image_size)
+    images = [transform(load_rgb(Path(root) / p)).numpy() for p in batch["path"]]
+    return {"image": np.stack(images).astype(np.float32)}
+
+
+def image_dataset(rows: pd.DataFrame, root: Path, image_size: int):
+    import ray.data
+
+    ds = ray.data.from_pandas(rows[["path"]].reset_index(drop=True))
+    return ds.map_batches(decode_batch, fn_kwargs={"root": str(root), "image_size": image_size}, batch_size=16)
+
+
+def _endless_shard(shard, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    epoch = 0
+    while True:
+        seen = False
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch
+        ):
+            seen = True
+            yield batch["image"]
+        if not seen:
+            raise ValueError(f"this worker's data shard has fewer than {batch_size} images: lower ray.num_workers or train.batch_size")
+        epoch += 1
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Students and calibration buffers; the teacher too only when it is random (not re-loadable)."""
+    raw = unwrap(model)
+    keep_teacher = raw.teacher.identity.source == "random"
+    return {k: v.detach().cpu() for k, v in raw.state_dict().items() if keep_teacher or not k.startswith("teacher.")}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a training checkpoint; only the (re-loaded) teacher may be absent from it."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith("teacher.")] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"training checkpoint does not fit the model: mismatched keys {bad[:10]}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    settings = settings_from_dict(config["settings"], source="ray train config")
+    cfg, rcfg = settings.train, settings.ray
+    torch.set_num_threads(max(1, int(rcfg.cpus_per_worker)))
+    seed_everything(cfg.seed)
+    ctx = ray.train.get_context()
+    model = build_model(settings)
+    step = 0
+    resume = ray.train.get_checkpoint()
+    state = None
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        load_trainable_state(model, state["model"])
+        step = int(state["step"])
+    model = ray.train.torch.prepare_model(model)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    device = ray.train.torch.get_device()
+    per_worker = max(1, cfg.batch_size // ctx.get_world_size())
+    batches = _endless_shard(ray.train.get_dataset_shard("train"), per_worker, cfg.seed + ctx.get_world_rank())
+    step_logger = _step_logger(config.get("mlflow")) if ctx.get_world_rank() == 0 else None
+    spe = rcfg.steps_per_epoch
+    while step < cfg.steps:
+        epoch_start = step
+        stop = min(cfg.steps, (step // spe + 1) * spe)
+        losses: list[float] = []
+        step = fit(model, batches, cfg, device, optimizer, scheduler, step, stop,
+                   on_step=_collect(losses, step_logger), progress=False)
+        if step_logger is not None:
+            step_logger.flush()
+        metrics = {"step": step, "epoch": step // spe, "loss": float(np.mean(losses)), "resumed_from": int(state["step"]) if state else 0}
+        if (step // spe) % rcfg.checkpoint_every_epochs == 0 or step >= cfg.steps:
+            _report_with_checkpoint(model, optimizer, scheduler, step, metrics, ctx.get_world_rank())
+        else:
+            ray.train.report(metrics)
+        log.info("epoch done: steps %d-%d loss %.4f", epoch_start, step, metrics["loss"])
+
+
+def _collect(losses: list[float], then):
+    def on_step(step: int, logs: dict[str, float]) -> None:
+        losses.append(logs["loss"])
+        if then is not None:
+            then(step, logs)
+
+    return on_step
+
+
+def _step_logger(mlflow_cfg: dict[str, Any] | None):
+    if not mlflow_cfg:
+        return None
+    from plantad.tracking.step_logger import MlflowStepLogger
+
+    return MlflowStepLogger(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"], every=mlflow_cfg.get("every", 10))
+
+
+def _report_with_checkpoint(model, optimizer, scheduler, step: int, metrics: dict[str, Any], rank: int) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": step}
+        torch.save(state, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def run_ray_training(
+    settings: Settings,
+    manifest: pd.DataFrame,
+    root: Path,
+    out_dir: Path,
+    mlflow_run: dict[str, Any] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train on the cluster, calibrate on the driver, save the model to out_dir."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from plantad.tracking.s3 import resolve_storage
+
+    rcfg = settings.ray
+    connect(rcfg)
+    seed_everything(settings.train.seed)
+    train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed)
+    storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
+    name = f"plantad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    resources = {"CPU": rcfg.cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1} if rcfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"settings": settings_to_dict(settings), "mlflow": mlflow_run},
+        scaling_config=ScalingConfig(num_workers=rcfg.num_workers, use_gpu=rcfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=rcfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": image_dataset(train_rows, root, settings.data.image_size)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint (error: {result.error})")
+    model = build_model(settings)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    load_trainable_state(model, state["model"])
+    held = holdout_batches(image_loader(holdout_rows, root, settings, shuffle=False))
+    calib = calibrate(model, held, settings.scoring, amp=settings.train.amp)
+    meta = {"training": {"steps": int(state["step"]), "n_train": len(train_rows), "n_holdout": len(holdout_rows),
+                         "ray_run": name, "ray_checkpoint": result.checkpoint.path, "num_workers": rcfg.num_workers}}
+    path = save_model(model, settings, out_dir, {**meta, **(extra_meta or {})})
+    history = [m for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
+    return TrainResult(path, int(state["step"]), history, calib)
