@@ -50,6 +50,7 @@ def test_stage_passes_on_good_manifest(good_parquet: Path, params: Path, tmp_pat
     proc = run_stage("--manifest", good_parquet, "--out", out, "--params", params)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "manifest valid: 21 expectations passed on 10 rows"
+    assert proc.stderr == ""
     assert read_report(out)["success"] is True
     assert (out / "data_docs" / "index.html").is_file()
 
