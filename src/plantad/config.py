@@ -82,14 +82,32 @@ class NoisyOrConfig(_Section):
     calibration_probability: float = Field(0.5, gt=0.0, lt=1.0)
 
 
+class SNLConfig(_Section):
+    """Structural distillation (SNL) [reconstructed weights; see models/snl.py]."""
+
+    num_centers: int = Field(8, ge=1)  # CRAM centres per layer
+    temperature: float = Field(1.0, gt=0.0)  # spatial softmax temperature
+    weight_channel: float = Field(1.0, ge=0.0)
+    weight_spatial: float = Field(1.0, ge=0.0)
+    weight_intra: float = Field(1.0, ge=0.0)
+    weight_inter: float = Field(1.0, ge=0.0)
+
+
 class ModelConfig(_Section):
-    method: Literal["dual"] = "dual"
+    method: Literal["dual", "snl"] = "dual"  # dual-student Noisy-OR, or structural SNL
     # which branch(es) score an image: both (Noisy-OR), or one alone (for ablations)
     branches: Literal["dual", "local", "semantic"] = "dual"
     teacher: TeacherConfig = TeacherConfig()
     decoder: DecoderConfig = DecoderConfig()
     encoder: EncoderConfig = EncoderConfig()
     noisy_or: NoisyOrConfig = NoisyOrConfig()
+    snl: SNLConfig = SNLConfig()
+
+    @model_validator(mode="after")
+    def _snl_is_local_only(self) -> ModelConfig:
+        if self.method == "snl" and self.branches != "local":
+            raise ValueError("model.method=snl scores with its local map only: set model.branches=local")
+        return self
 
 
 class HardMiningConfig(_Section):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from plantad.config import HardMiningConfig, Settings, TrainConfig
 from plantad.models.dual import DualStudentModel, LossTerms
+from plantad.models.snl import SNLModel
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ def build_model(settings: Settings, load_teacher_weights: bool = True) -> nn.Mod
     method = settings.model.method
     if method == "dual":
         return DualStudentModel(settings.model, settings.data.image_size, load_teacher_weights)
+    if method == "snl":
+        return SNLModel(settings.model, settings.data.image_size, load_teacher_weights)
     raise ValueError(f"unknown model.method {method!r}")
 
 
