@@ -193,6 +193,7 @@ def pixel_aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
     last = np.r_[np.flatnonzero(pos[1:] != pos[:-1]), pos.size - 1]
     distinct = pos[last]  # descending
     pro_ge = np.cumsum(w)[last]
+    pro_ge /= pro_ge[-1]  # mathematically 1 already; removes the rounding of summing 1 / size
     pro_gt = np.r_[0.0, pro_ge[:-1]]
     fpr_gt = (neg.size - np.searchsorted(neg, distinct, side="right")) / neg.size
     fpr_ge = (neg.size - np.searchsorted(neg, distinct, side="left")) / neg.size
