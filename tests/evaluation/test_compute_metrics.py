@@ -79,6 +79,11 @@ def test_pixel_metrics_nan_without_masks(dataset) -> None:
     assert out["image_auroc"] == pytest.approx(compute_metrics(**dataset)["image_auroc"])
 
 
+def test_category_keys_are_strings() -> None:
+    out = compute_metrics([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.3], [3, 3, None, None])
+    assert out["per_category"]["3"]["image_auroc"] == 1.0 and out["per_category"]["None"]["image_auroc"] == 1.0
+
+
 def test_all_categories_degenerate_gives_nan_means() -> None:
     out = compute_metrics([0, 0, 1], [0.1, 0.2, 0.3], ["a", "a", "b"])
     assert all(math.isnan(out[k]) for k in METRIC_KEYS)

@@ -53,9 +53,13 @@ def test_curve_plots(plot, scored, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("plot", [plot_roc, plot_pr])
-def test_curve_plots_refuse_one_class(plot, tmp_path: Path) -> None:
+def test_curve_plots_invalid_inputs(plot, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="both normal"):
         plot([0, 0, 0], [0.1, 0.2, 0.3], tmp_path / "x.png", "one class")
+    with pytest.raises(ValueError, match=r"labels shape \(3,\) and scores shape \(2,\)"):
+        plot([0, 1, 1], [0.1, 0.2], tmp_path / "x.png", "short", categories=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"categories shape \(2,\)"):
+        plot([0, 1, 1], [0.1, 0.2, 0.3], tmp_path / "x.png", "short", categories=["a", "b"])
 
 
 def test_per_category_bars(scored, tmp_path: Path) -> None:

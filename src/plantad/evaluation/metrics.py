@@ -234,7 +234,7 @@ def compute_metrics(
     Pixel metrics are NaN when masks and maps are both None; giving only one of them is an error.
     """
     y, s = _image_inputs(labels, scores)
-    cats = np.asarray(categories)
+    cats = np.asarray(categories).astype(str)  # keys of the JSON report; also orders mixed types
     if cats.shape != y.shape:
         raise ValueError(f"categories shape {cats.shape} and labels shape {y.shape} must be equal")
     if (masks is None) != (maps is None):

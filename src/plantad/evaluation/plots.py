@@ -46,9 +46,9 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def _curve_figure(kind: str, labels: Any, scores: Any, path: str | Path, title: str, categories: Any) -> Path:
     """One curve for all images plus one per category that has both classes (others are skipped)."""
     y, s = np.asarray(labels), np.asarray(scores)
-    groups: list[tuple[str, np.ndarray]] = [("all", np.ones(y.shape, dtype=bool))]
+    groups: list[tuple[str, Any]] = [("all", slice(None))]  # whole arrays: shape errors come from the curve
     if categories is not None:
-        cats = np.asarray(categories)
+        cats = np.asarray(categories).astype(str)
         if cats.shape != y.shape:
             raise ValueError(f"categories shape {cats.shape} and labels shape {y.shape} must be equal")
         groups += [(str(c), cats == c) for c in np.unique(cats)]
