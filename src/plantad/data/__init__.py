@@ -12,18 +12,34 @@ from plantad.data.images import (
     mask_to_tensor,
 )
 from plantad.data.layout import IMAGE_EXTENSIONS, DatasetLayoutError
+from plantad.data.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_DTYPES,
+    CorruptImageError,
+    ManifestError,
+    read_manifest,
+    scan_dataset,
+    write_manifest,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MANIFEST_COLUMNS",
+    "MANIFEST_DTYPES",
+    "CorruptImageError",
     "DatasetLayoutError",
     "ImageDecodeError",
     "ImageTransform",
+    "ManifestError",
     "add_normal",
     "decode_image_bytes",
     "generate_demo",
     "load_mask",
     "load_rgb",
     "mask_to_tensor",
+    "read_manifest",
+    "scan_dataset",
+    "write_manifest",
 ]
