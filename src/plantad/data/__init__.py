@@ -1,5 +1,6 @@
 """Dataset layouts, the Parquet manifest, the shared image transform and the demo-data generator."""
 
+from plantad.data.dataset import ManifestDataset, split_holdout
 from plantad.data.demo import add_normal, generate_demo
 from plantad.data.images import (
     IMAGENET_MEAN,
@@ -32,6 +33,7 @@ __all__ = [
     "DatasetLayoutError",
     "ImageDecodeError",
     "ImageTransform",
+    "ManifestDataset",
     "ManifestError",
     "add_normal",
     "decode_image_bytes",
@@ -41,5 +43,6 @@ __all__ = [
     "mask_to_tensor",
     "read_manifest",
     "scan_dataset",
+    "split_holdout",
     "write_manifest",
 ]
