@@ -45,7 +45,8 @@ def test_split_holdout_is_deterministic_and_seeded() -> None:
     df = _fake_manifest({"a": 30, "b": 30})
     first = split_holdout(df, 0.2, seed=1)[1]
     assert split_holdout(df, 0.2, seed=1)[1].equals(first)
-    assert set(split_holdout(df.sample(frac=1.0, random_state=5), 0.2, seed=1)[1]["path"]) == set(first["path"])
+    shuffled = df.sample(frac=1.0, random_state=5)
+    assert set(split_holdout(shuffled, 0.2, seed=1)[1]["path"]) == set(first["path"])
     assert set(split_holdout(df, 0.2, seed=2)[1]["path"]) != set(first["path"])
     # a category's hold-out does not depend on the other categories
     alone = split_holdout(df[df["category"] == "b"], 0.2, seed=1)[1]
@@ -78,7 +79,8 @@ def test_items_match_files_and_manifest(demo_root: Path) -> None:
     assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (1, 32, 32)
     expected = ImageTransform(32)(load_rgb(demo_root / df.at[row, "path"]))
     assert torch.equal(item["image"], expected)
-    mask = np.asarray(Image.open(demo_root / df.at[row, "mask_path"]).resize((32, 32), Image.Resampling.NEAREST))
+    with Image.open(demo_root / df.at[row, "mask_path"]) as m:
+        mask = np.asarray(m.resize((32, 32), Image.Resampling.NEAREST))
     assert torch.equal(item["mask"][0], torch.from_numpy((mask > 0).astype(np.float32)))
     normal = ds[0]
     assert normal["label"].item() == 0 and normal["mask"].sum() == 0

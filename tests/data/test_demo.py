@@ -58,7 +58,8 @@ def test_masks_binary_same_size_and_within_area_bounds(demo_root: Path) -> None:
     masks = sorted(demo_root.glob("*/ground_truth/*/*_mask.png"))
     assert len(masks) == SMALL.n_test_defect * sum(len(d) for d in DEFECTS.values())
     for mask_path in masks:
-        image_path = mask_path.parents[2] / "test" / mask_path.parent.name / mask_path.name.replace("_mask", "")
+        defect, name = mask_path.parent.name, mask_path.name.replace("_mask", "")
+        image_path = mask_path.parents[2] / "test" / defect / name
         with Image.open(mask_path) as m, Image.open(image_path) as im:
             assert m.mode == "L" and m.size == im.size
             mask = np.asarray(m)
@@ -91,7 +92,8 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def test_global_image_statistics_do_not_separate_defects(category: str) -> None:
     """Defects are local: mean or contrast of the whole image must not already detect them."""
     samples = [(render_sample(5, category, "test", "good", i, 48)[0], 0) for i in range(16)]
-    samples += [(render_sample(5, category, "test", d, i, 48)[0], 1) for d in DEFECTS[category] for i in range(6)]
+    for defect in DEFECTS[category]:
+        samples += [(render_sample(5, category, "test", defect, i, 48)[0], 1) for i in range(6)]
     labels = np.array([y for _, y in samples])
     for statistic in (np.mean, np.std):
         auc = _auroc(np.array([statistic(img / 255.0) for img, _ in samples]), labels)

@@ -138,7 +138,9 @@ def _add_categories(out: Path, categories: list[str] | None) -> list[str]:
         raise DatasetLayoutError(f"category {missing} not found under {out}; found: {found}")
     unknown = [c for c in chosen if c not in CATEGORIES]
     if unknown:
-        raise ValueError(f"cannot generate images for category {unknown}; demo categories are {list(CATEGORIES)}")
+        raise ValueError(
+            f"cannot generate images for category {unknown}; demo categories are {list(CATEGORIES)}"
+        )
     return chosen
 
 

@@ -121,7 +121,8 @@ def add_defect(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image, mask) of `scene` with one defect; redrawn until the mask covers MIN..MAX_AREA."""
     if defect not in DEFECTS.get(category, ()):
-        raise ValueError(f"demo category '{category}' has no defect '{defect}'; it has {DEFECTS.get(category)}")
+        known = DEFECTS.get(category)
+        raise ValueError(f"demo category '{category}' has no defect '{defect}'; it has {known}")
     for _ in range(_TRIES):
         if defect == "cutpaste":
             img, mask = _cutpaste(rng, scene, size, category)
@@ -129,4 +130,6 @@ def add_defect(
             img, mask = {"scratch": _scratch, "spot": _spot, "missing": _missing}[defect](rng, scene, size)
         if MIN_AREA <= mask.mean() <= MAX_AREA:
             return np.clip(img, 0, 1), mask
-    raise RuntimeError(f"could not place a '{defect}' defect of {MIN_AREA:.1%}-{MAX_AREA:.1%} area in {_TRIES} tries")
+    raise RuntimeError(
+        f"could not place a '{defect}' defect of {MIN_AREA:.1%}-{MAX_AREA:.1%} area in {_TRIES} tries"
+    )
