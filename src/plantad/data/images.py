@@ -1,0 +1,143 @@
+"""Decoding and the one image transform shared by training, evaluation and serving.
+
+Every image enters the product through `load_rgb` / `decode_image_bytes` (RGB, fully decoded, or an
+`ImageDecodeError` naming the file) and becomes a model input through `ImageTransform`, so a model
+is always scored on pixels prepared exactly like the ones it was trained on.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageDecodeError(ValueError):
+    """A file or byte string that is not a readable image; names its source and the reason."""
+
+    def __init__(self, source: str | Path, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"cannot decode image {self.source}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across Ray / worker processes
+        return (type(self), (self.source, self.reason))
+
+
+def decode_stored(data: bytes, source: str | Path) -> Image.Image:
+    """The stored image as Pillow decodes it (mode untouched), fully read so truncation shows."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(source, f"too large ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports non-images, truncated and corrupt streams through these types
+        raise ImageDecodeError(source, f"{type(exc).__name__}: {exc}") from exc
+    return img
+
+
+def read_image_bytes(path: Path) -> bytes:
+    """File bytes, or ImageDecodeError naming the path when it is missing or unreadable."""
+    if not path.is_file():
+        raise ImageDecodeError(path, "file not found (check the path and the dataset root)")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot read file ({exc})") from exc
+
+
+def stored_channels(img: Image.Image) -> int:
+    """Channels of the stored image: 1 grey (8 or 16 bit), 3 RGB, 4 RGBA; palettes count as colour."""
+    if img.mode == "P":
+        return 4 if "transparency" in img.info else 3
+    if img.mode == "PA":
+        return 4
+    return len(img.getbands())
+
+
+def to_rgb(img: Image.Image, source: str | Path = "image") -> Image.Image:
+    """8-bit RGB: 16-bit grey is scaled (not clipped) to 0..255, alpha is dropped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "F":
+        raise ImageDecodeError(source, "32-bit float images are not supported")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def decode_image_bytes(data: bytes, source: str = "uploaded bytes") -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, ...) to RGB; errors name `source`."""
+    if not data:
+        raise ImageDecodeError(source, "empty input (0 bytes)")
+    return to_rgb(decode_stored(data, source), source)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Read and fully decode an image file to RGB; missing, truncated or non-image files raise."""
+    path = Path(path)
+    return to_rgb(decode_stored(read_image_bytes(path), path), path)
+
+
+def load_mask(path: Path) -> Image.Image:
+    """Read a ground-truth mask as 8-bit grey ('L'); errors name the mask path."""
+    path = Path(path)
+    img = decode_stored(read_image_bytes(path), path)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return to_rgb(img).convert("L")
+    return img.convert("L")
+
+
+class ImageTransform:
+    """RGB PIL image -> float32 (3, S, S): bilinear antialiased resize to S x S, ImageNet-normalised.
+
+    Aspect ratio is not kept (MVTec images are square; the anomaly map is resized back the same way).
+    """
+
+    def __init__(self, image_size: int) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        self.image_size = image_size
+        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(image_size={self.image_size})"
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(to_rgb(img), dtype=np.uint8)  # (H, W, 3)
+        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        size = self.image_size
+        if x.shape[1:] != (size, size):
+            x = F.interpolate(
+                x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            ).squeeze(0)
+        return (x - self._mean) / self._std
+
+
+def mask_to_tensor(mask: Image.Image | None, image_size: int) -> torch.Tensor:
+    """Ground-truth mask -> float32 (1, S, S) of {0, 1} by nearest resize; any non-zero pixel is defect.
+
+    None (a normal image) gives all zeros.
+    """
+    if mask is None:
+        return torch.zeros(1, image_size, image_size, dtype=torch.float32)
+    grey = mask if mask.mode == "L" else mask.convert("L")
+    if grey.size != (image_size, image_size):
+        grey = grey.resize((image_size, image_size), Image.Resampling.NEAREST)
+    binary = np.asarray(grey) > 0
+    return torch.from_numpy(binary.astype(np.float32)).unsqueeze(0)
