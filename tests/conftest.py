@@ -37,3 +37,32 @@ def tiny_settings(*extra: str) -> Settings:
 @pytest.fixture
 def tiny() -> Settings:
     return tiny_settings()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small procedural demo dataset (3 categories, 64 px), generated once per session."""
+    from plantad.config import DemoConfig
+    from plantad.data.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo(root, DemoConfig(seed=0, image_size=64, n_train=24, n_test_good=6, n_test_defect=3))
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(demo_root):
+    from plantad.data.manifest import scan_dataset
+
+    return scan_dataset(demo_root)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(demo_root, demo_manifest, tmp_path_factory):
+    """One tiny dual model trained on the demo data, shared by the tests that need a trained model."""
+    from plantad.training.trainer import train_model
+
+    settings = tiny_settings("train.steps=150", "train.hard_mining.ramp_steps=75")
+    out = tmp_path_factory.mktemp("model")
+    result = train_model(settings, demo_manifest, demo_root, out, progress=False)
+    return settings, result
