@@ -15,7 +15,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY = [
     "model.teacher.weights=random",
-    "model.teacher.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2}",
+    "model.teacher.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2, patch_size: 8, init_values: 1.0}",
     "model.teacher.layers=[0,1,2,3]",
     "model.teacher.groups=[[0,1],[2,3]]",
     "data.image_size=56",
@@ -30,7 +30,7 @@ TINY = [
 
 
 def tiny_settings(*extra: str) -> Settings:
-    """Defaults + a 4-block, width-64 ViT teacher at 56 px (about 200k parameters)."""
+    """Defaults + a 4-block, width-64 ViT teacher (8-px patches, 7x7 grid) at 56 px."""
     return load_settings(None, [*TINY, *extra])
 
 

@@ -10,13 +10,13 @@ def test_dual_model_shapes(tiny):
     x = torch.randn(3, 3, 56, 56)
     feats = model.teacher(x)
     preds = model.decoder(feats.layers, feats.prefix)
-    assert [p.shape for p in preds] == [(3, 16, 64), (3, 16, 64)]  # one per group, prefix dropped
+    assert [p.shape for p in preds] == [(3, 49, 64), (3, 49, 64)]  # one per group, prefix dropped
     enc = model.encoder(x)
     assert enc.cls.shape == (3, 64) and enc.patch_mean.shape == (3, 64)
     model.eval()
     raw = model(x)
     assert isinstance(raw, RawScores)
-    assert raw.patch_distance.shape == (3, 4, 4) and raw.semantic.shape == (3,)
+    assert raw.patch_distance.shape == (3, 7, 7) and raw.semantic.shape == (3,)
     model.train()
     terms = model(x)
     assert isinstance(terms, LossTerms) and terms.total.ndim == 0

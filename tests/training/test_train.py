@@ -33,11 +33,12 @@ def test_trained_model_detects_demo_anomalies(trained_tiny, demo_root, demo_mani
     settings, result = trained_tiny
     model, _ = load_model(result.model_path)
     metrics, pred = evaluate_model(model, demo_manifest, demo_root, settings, progress=False)
-    # measured 0.9x on this tiny 4-block model after 150 steps; a random model sits near 0.5
-    assert metrics["image_auroc"] > 0.75, metrics
-    assert metrics["pixel_auroc"] > 0.75, metrics
+    # measured 0.78 image / 0.90 pixel AUROC after 150 steps; the untrained model scores 0.49 / 0.78
+    assert metrics["image_auroc"] > 0.65, metrics
+    assert metrics["pixel_auroc"] > 0.85, metrics
     assert set(metrics["per_category"]) == {"weave", "metal", "nut"}
     assert pred.maps.shape[1:] == (56, 56)
+    assert metrics["at_threshold"]["false_positive_rate"] < 0.5
 
 
 def test_calibration_and_threshold_are_stored(trained_tiny):
