@@ -1,0 +1,198 @@
+"""Real storage and tracking services for tests: moto's S3 server, an MLflow server, DVC, Ray.
+
+Import the fixtures into a conftest (`from infra.fixtures import moto_s3, ...`; `tests/` is on
+sys.path because tests/infra and tests/tracking are packages). Import them in ONE conftest per
+directory tree: each conftest that imports a session fixture gets its own instance.
+Everything listens on 127.0.0.1 only and is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plantad.config import S3Config
+from plantad.tracking.s3 import ensure_bucket, storage_env
+
+BUCKET = "plantad-test"
+MLFLOW_PREFIX = "mlflow"  # s3://<bucket>/mlflow/<experiment id>/... holds the MLflow artifacts
+_AWS_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED",
+)
+
+
+def tool(name: str) -> str:
+    """Path of a console script of this interpreter's environment (dvc, mlflow), else from PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise RuntimeError(f"executable '{name}' not found next to {sys.executable} or on PATH")
+    return found
+
+
+def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """Run a command; on failure raise with its output (so a failed `dvc push` says why)."""
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Config]:
+    """moto's S3 server in a thread on 127.0.0.1:<free port>, bucket `plantad-test` created.
+
+    Sets fake AWS credentials in os.environ for the session (restored after) and hides ~/.aws,
+    but NOT the endpoint: code under test must pass it (S3Config / storage_env) itself.
+    """
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in _AWS_VARS}
+    for k in _AWS_VARS:
+        os.environ.pop(k, None)
+    no_files = tmp_path_factory.mktemp("aws") / "absent"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_CONFIG_FILE=str(no_files), AWS_SHARED_CREDENTIALS_FILE=str(no_files))
+    werkzeug_log = logging.getLogger("werkzeug")  # moto logs every request at INFO
+    old_level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        cfg = S3Config(endpoint_url=f"http://{host}:{port}", bucket=BUCKET, region="us-east-1")
+        ensure_bucket(cfg)
+        yield cfg
+    finally:
+        server.stop()
+        werkzeug_log.setLevel(old_level)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log_file: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited {proc.returncode}:\n{log_file.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"mlflow server at {url} not healthy after {timeout:.0f}s:\n{log_file.read_text()[-4000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM the group the process leads (started with start_new_session=True), then SIGKILL."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+def start_mlflow_server(args: list[str], env: dict[str, str], log_file: Path, port: int) -> subprocess.Popen:
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc, log_file, timeout=120)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_s3: S3Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` (SQLite in tmp) proxying artifacts to s3://<bucket>/mlflow on moto; its URI.
+
+    With --artifacts-destination, clients upload through the server (mlflow-artifacts:/ URIs), so
+    only the server needs the S3 endpoint and credentials.
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    args = [tool("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", f"s3://{moto_s3.bucket}/{MLFLOW_PREFIX}",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = start_mlflow_server(args, {**os.environ, **storage_env(moto_s3)}, root / "server.log", port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture
+def tmp_git_dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`git init` + `dvc init` in tmp_path; DVC's global/system config and site cache kept in tmp."""
+    home = tmp_path / ".tool-home"
+    home.mkdir()
+    (home / "gitconfig").write_text("[user]\n\tname = plantad tests\n\temail = tests@plantad.invalid\n")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(home / "dvc-site-cache"))
+    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(home / "dvc-global"))
+    monkeypatch.setenv("DVC_SYSTEM_CONFIG_DIR", str(home / "dvc-system"))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / "gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_checked(["git", "init", "-q"], repo)
+    run_checked([tool("dvc"), "init", "-q"], repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def ray_local(moto_s3: S3Config) -> Iterator[None]:
+    """One local Ray cluster (2 CPUs, no dashboard) for the session, started after moto_s3.
+
+    Ray's workers inherit os.environ as it is at ray.init(), so the fake AWS credentials must be
+    set first. Token auth (on by default since Ray 2.59) gets a per-session RAY_AUTH_TOKEN in the
+    environment, so nothing is written to ~/.ray/auth_token.
+    """
+    import ray
+
+    if ray.is_initialized():  # someone else owns the cluster: use it, check the workers see the keys
+        seen = ray.get(ray.remote(lambda: os.environ.get("AWS_ACCESS_KEY_ID")).remote())
+        if seen != os.environ.get("AWS_ACCESS_KEY_ID"):
+            raise RuntimeError("Ray was started before moto_s3 set the AWS credentials; start it after")
+        yield
+        return
+    token_set = not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"))
+    if token_set:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if token_set:
+            os.environ.pop("RAY_AUTH_TOKEN", None)
