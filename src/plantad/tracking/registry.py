@@ -72,11 +72,21 @@ def _model_source(client: MlflowClient, run_id: str, artifact_path: str) -> tupl
 
 
 def register_version(
-    client: MlflowClient, model_name: str, run_id: str, artifact_path: str, tags: dict[str, str] | None = None
+    client: MlflowClient,
+    model_name: str,
+    run_id: str,
+    artifact_path: str,
+    tags: dict[str, str] | None = None,
+    model_id: str | None = None,
 ) -> ModelVersion:
-    """New version of `model_name` (created if missing) from the run's model; it becomes `challenger`."""
+    """New version of `model_name` (created if missing) from the run's model; it becomes `challenger`.
+
+    `model_id` names one MLflow 3 logged model exactly (a run may log several over re-runs)."""
     _ensure_registered_model(client, model_name)
-    source, model_id = _model_source(client, run_id, artifact_path)
+    if model_id is not None:
+        source = f"models:/{model_id}"
+    else:
+        source, model_id = _model_source(client, run_id, artifact_path)
     version = client.create_model_version(
         model_name, source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}, model_id=model_id
     )

@@ -1,0 +1,60 @@
+"""DVC stage register: log evaluation and the pyfunc model to the training run, register a new
+version in the MLflow Model Registry (alias `challenger`), and promote it to `champion` only when
+`mlflow.promote: auto` and it beats the current champion on `mlflow.promotion_metric`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from plantad.config import load_settings
+from plantad.data.manifest import read_manifest
+from plantad.tracking.experiment import log_evaluation
+from plantad.tracking.pyfunc import log_pyfunc_model
+from plantad.tracking.registry import apply_decision, promotion_decision, register_version
+from plantad.tracking.s3 import storage_env
+from plantad.tracking.store import resolve_tracking_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--model", "--data", "--manifest", "--metrics", "--plots", "--validation", "--out"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.params)
+    os.environ.update(storage_env(settings.s3))
+    meta = json.loads((Path(args.model) / "model.json").read_text())
+    run_id, lineage = meta["mlflow_run_id"], meta.get("lineage", {})
+    metrics = json.loads(Path(args.metrics).read_text())
+    uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    log_evaluation(client, run_id, metrics, Path(args.plots), Path(args.validation))
+    manifest = read_manifest(Path(args.manifest))
+    example = (Path(args.data) / manifest[manifest["split"] == "test"].iloc[0]["path"]).read_bytes()
+    with mlflow.start_run(run_id=run_id):
+        info = log_pyfunc_model(Path(args.model), example)
+    name = settings.mlflow.registered_model
+    tags = {**lineage, "teacher_source": meta["teacher"]["source"], settings.mlflow.promotion_metric:
+            str(metrics.get(settings.mlflow.promotion_metric))}
+    version = register_version(client, name, run_id, "model", tags=tags, model_id=info.model_id)
+    decision = promotion_decision(client, name, version.version, settings.mlflow.promotion_metric, settings.mlflow.promote)
+    apply_decision(client, name, decision)
+    aliases = client.get_model_version(name, version.version).aliases
+    record = {"tracking_uri": uri, "registered_model": name, "version": version.version, "aliases": sorted(aliases),
+              "run_id": run_id, "model_uri": f"models:/{name}/{version.version}", "decision": dataclasses.asdict(decision)}
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"registered {name} v{version.version} aliases={sorted(aliases)}: {decision.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
