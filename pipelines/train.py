@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings(args.params)
     report = json.loads(Path(args.validation).read_text())
-    if not report.get("success"):
+    if not report.get("report", {}).get("success"):
         print(f"error: refusing to train: {args.validation} records failed data validation", file=sys.stderr)
         return 1
     os.environ.update(storage_env(settings.s3))

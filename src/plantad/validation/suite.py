@@ -87,7 +87,7 @@ def validate_manifest(df: pd.DataFrame, cfg: ValidationConfig, out_dir: Path) ->
 
     Never raises on bad data: call `report.raise_for_failures()` to stop on failures.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # GX's docs store needs an absolute base directory
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / DOCS_DIR
     if docs_dir.exists():  # data docs pages are named by run time: keep only this run's
@@ -96,7 +96,7 @@ def validate_manifest(df: pd.DataFrame, cfg: ValidationConfig, out_dir: Path) ->
     rules = manifest_rules(cfg)
     gx_result = run_suite(data, rules, cfg.example_rows, docs_dir)
     report = report_from_gx(gx_result, rules, data, cfg.example_rows)
-    payload = {"report": report.to_dict(), "data_docs": str(docs_dir / "index.html"), "gx_result": gx_result}
+    payload = {"report": report.to_dict(), "data_docs": str((docs_dir / "index.html").relative_to(out_dir)), "gx_result": gx_result}
     (out_dir / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     log.info("validation written to %s", out_dir / REPORT_FILE)
     return report
