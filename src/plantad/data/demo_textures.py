@@ -72,10 +72,10 @@ def weave(rng: np.random.Generator, size: int) -> np.ndarray:
     along = np.where(warp_on_top, np.sin(np.pi * fv), np.sin(np.pi * fu))
     shade = across * (0.78 + 0.22 * along)
     shade *= np.where(warp_on_top, _thread_jitter(rng, iu, 0.05), _thread_jitter(rng, iv, 0.05))
-    base = (_WEAVE_WARP * rng.uniform(0.9, 1.1) + rng.normal(0, 0.03, 3)).astype(np.float32)
+    base = (_WEAVE_WARP * rng.uniform(0.93, 1.07) + rng.normal(0, 0.02, 3)).astype(np.float32)
     weft = (base * _WEAVE_WEFT_RATIO + rng.normal(0, 0.02, 3)).astype(np.float32)
     colour = np.where(warp_on_top[..., None], base, weft)
-    img = colour * (0.25 + 0.75 * shade[..., None]) + _gradient(rng, size, 0.1)[..., None]
+    img = colour * (0.25 + 0.75 * shade[..., None]) + _gradient(rng, size, 0.08)[..., None]
     img += rng.normal(0, 0.02, (size, size, 3)).astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 
@@ -85,14 +85,14 @@ def metal(rng: np.random.Generator, size: int) -> np.ndarray:
     big = int(size * 1.5)
     noise = rng.standard_normal((big, big)).astype(np.float32)
     streaks = ndimage.gaussian_filter(noise, sigma=(0.6, size * rng.uniform(0.15, 0.35)))
-    streaks = ndimage.rotate(streaks, rng.uniform(-12, 12), reshape=False, order=1, mode="reflect")
+    streaks = ndimage.rotate(streaks, rng.uniform(-8, 8), reshape=False, order=1, mode="reflect")
     start = (big - size) // 2
     streaks = streaks[start : start + size, start : start + size]
-    streaks = streaks / (streaks.std() + 1e-6) * rng.uniform(0.03, 0.07)
+    streaks = streaks / (streaks.std() + 1e-6) * rng.uniform(0.035, 0.06)
     y, _ = _grid(size)
     band = np.exp(-(((y - rng.uniform(0.2, 0.8) * size) / (rng.uniform(0.15, 0.4) * size)) ** 2))
-    grey = rng.uniform(0.45, 0.7) + streaks + _gradient(rng, size, 0.15) + rng.uniform(0.03, 0.12) * band
-    tint = (1.0 + rng.normal(0, 0.03, 3)).astype(np.float32)
+    grey = rng.uniform(0.5, 0.65) + streaks + _gradient(rng, size, 0.1) + rng.uniform(0.03, 0.08) * band
+    tint = (1.0 + rng.normal(0, 0.02, 3)).astype(np.float32)
     img = grey[..., None] * tint + rng.normal(0, 0.01, (size, size, 3)).astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 
