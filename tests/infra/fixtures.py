@@ -26,6 +26,9 @@ from plantad.tracking.s3 import ensure_bucket, storage_env
 
 BUCKET = "plantad-test"
 MLFLOW_PREFIX = "mlflow"  # s3://<bucket>/mlflow/<experiment id>/... holds the MLflow artifacts
+# MLflow 3's server starts a job runner (huey consumers, ~8 processes) unless told not to: without
+# it the server starts 2-3x faster on 2 cores and stops in ~2 s instead of up to ~12 s.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 _AWS_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
     "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -144,7 +147,8 @@ def mlflow_server(moto_s3: S3Config, tmp_path_factory: pytest.TempPathFactory) -
     args = [tool("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{moto_s3.bucket}/{MLFLOW_PREFIX}",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = start_mlflow_server(args, {**os.environ, **storage_env(moto_s3)}, root / "server.log", port)
+    env = {**os.environ, **storage_env(moto_s3), **MLFLOW_SERVER_ENV}
+    proc = start_mlflow_server(args, env, root / "server.log", port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
