@@ -180,7 +180,8 @@ def ray_local(moto_s3: S3Config) -> Iterator[None]:
 
     Ray's workers inherit os.environ as it is at ray.init(), so the fake AWS credentials must be
     set first. Token auth (on by default since Ray 2.59) gets a per-session RAY_AUTH_TOKEN in the
-    environment, so nothing is written to ~/.ray/auth_token.
+    environment, so nothing is written to ~/.ray/auth_token (shared by all local clusters of the
+    user). ray.init() leaves RAY_AUTH_MODE=token in os.environ; both are restored at the end.
     """
     import ray
 
@@ -190,13 +191,16 @@ def ray_local(moto_s3: S3Config) -> Iterator[None]:
             raise RuntimeError("Ray was started before moto_s3 set the AWS credentials; start it after")
         yield
         return
-    token_set = not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"))
-    if token_set:
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False)  # also sets RAY_AUTH_MODE=token in os.environ
     try:
         yield
     finally:
         ray.shutdown()
-        if token_set:
-            os.environ.pop("RAY_AUTH_TOKEN", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
