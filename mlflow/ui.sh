@@ -14,6 +14,8 @@ else
   echo "error: mlflow not found: run scripts/setup.sh (creates .venv) or put mlflow on PATH" >&2
   exit 1
 fi
+# MLflow 3 also starts a job runner (GenAI scorers; ~8 extra processes); plantad does not use it.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 echo "MLflow UI: http://127.0.0.1:${port}  (store: $here/mlflow.db)" >&2
 exec "$mlflow_bin" server \
   --backend-store-uri "sqlite:///$here/mlflow.db" \

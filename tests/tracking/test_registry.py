@@ -120,9 +120,12 @@ def test_lower_is_better_metrics_and_missing_metrics(tracking, tmp_path: Path) -
     v2 = register_version(client, name, log_marker_model(experiment_id, "b", {"loss": 0.4}, code), "model")
     assert promotion_decision(client, name, v2.version, "loss", "auto", higher_is_better=False).promote
     assert not promotion_decision(client, name, v2.version, "loss", "auto").promote
+    set_alias(client, name, CHAMPION, v2.version)
+    v3 = register_version(client, name, log_marker_model(experiment_id, "c", {"loss": 0.4}, code), "model")
+    assert not promotion_decision(client, name, v3.version, "loss", "auto", higher_is_better=False).promote  # a tie
 
-    with pytest.raises(RegistryError, match="v2 .*no finite metric 'image_auroc'"):
-        promotion_decision(client, name, v2.version, METRIC, "auto")
+    with pytest.raises(RegistryError, match="v3 .*no finite metric 'image_auroc'"):
+        promotion_decision(client, name, v3.version, METRIC, "auto")
     assert promotion_decision(client, name, v2.version, METRIC, "manual").candidate_value is None
     with pytest.raises(RegistryError, match="'manual' or 'auto'"):
         promotion_decision(client, name, v2.version, METRIC, "always")

@@ -108,6 +108,7 @@ def test_embedded_store_and_ui_script(tmp_path: Path, monkeypatch: pytest.Monkey
 
     port = free_port()
     env = {**os.environ, "PORT": str(port), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)  # ui.sh's own default applies
     proc = start_mlflow_server(["bash", str(project / "mlflow" / "ui.sh")], env, tmp_path / "ui.log", port)
     try:
         base = f"http://127.0.0.1:{port}"
