@@ -9,6 +9,9 @@ import torch
 
 from plantad.config import Settings, load_settings
 
+# real S3 (moto server on 127.0.0.1), MLflow server, git+DVC repo and one Ray cluster per session
+from infra.fixtures import mlflow_server, moto_s3, ray_local, tmp_git_dvc_repo  # noqa: F401
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
