@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from plantad.config import Settings, load_settings
+from plantad.config import Settings
+from tiny import tiny_settings
 
 # real S3 (moto server on 127.0.0.1), MLflow server, git+DVC repo and one Ray cluster per session
 from infra.fixtures import mlflow_server, moto_s3, ray_local, tmp_git_dvc_repo  # noqa: F401
@@ -15,27 +16,6 @@ from infra.fixtures import mlflow_server, moto_s3, ray_local, tmp_git_dvc_repo  
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-TINY = [
-    "model.teacher.weights=random",
-    "model.teacher.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2, patch_size: 8, init_values: 1.0}",
-    "model.teacher.layers=[0,1,2,3]",
-    "model.teacher.groups=[[0,1],[2,3]]",
-    "data.image_size=56",
-    "train.batch_size=8",
-    "train.steps=40",
-    "train.warmup_steps=5",
-    "train.hard_mining.ramp_steps=20",
-    "scoring.gaussian_sigma=1.0",
-    "scoring.batch_size=16",
-    "data.holdout_fraction=0.15",
-]
-
-
-def tiny_settings(*extra: str) -> Settings:
-    """Defaults + a 4-block, width-64 ViT teacher (8-px patches, 7x7 grid) at 56 px."""
-    return load_settings(None, [*TINY, *extra])
-
 
 @pytest.fixture
 def tiny() -> Settings:

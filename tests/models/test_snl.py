@@ -5,7 +5,7 @@ from plantad.scoring import score_batch
 from plantad.training.calibration import calibrate
 from plantad.training.loop import build_model, build_optimizer, train_step
 
-from conftest import tiny_settings
+from tiny import tiny_settings
 
 
 def test_cram_starts_as_identity_and_aggregates_residuals():

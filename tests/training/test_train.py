@@ -8,7 +8,7 @@ from plantad.scoring import score_batch
 from plantad.training.loop import build_model, build_optimizer, lr_factor, train_step
 from plantad.training.trainer import endless_images, image_loader, normal_train_rows
 
-from conftest import tiny_settings
+from tiny import tiny_settings
 
 
 def test_loss_decreases_on_demo_data(demo_root, demo_manifest):
