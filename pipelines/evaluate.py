@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from plantad.config import load_settings, settings_from_dict, settings_to_dict
+from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
-from plantad.evaluation.evaluate import evaluate_model
+from plantad.evaluation.evaluate import evaluate_model, evaluation_settings
 from plantad.evaluation.metrics import metrics_to_json
 from plantad.evaluation.report import write_plots
 from plantad.models.checkpoint import load_model
@@ -24,13 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--plots", required=True)
     args = parser.parse_args(argv)
-    params = load_settings(args.params)
     model, meta = load_model(Path(args.model))
-    # the model's own settings, with this run's evaluate/scoring batch knobs from params.yaml
-    overrides = {"evaluate": settings_to_dict(params)["evaluate"]}
-    settings = settings_from_dict({**meta["settings"], **overrides}, source=args.model)
-    settings = settings.model_copy(update={"scoring": settings.scoring.model_copy(update={"batch_size": params.scoring.batch_size})})
-    model = model.to(resolve_device(params.train.device))
+    settings = evaluation_settings(meta, params=load_settings(args.params))
+    model = model.to(resolve_device(settings.train.device))
     metrics, pred = evaluate_model(model, read_manifest(Path(args.manifest)), Path(args.data), settings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from plantad.config import ConfigError, Settings, apply_overrides, load_settings, settings_from_dict, settings_to_dict
+from plantad.config import ConfigError, Settings, load_settings, settings_to_dict
 
 log = logging.getLogger("plantad")
 
@@ -60,13 +60,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from plantad.evaluation.evaluate import evaluate_model
+    from plantad.evaluation.evaluate import evaluate_model, evaluation_settings
     from plantad.evaluation.metrics import metrics_to_json
     from plantad.models.checkpoint import load_model
     from plantad.training.loop import resolve_device
 
     model, meta = load_model(Path(args.model))
-    settings = settings_from_dict(apply_overrides(meta["settings"], args.set), source=f"{args.model} + --set")
+    settings = evaluation_settings(meta, overrides=args.set)
     model = model.to(resolve_device(settings.train.device))
     metrics, pred = evaluate_model(model, _manifest(args, settings), Path(args.data), settings)
     out = Path(args.out)

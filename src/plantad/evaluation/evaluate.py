@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from plantad.config import Settings
+from plantad.config import Settings, apply_overrides, settings_from_dict, settings_to_dict
 from plantad.data.dataset import ManifestDataset
 from plantad.evaluation.metrics import compute_metrics
 from plantad.scoring import score_batch
@@ -30,6 +30,18 @@ class Predictions:
     is_anomalous: np.ndarray  # (N,) bool at the model's threshold
     maps: np.ndarray  # (N, S, S) float32
     masks: np.ndarray  # (N, S, S) uint8
+
+
+def evaluation_settings(model_meta: dict[str, Any], params: Settings | None = None, overrides: list[str] = ()) -> Settings:
+    """A saved model's own settings (architecture, scoring), with this run's `evaluate` section,
+    scoring batch size and device from `params` when given, then explicit `--set` overrides."""
+    raw = dict(model_meta["settings"])
+    if params is not None:
+        current = settings_to_dict(params)
+        raw["evaluate"] = current["evaluate"]
+        raw["scoring"] = {**raw["scoring"], "batch_size": current["scoring"]["batch_size"]}
+        raw["train"] = {**raw["train"], "device": current["train"]["device"]}
+    return settings_from_dict(apply_overrides(raw, list(overrides)), source="saved model settings")
 
 
 def test_rows(manifest: pd.DataFrame) -> pd.DataFrame:
