@@ -148,8 +148,12 @@ def create_project(root: Path, env: dict[str, str], params: dict[str, Any]) -> P
 
 
 def copy_project(src: Project, dest: Path) -> Project:
-    """An independent copy of a project (work tree, git, DVC cache, outputs); same registry."""
-    shutil.copytree(src.root, dest, symlinks=True)
+    """An independent copy of a project (work tree, git, DVC cache, outputs); same registry.
+
+    Without bytecode, like another checkout of the same commit: Python's __pycache__ is per machine
+    (and git-ignored), so DVC must not count it in the src/ deps.
+    """
+    shutil.copytree(src.root, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     return Project(dest, {**src.env, "PYTHONPATH": str(dest / "src")})
 
 
