@@ -54,7 +54,9 @@ def image_dataset(rows: pd.DataFrame, root: Path, image_size: int):
     import ray.data
 
     ds = ray.data.from_pandas(rows[["path"]].reset_index(drop=True))
-    return ds.map_batches(decode_batch, fn_kwargs={"root": str(root), "image_size": image_size}, batch_size=16)
+    # absolute: Ray Data tasks run in the cluster's working directory, not the driver's
+    fn_kwargs = {"root": str(Path(root).resolve()), "image_size": image_size}
+    return ds.map_batches(decode_batch, fn_kwargs=fn_kwargs, batch_size=16)
 
 
 def _endless_shard(shard, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

@@ -1,0 +1,132 @@
+"""The retraining story, as a user lives it: `dvc repro` registers a challenger with its lineage,
+new data retrains, an evaluate-only change re-evaluates, and nothing else re-runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from pipeline_project import DATA, Project, registry_state
+
+from plantad.data.manifest import read_manifest
+from plantad.tracking.lineage import manifest_fingerprint
+
+ALL_STAGES = ["demo_data", "prepare", "validate", "train", "evaluate", "register"]
+HEADLINE = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro")
+
+
+def next_version(client: MlflowClient, name: str) -> str:
+    return str(max(map(int, registry_state(client, name)["versions"])) + 1)
+
+
+@pytest.mark.e2e
+def test_first_repro_registers_a_challenger_with_metrics_artifacts_and_lineage(
+    baseline: Project, mlflow_server: str, registry_names: dict[str, str], tmp_path: Path
+) -> None:
+    reg, name = baseline.registration(), registry_names["registered_model"]
+    assert (reg["registered_model"], reg["version"], reg["aliases"]) == (name, "1", ["challenger"])
+    client = MlflowClient(mlflow_server)
+    assert client.get_registered_model(name).aliases == {"challenger": "1"}  # manual mode: no champion
+    version = client.get_model_version(name, "1")
+    assert version.run_id == reg["run_id"]
+
+    run = client.get_run(reg["run_id"])
+    assert run.info.status == "FINISHED"
+    metrics = json.loads((baseline.root / "outputs" / "metrics.json").read_text())
+    for key in HEADLINE:
+        assert run.data.metrics[key] == pytest.approx(metrics[key]), key
+        assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert sorted(metrics["per_category"]) == ["metal", "nut", "weave"]
+    for cat, values in metrics["per_category"].items():
+        assert run.data.metrics[f"{cat}/image_auroc"] == pytest.approx(values["image_auroc"])
+        assert run.data.metrics[f"{cat}/pixel_aupro"] == pytest.approx(values["pixel_aupro"])
+    assert any(k.startswith("train/") for k in run.data.metrics), "no per-step metrics from the Ray workers"
+
+    plots = {f.path for f in client.list_artifacts(reg["run_id"], "plots")}
+    assert {"plots/per_category.png", "plots/overlays.png", "plots/roc.png", "plots/pr.png"} <= plots
+    report = download_artifacts(run_id=reg["run_id"], artifact_path="validation/validation.json",
+                                dst_path=str(tmp_path), tracking_uri=mlflow_server)
+    assert json.loads(Path(report).read_text())["report"]["success"] is True
+
+    tags = run.data.tags
+    manifest = read_manifest(baseline.root / "outputs" / "manifest.parquet")
+    assert tags["data_manifest_sha256"] == manifest_fingerprint(manifest)
+    assert tags["data_dvc_md5"] == baseline.dvc_md5(DATA)
+    # the code commit named by the run is one whose data/plant.dvc is the data it trained on
+    dvc_file = (baseline.root / f"{DATA}.dvc").read_text()
+    assert baseline.run("git", "show", f"{tags['git_commit']}:{DATA}.dvc").stdout == dvc_file
+    for key in ("git_commit", "data_dvc_md5", "data_manifest_sha256"):
+        assert version.tags[key] == tags[key], key
+
+    shown = baseline.run("dvc", "metrics", "show")
+    assert "image_auroc" in shown.stdout
+    as_json = json.loads(baseline.run("dvc", "metrics", "show", "--json").stdout)
+    assert as_json[""]["data"]["outputs/metrics.json"]["data"]["image_auroc"] == pytest.approx(metrics["image_auroc"])
+
+
+@pytest.mark.e2e
+def test_new_data_retrains_without_regenerating_the_demo(
+    project: Project, mlflow_server: str, registry_names: dict[str, str]
+) -> None:
+    client, name = MlflowClient(mlflow_server), registry_names["registered_model"]
+    before, lock_before = project.registration(), project.lock()
+    old = client.get_model_version(name, before["version"])
+    expected = next_version(client, name)
+
+    project.run("plantad", "demo-data", DATA, "--add-normal", "3", "--seed", "1")
+    project.run("dvc", "add", DATA)
+    head = project.commit("3 more normal images per category")
+    status = project.status()
+    assert "prepare" in status and "demo_data" not in status, status
+
+    repro = project.repro()
+    assert repro.ran == ["prepare", "validate", "train", "evaluate", "register"], repro.tail()
+    assert "demo_data" in repro.skipped, repro.tail()
+    lock = project.lock()
+    assert lock["demo_data"] == lock_before["demo_data"]
+    prepare_data = next(d for d in lock["prepare"]["deps"] if d["path"] == DATA)
+    assert prepare_data["md5"] == project.dvc_md5(DATA) != old.tags["data_dvc_md5"]
+    assert project.status() == {}
+
+    manifest = read_manifest(project.root / "outputs" / "manifest.parquet")
+    assert (manifest["split"] == "train").groupby(manifest["category"]).sum().to_dict() == \
+        {"metal": 15, "nut": 15, "weave": 15}
+    reg = project.registration()
+    assert (reg["version"], reg["aliases"]) == (expected, ["challenger"])
+    assert reg["run_id"] != before["run_id"]
+    new = client.get_model_version(name, expected)
+    assert new.tags["data_dvc_md5"] == project.dvc_md5(DATA)
+    assert new.tags["data_manifest_sha256"] == manifest_fingerprint(manifest) != old.tags["data_manifest_sha256"]
+    assert client.get_run(reg["run_id"]).data.tags["git_commit"] == head
+    assert client.get_registered_model(name).aliases["challenger"] == expected
+    assert client.get_model_version(name, before["version"]).aliases == []  # challenger moved on
+
+
+@pytest.mark.e2e
+def test_evaluate_param_reruns_only_evaluate_and_register(
+    project: Project, mlflow_server: str, registry_names: dict[str, str]
+) -> None:
+    client, name = MlflowClient(mlflow_server), registry_names["registered_model"]
+    before, lock_before = project.registration(), project.lock()
+    expected = next_version(client, name)
+
+    project.set_params({"evaluate": {"aupro_fpr_limit": 0.1}})
+    status = project.status()
+    assert list(status) == ["evaluate"], status
+    repro = project.repro(timeout=180)
+    assert repro.ran == ["evaluate", "register"], repro.tail()
+    assert set(repro.skipped) == {"demo_data", "prepare", "validate", "train"}, repro.tail()
+    lock = project.lock()
+    for stage in ("demo_data", "prepare", "validate", "train"):
+        assert lock[stage] == lock_before[stage], stage
+    assert lock["evaluate"]["params"]["params.yaml"]["evaluate"]["aupro_fpr_limit"] == 0.1
+
+    reg = project.registration()
+    assert (reg["version"], reg["aliases"]) == (expected, ["challenger"])
+    assert reg["run_id"] == before["run_id"]  # the same training run, evaluated again
+    metrics = json.loads((project.root / "outputs" / "metrics.json").read_text())
+    assert client.get_run(reg["run_id"]).data.metrics["pixel_aupro"] == pytest.approx(metrics["pixel_aupro"])
+    assert project.status() == {}
