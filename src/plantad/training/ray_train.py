@@ -208,5 +208,6 @@ def run_ray_training(
     meta = {"training": {"steps": int(state["step"]), "n_train": len(train_rows), "n_holdout": len(holdout_rows),
                          "ray_run": name, "ray_checkpoint": result.checkpoint.path, "num_workers": rcfg.num_workers}}
     path = save_model(model, settings, out_dir, {**meta, **(extra_meta or {})})
-    history = [m for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
+    frame = result.metrics_dataframe
+    history = frame.to_dict("records") if frame is not None and not frame.empty else [dict(result.metrics or {})]
     return TrainResult(path, int(state["step"]), history, calib)
