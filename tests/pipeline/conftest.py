@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pipeline_project import DATA, TINY_PARAMS, Project, copy_project, create_project, merged
+from pipeline_project import DATA, STAGES, TINY_PARAMS, Project, copy_project, create_project, merged
 
 
 def stage_env(home: Path) -> dict[str, str]:
@@ -78,6 +78,8 @@ def baseline(
     project.run("dvc", "add", DATA)
     project.commit("track the plant dataset")
     repro = project.repro()
+    if repro.ran != STAGES:
+        pytest.fail(f"the first `dvc repro` ran {repro.ran}, not every stage\n{repro.tail()}")
     if project.status():
         pytest.fail(f"the baseline is not up to date after `dvc repro`: {project.status()}\n{repro.tail()}")
     project.commit("baseline run")

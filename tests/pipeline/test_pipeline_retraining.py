@@ -14,7 +14,6 @@ from pipeline_project import DATA, Project, registry_state
 from plantad.data.manifest import read_manifest
 from plantad.tracking.lineage import manifest_fingerprint
 
-ALL_STAGES = ["demo_data", "prepare", "validate", "train", "evaluate", "register"]
 HEADLINE = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro")
 
 
