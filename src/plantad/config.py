@@ -166,6 +166,7 @@ class RayConfig(_Section):
     storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix
     max_failures: int = Field(2, ge=0)
     checkpoint_every_epochs: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # newest N kept in storage; their metrics form the run history
     steps_per_epoch: int = Field(20, ge=1)
 
 

@@ -43,6 +43,9 @@ def test_first_repro_registers_a_challenger_with_metrics_artifacts_and_lineage(
         assert run.data.metrics[f"{cat}/image_auroc"] == pytest.approx(values["image_auroc"])
         assert run.data.metrics[f"{cat}/pixel_aupro"] == pytest.approx(values["pixel_aupro"])
     assert any(k.startswith("train/") for k in run.data.metrics), "no per-step metrics from the Ray workers"
+    epoch_losses = client.get_metric_history(reg["run_id"], "epoch/loss")
+    assert [m.step for m in epoch_losses] == list(range(1, len(epoch_losses) + 1)) and epoch_losses, epoch_losses
+    assert client.get_metric_history(reg["run_id"], "epoch/images_per_second")[-1].value > 0
 
     plots = {f.path for f in client.list_artifacts(reg["run_id"], "plots")}
     assert {"plots/per_category.png", "plots/overlays.png", "plots/roc.png", "plots/pr.png"} <= plots

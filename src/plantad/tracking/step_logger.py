@@ -24,6 +24,14 @@ class MlflowStepLogger:
         if step % self.every == 0:
             self.flush()
 
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Per-epoch summaries (mean loss, images/s) as `epoch/<name>`, sent at once."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(f"epoch/{k}", float(v), now, epoch) for k, v in metrics.items())
+        self.flush()
+
     def flush(self) -> None:
         if self._pending:
             self.client.log_batch(self.run_id, metrics=self._pending)

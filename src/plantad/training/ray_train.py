@@ -43,6 +43,19 @@ def connect(cfg: RayConfig) -> None:
     ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=False)
 
 
+def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
+    """Workers holding every CPU starve Ray Data's decoding tasks, and the job hangs without a word."""
+    held = cfg.num_workers * cfg.cpus_per_worker
+    if held < cluster_cpus:
+        return
+    message = (f"ray.num_workers x ray.cpus_per_worker = {cfg.num_workers} x {cfg.cpus_per_worker:g} = {held:g} CPUs "
+               f"leaves none of the cluster's {cluster_cpus:g} CPUs for Ray Data's decoding tasks: lower "
+               "ray.cpus_per_worker or ray.num_workers")
+    if local:
+        raise ValueError(message)
+    log.warning("%s (unless the cluster autoscales)", message)
+
+
 def decode_batch(batch: dict[str, np.ndarray], root: str, image_size: int) -> dict[str, np.ndarray]:
     """Ray Data map: relative paths -> normalised image arrays, with the training transform."""
     transform = ImageTransform(image_size)
@@ -120,11 +133,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch_start = step
         stop = min(cfg.steps, (step // spe + 1) * spe)
         losses: list[float] = []
+        started = time.perf_counter()
         step = fit(model, batches, cfg, device, optimizer, scheduler, step, stop,
                    on_step=_collect(losses, step_logger), progress=False)
+        seconds = time.perf_counter() - started
+        metrics = {"step": step, "epoch": -(-step // spe), "loss": float(np.mean(losses)),
+                   "resumed_from": int(state["step"]) if state else 0, "epoch_seconds": seconds,
+                   # the global batch: every worker ran the same number of steps on its own shard
+                   "images_per_second": (step - epoch_start) * per_worker * ctx.get_world_size() / seconds}
         if step_logger is not None:
-            step_logger.flush()
-        metrics = {"step": step, "epoch": step // spe, "loss": float(np.mean(losses)), "resumed_from": int(state["step"]) if state else 0}
+            step_logger.epoch(metrics["epoch"], {k: metrics[k] for k in ("loss", "epoch_seconds", "images_per_second")})
         if (step // spe) % rcfg.checkpoint_every_epochs == 0 or step >= cfg.steps:
             _report_with_checkpoint(model, optimizer, scheduler, step, metrics, ctx.get_world_rank())
         else:
@@ -176,8 +194,12 @@ def run_ray_training(
 
     from plantad.tracking.s3 import resolve_storage
 
+    import ray
+
     rcfg = settings.ray
     connect(rcfg)
+    check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)),
+                     local=not (rcfg.address or os.environ.get("RAY_ADDRESS")))
     seed_everything(settings.train.seed)
     train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed)
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
@@ -192,7 +214,7 @@ def run_ray_training(
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=rcfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=rcfg.keep_checkpoints),
         ),
         datasets={"train": image_dataset(train_rows, root, settings.data.image_size)},
     )
