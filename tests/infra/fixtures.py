@@ -176,7 +176,7 @@ def tmp_git_dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local(moto_s3: S3Config) -> Iterator[None]:
-    """One local Ray cluster (2 CPUs, no dashboard) for the session, started after moto_s3.
+    """One local Ray cluster (2 CPUs, with its dashboard) for the session, started after moto_s3.
 
     Ray's workers inherit os.environ as it is at ray.init(), so the fake AWS credentials must be
     set first. Token auth (on by default since Ray 2.59) gets a per-session RAY_AUTH_TOKEN in the
@@ -194,7 +194,8 @@ def ray_local(moto_s3: S3Config) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    ray.init(num_cpus=2, include_dashboard=False)  # also sets RAY_AUTH_MODE=token in os.environ
+    # the dashboard serves the state API that Ray Train's placement-group cleaner polls
+    ray.init(num_cpus=2, include_dashboard=True)  # also sets RAY_AUTH_MODE=token in os.environ
     try:
         yield
     finally:

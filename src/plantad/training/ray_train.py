@@ -40,7 +40,9 @@ def connect(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=False)
+    # a local cluster gets its dashboard (127.0.0.1:8265): Ray Train's placement-group cleaner
+    # queries the state API through it, and warns every few seconds without it
+    ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=True)
 
 
 def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
@@ -66,6 +68,8 @@ def decode_batch(batch: dict[str, np.ndarray], root: str, image_size: int) -> di
 def image_dataset(rows: pd.DataFrame, root: Path, image_size: int):
     import ray.data
 
+    # one bar per epoch per worker would bury the training log of a DVC stage
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_pandas(rows[["path"]].reset_index(drop=True))
     # absolute: Ray Data tasks run in the cluster's working directory, not the driver's
     fn_kwargs = {"root": str(Path(root).resolve()), "image_size": image_size}
