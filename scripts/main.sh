@@ -10,8 +10,8 @@ if [ ! -d .dvc ]; then
 fi
 dvc repro "$@"
 echo
-echo "== metrics (outputs/metrics.json)"
-dvc metrics show
+echo "== metrics (outputs/metrics.json; dvc metrics show / dvc metrics diff for all of them)"
+plantad metrics outputs/metrics.json
 echo
 echo "== registered model (outputs/registration.json)"
 cat outputs/registration.json

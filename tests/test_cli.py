@@ -35,6 +35,23 @@ def test_train_then_evaluate_writes_metrics(tmp_path, demo_root):
     assert set(metrics["per_category"]) == {"metal", "nut", "weave"}
     assert all(KEYS <= set(v) for v in metrics["per_category"].values())
     assert {"roc.png", "pr.png", "per_category.png", "overlays.png", "roc.csv", "pr.csv"} <= {p.name for p in plots.iterdir()}
+    shown = plantad("metrics", str(metrics_file))
+    assert shown.returncode == 0, shown.stderr
+    table = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()}
+    assert table["category"] == ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro"]
+    assert float(table["mean"][0]) == round(metrics["image_auroc"], 3)
+    assert float(table["nut"][4]) == round(metrics["per_category"]["nut"]["pixel_aupro"], 3)
+
+
+def test_metrics_of_a_file_that_is_not_metrics_is_named(tmp_path):
+    cases = {"list.json": ("[1, 2]", "a JSON object was expected"),
+             "partial.json": ('{"image_auroc": 0.9}', "missing image_ap, image_f1_max, pixel_auroc, pixel_aupro"),
+             "broken.json": ("{not json", "cannot read metrics file")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        shown = plantad("metrics", str(tmp_path / name))
+        assert shown.returncode == 2 and message in shown.stderr and name in shown.stderr, shown.stderr
+    assert (tmp_path / "list.json").read_text() == "[1, 2]"  # nothing rewritten
 
 
 def test_unknown_or_bad_setting_is_named(tmp_path, demo_root):

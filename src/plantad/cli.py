@@ -76,9 +76,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from plantad.evaluation.report import write_plots
 
         write_plots(pred, metrics, Path(args.plots), root=Path(args.data))
-    keys = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro")
-    print("  ".join(f"{k}={metrics[k]:.4f}" for k in keys))
+    from plantad.evaluation.report import metrics_table
+
+    print(metrics_table(json.loads(out.read_text())))
     print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from plantad.evaluation.report import metrics_table
+
+    path = Path(args.file)
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read metrics file {path}: {exc}") from exc
+    try:
+        print(metrics_table(metrics))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     return 0
 
 
@@ -130,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("metrics", help="print a metrics.json of `plantad evaluate` as a table")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_metrics)
     return parser
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from plantad.data.images import load_rgb
 from plantad.evaluation.evaluate import Predictions
+from plantad.evaluation.metrics import METRIC_KEYS
 from plantad.evaluation.plots import plot_overlay_grid, plot_per_category, plot_pr, plot_roc, write_curve_csv
 
 
@@ -45,3 +46,21 @@ def write_plots(pred: Predictions, metrics: dict[str, Any], out_dir: Path, root:
         titles = [f"{pred.rows.at[i, 'category']}/{pred.rows.at[i, 'defect_type']} P={pred.probability[i]:.2f}" for i in sel]
         paths.append(plot_overlay_grid(_thumbnails(pred, sel, root), pred.maps[sel], pred.masks[sel], titles, out_dir / "overlays.png"))
     return [Path(p) for p in paths]
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Per-category rows and the mean, one column per headline metric (null shows as n/a)."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"not a plantad metrics file: a JSON object was expected, not {type(metrics).__name__}")
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    if missing:
+        raise ValueError(f"not a plantad metrics file: missing {', '.join(missing)}")
+    rows = [*sorted(metrics.get("per_category", {}).items()), ("mean", metrics)]
+
+    def cell(v: Any) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'category':<{width}}  " + "  ".join(f"{k:>12}" for k in METRIC_KEYS)]
+    lines += [f"{name:<{width}}  " + "  ".join(f"{cell(v.get(k)):>12}" for k in METRIC_KEYS) for name, v in rows]
+    return "\n".join(lines)
