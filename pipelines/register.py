@@ -20,7 +20,7 @@ from plantad.tracking.experiment import log_evaluation
 from plantad.tracking.pyfunc import log_pyfunc_model
 from plantad.tracking.registry import apply_decision, promotion_decision, register_version
 from plantad.tracking.s3 import storage_env
-from plantad.tracking.store import resolve_tracking_uri
+from plantad.tracking.store import TrackingStoreError, check_tracking_server, resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     run_id, lineage = meta["mlflow_run_id"], meta.get("lineage", {})
     metrics = json.loads(Path(args.metrics).read_text())
     uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
+    try:  # before anything slow: a wrong URI should not cost minutes of retries or a training run
+        check_tracking_server(uri)
+    except TrackingStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     log_evaluation(client, run_id, metrics, Path(args.plots), Path(args.validation))

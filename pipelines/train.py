@@ -15,7 +15,7 @@ from plantad.data.manifest import read_manifest
 from plantad.tracking.experiment import start_training_run
 from plantad.tracking.lineage import data_version, git_commit
 from plantad.tracking.s3 import storage_env
-from plantad.tracking.store import resolve_tracking_uri
+from plantad.tracking.store import TrackingStoreError, check_tracking_server, resolve_tracking_uri
 from plantad.training.ray_train import run_ray_training
 
 
@@ -28,15 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="model directory to write")
     args = parser.parse_args(argv)
     settings = load_settings(args.params)
+    project = Path.cwd()
+    uri = resolve_tracking_uri(settings.mlflow, project)
+    try:  # before anything slow: a wrong URI should not cost minutes of retries or a training run
+        check_tracking_server(uri)
+    except TrackingStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     report = json.loads(Path(args.validation).read_text())
     if not report.get("report", {}).get("success"):
         print(f"error: refusing to train: {args.validation} records failed data validation", file=sys.stderr)
         return 1
     os.environ.update(storage_env(settings.s3))
-    project = Path.cwd()
     manifest = read_manifest(Path(args.manifest))
     tags = {**git_commit(project), **data_version(project, Path(args.data), manifest)}
-    uri = resolve_tracking_uri(settings.mlflow, project)
     client = MlflowClient(uri)
     run_id = start_training_run(client, settings.mlflow, settings, tags)
     try:

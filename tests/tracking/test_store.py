@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,6 +21,7 @@ from plantad.config import MlflowConfig, S3Config
 from plantad.tracking.s3 import s3_client, storage_env
 from plantad.tracking.store import (
     TrackingStoreError,
+    check_tracking_server,
     default_artifact_location,
     embedded_store_uri,
     ensure_experiment,
@@ -119,3 +122,31 @@ def test_embedded_store_and_ui_script(tmp_path: Path, monkeypatch: pytest.Monkey
             assert r.read() == b"roc"
     finally:
         stop_process_group(proc)
+
+
+def test_unreachable_server_fails_in_seconds_and_names_it() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(TrackingStoreError, match=rf"MLflow tracking server {uri} is not reachable"):
+        check_tracking_server(uri, wait_s=2.0)
+    assert time.monotonic() - started < 30  # MLflow's own client retries for about 4 minutes
+    check_tracking_server("sqlite:////nowhere/mlflow.db")  # local stores are not servers
+
+
+def test_train_stage_refuses_an_unreachable_server_before_training(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    out = tmp_path / "model"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "train.py"), "--params", str(REPO / "params.yaml"),
+         "--data", str(tmp_path / "data"), "--manifest", str(tmp_path / "manifest.parquet"),
+         "--validation", str(tmp_path / "validation.json"), "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"error: MLflow tracking server {uri} is not reachable" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_live_server_is_reachable(mlflow_server: str) -> None:
+    check_tracking_server(mlflow_server, wait_s=5.0)

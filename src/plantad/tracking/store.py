@@ -49,6 +49,35 @@ def resolve_tracking_uri(cfg: MlflowConfig, project_root: Path) -> str:
     return embedded_store_uri(project_root)
 
 
+def check_tracking_server(uri: str, wait_s: float = 10.0) -> None:
+    """Fail in seconds on an unreachable server: MLflow's own retries take about 4 minutes.
+
+    Any HTTP answer from `<uri>/health` counts as reachable (auth is MLflow's business); only
+    stores served over http(s) are checked.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=min(5.0, wait_s)):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+        if time.monotonic() >= deadline:
+            raise TrackingStoreError(
+                f"MLflow tracking server {uri} is not reachable ({reason}): start it, or fix "
+                "mlflow.tracking_uri / MLFLOW_TRACKING_URI (unset both for the embedded store in mlflow/)"
+            )
+        time.sleep(1.0)
+
+
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """For a SQLite store: `<db folder>/artifacts/<experiment>` (MLflow's own: ./mlruns in the cwd).
 
