@@ -16,7 +16,7 @@ from plantad.tracking.experiment import start_training_run
 from plantad.tracking.lineage import data_version, git_commit
 from plantad.tracking.s3 import storage_env
 from plantad.tracking.store import TrackingStoreError, check_tracking_server, resolve_tracking_uri
-from plantad.training.ray_train import run_ray_training
+from plantad.training.ray_train import connect, run_ray_training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.params)
     project = Path.cwd()
     uri = resolve_tracking_uri(settings.mlflow, project)
-    try:  # before anything slow: a wrong URI should not cost minutes of retries or a training run
+    try:  # before anything slow: a wrong address should not cost minutes of retries or a training run
         check_tracking_server(uri)
-    except TrackingStoreError as exc:
+        connect(settings.ray)
+    except (TrackingStoreError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     report = json.loads(Path(args.validation).read_text())

@@ -10,7 +10,7 @@ import pytest
 
 from plantad.models.checkpoint import load_model
 from plantad.tracking.s3 import s3_client
-from plantad.training.ray_train import check_cpu_budget, run_ray_training
+from plantad.training.ray_train import check_cpu_budget, check_ray_address, run_ray_training
 from tiny import tiny_settings
 
 
@@ -104,3 +104,50 @@ def test_a_remote_cluster_that_may_autoscale_only_gets_a_warning(caplog):
     check_cpu_budget(cfg, 8.0, local=False)
     assert "lower ray.cpus_per_worker" in caplog.text
     check_cpu_budget(cfg, 9.0, local=True)  # one CPU to spare is enough
+
+
+def test_an_unreachable_cluster_address_fails_in_seconds_and_names_its_source():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"Ray cluster at 127.0.0.1:{port} \(from RAY_ADDRESS\) is not reachable"):
+        check_ray_address(f"127.0.0.1:{port}", "RAY_ADDRESS")
+    with pytest.raises(ConnectionError, match="from ray.address"):
+        check_ray_address(f"ray://127.0.0.1:{port}", "ray.address")
+    assert time.monotonic() - started < 20  # ray.init waits for minutes
+    with pytest.raises(ValueError, match="is not host:port"):
+        check_ray_address("head:http", "ray.address")
+    check_ray_address("auto", "RAY_ADDRESS")
+
+
+@pytest.mark.e2e
+def test_the_session_cluster_address_is_reachable(ray_local):
+    import ray
+
+    check_ray_address(ray.get_runtime_context().gcs_address, "RAY_ADDRESS")
+
+
+def test_train_stage_refuses_an_unreachable_cluster_before_any_run(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    proc = subprocess.run(
+        [sys.executable, str(repo / "pipelines" / "train.py"), "--params", str(repo / "params.yaml"),
+         "--data", "data", "--manifest", "m.parquet", "--validation", "v.json", "--out", str(tmp_path / "model")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"error: Ray cluster at {address} (from RAY_ADDRESS) is not reachable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "model").exists() and not db.exists()  # no MLflow run was started

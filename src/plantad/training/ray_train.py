@@ -33,6 +33,24 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 
 
+def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an unreachable head: `ray.init(address=...)` waits for it for minutes."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    if target == "auto" or ":" not in target:
+        return  # Ray's own discovery of a local head
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except ValueError as exc:
+        raise ValueError(f"{source}={address!r} is not host:port") from exc
+    except OSError as exc:
+        raise ConnectionError(f"Ray cluster at {address} (from {source}) is not reachable: {exc}. Start the head "
+                              "(`ray start --head`), fix the address, or unset it to start a local cluster") from exc
+
+
 def connect(cfg: RayConfig) -> None:
     """Join the configured cluster (ray.address, else RAY_ADDRESS), else start a local one."""
     import ray
@@ -40,6 +58,8 @@ def connect(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address, "ray.address" if cfg.address else "RAY_ADDRESS")
     # a local cluster gets its dashboard (127.0.0.1:8265): Ray Train's placement-group cleaner
     # queries the state API through it, and warns every few seconds without it
     ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=True)
