@@ -54,3 +54,23 @@ def test_linear_attention_is_an_average_of_values():
     out = attn(x)
     assert torch.allclose(out, same, atol=1e-5)
     assert v.shape == (2, 5, 8)
+
+
+def test_register_token_teachers_drop_every_prefix_token():
+    """The reg4 DINOv2 variants carry 1 class + 4 register tokens; maps cover patches only."""
+    from plantad.scoring import score_batch
+    from tiny import tiny_settings
+
+    settings = tiny_settings("model.teacher.name=vit_small_patch14_reg4_dinov2")
+    model = build_model(settings)
+    assert model.teacher.num_prefix_tokens == 5
+    x = torch.randn(2, 3, 56, 56)
+    feats = model.teacher(x)
+    assert [p.shape[1] for p in feats.layers] == [49] * 4
+    assert [p.shape for p in model.decoder(feats.layers, feats.prefix)] == [(2, 49, 64)] * 2
+    model.train()
+    assert torch.isfinite(model(x).total)
+    model.eval()
+    model.noisy_or.threshold.fill_(0.5)
+    scores = score_batch(model, x, settings.scoring)
+    assert scores.anomaly_map.shape == (2, 56, 56)
