@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from plantad.config import Settings, load_settings
@@ -46,13 +47,12 @@ def raw_images_per_second(settings: Settings, steps: int, threads: int, device: 
 
 
 def ray_images_per_second(config: str, overrides: list[str], workers: int, cpus: float, gpu: bool,
-                          steps: int, data: Path, work: Path) -> tuple[float, float]:
+                          steps: int, data: Path, manifest: pd.DataFrame, work: Path) -> tuple[float, float]:
     """Median and best per-epoch images/s reported by the workers of one Ray Train run."""
     settings = load_settings(config, [
         *overrides, f"ray.num_workers={workers}", f"ray.cpus_per_worker={cpus / workers if not gpu else 1}",
         f"ray.use_gpu={str(gpu).lower()}", f"train.steps={steps}", f"ray.storage_path={work / 'ray'}",
     ])
-    manifest = scan_dataset(data, settings.data.categories)
     result = run_ray_training(settings, manifest, data, work / f"model-{workers}")
     epochs = sorted((r for r in result.history if "images_per_second" in r), key=lambda r: r["epoch"])
     rates = [r["images_per_second"] for r in epochs[1:]] or [r["images_per_second"] for r in epochs]
@@ -85,7 +85,8 @@ def main() -> None:
     ray.init(num_cpus=int(args.cpus) + 1, include_dashboard=False, log_to_driver=False)
     device = torch.device("cuda" if args.gpu else "cpu")
     raw = raw_images_per_second(settings, 20, int(args.cpus), device)
-    rows = [(n, *ray_images_per_second(args.config, overrides, n, args.cpus, args.gpu, args.steps, data, work))
+    manifest = scan_dataset(data, settings.data.categories)
+    rows = [(n, *ray_images_per_second(args.config, overrides, n, args.cpus, args.gpu, args.steps, data, manifest, work))
             for n in args.workers]
     print(f"torch {torch.__version__}, image {settings.data.image_size} px, global batch {settings.train.batch_size}, "
           f"{'GPU ' + torch.cuda.get_device_name() if args.gpu else f'{args.cpus:g} CPUs in all'}")

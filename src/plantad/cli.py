@@ -78,7 +78,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_plots(pred, metrics, Path(args.plots), root=Path(args.data))
     from plantad.evaluation.report import metrics_table
 
-    print(metrics_table(json.loads(out.read_text())))
+    print(metrics_table(metrics))
     print(f"metrics written to {out}")
     return 0
 

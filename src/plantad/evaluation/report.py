@@ -58,7 +58,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     rows = [*sorted(metrics.get("per_category", {}).items()), ("mean", metrics)]
 
     def cell(v: Any) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+        return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
     width = max(len(name) for name, _ in rows)
     lines = [f"{'category':<{width}}  " + "  ".join(f"{k:>12}" for k in METRIC_KEYS)]

@@ -51,15 +51,22 @@ def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None
                               "(`ray start --head`), fix the address, or unset it to start a local cluster") from exc
 
 
+def cluster_address(cfg: RayConfig) -> tuple[str | None, str]:
+    """The cluster to join and where that came from: ray.address, else RAY_ADDRESS, else none (local)."""
+    if cfg.address:
+        return cfg.address, "ray.address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+
+
 def connect(cfg: RayConfig) -> None:
-    """Join the configured cluster (ray.address, else RAY_ADDRESS), else start a local one."""
+    """Join the configured cluster, else start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address, source = cluster_address(cfg)
     if address:
-        check_ray_address(address, "ray.address" if cfg.address else "RAY_ADDRESS")
+        check_ray_address(address, source)
     # a local cluster gets its dashboard (127.0.0.1:8265): Ray Train's placement-group cleaner
     # queries the state API through it, and warns every few seconds without it
     ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=True)
@@ -213,17 +220,15 @@ def run_ray_training(
     extra_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on the cluster, calibrate on the driver, save the model to out_dir."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from plantad.tracking.s3 import resolve_storage
 
-    import ray
-
     rcfg = settings.ray
     connect(rcfg)
-    check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)),
-                     local=not (rcfg.address or os.environ.get("RAY_ADDRESS")))
+    check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)), local=cluster_address(rcfg)[0] is None)
     seed_everything(settings.train.seed)
     train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed)
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
