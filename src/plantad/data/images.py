@@ -8,6 +8,8 @@ is always scored on pixels prepared exactly like the ones it was trained on.
 from __future__ import annotations
 
 import io
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,54 @@ def decode_image_bytes(data: bytes, source: str = "uploaded bytes") -> Image.Ima
     if not data:
         raise ImageDecodeError(source, "empty input (0 bytes)")
     return to_rgb(decode_stored(data, source), source)
+
+
+class ImageTooLarge(ImageDecodeError):
+    """An image over a configured byte or pixel limit (refused before it is decoded)."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # 8-bit RGB, fully decoded
+    width: int
+    height: int
+    stored_mode: str  # Pillow mode as stored: "RGB", "L", "I;16", "RGBA", "P", ...
+    format: str | None  # "PNG", "JPEG", ...
+
+    @property
+    def converted(self) -> str | None:
+        """How the stored pixels were changed to reach RGB, for clients to see; None when RGB."""
+        if self.stored_mode == "RGB":
+            return None
+        return f"converted from {self.stored_mode} to RGB"
+
+
+def decode_untrusted(data: bytes, source: str, max_bytes: int | None = None, max_pixels: int | None = None) -> DecodedImage:
+    """Decode bytes from outside (uploads, unknown folders) under byte and pixel limits.
+
+    The pixel limit is checked on the header, before any pixel is decoded, so a decompression bomb
+    costs nothing; errors are ImageDecodeError (ImageTooLarge for limits) naming `source`.
+    """
+    if not data:
+        raise ImageDecodeError(source, "empty input (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLarge(source, f"{len(data)} bytes is over the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(source, f"{width}x{height} = {width * height} pixels is over the limit of "
+                                            f"{max_pixels} pixels")
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(source, f"too large ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, ImageDecodeError):
+            raise
+        raise ImageDecodeError(source, f"{type(exc).__name__}: {exc}") from exc
+    return DecodedImage(to_rgb(img, source), width, height, img.mode, img.format)
 
 
 def load_rgb(path: Path) -> Image.Image:

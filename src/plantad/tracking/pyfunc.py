@@ -15,48 +15,35 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import torch
 
 SCORE_COLUMNS = ["probability", "is_anomalous", "p_local", "p_semantic", "local_score", "semantic_score", "threshold"]
 
 
 class PlantadPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from plantad.config import settings_from_dict
-        from plantad.data.images import ImageTransform
-        from plantad.models.checkpoint import load_model
+        from plantad.serving.predictor import Predictor
 
-        self.model, self.meta = load_model(Path(context.artifacts["model_dir"]))
-        self.settings = settings_from_dict(self.meta["settings"], source="mlflow model")
-        self.transform = ImageTransform(self.settings.data.image_size)
+        self.predictor = Predictor.load(context.artifacts["model_dir"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from plantad.data.images import decode_image_bytes
-        from plantad.scoring import score_batch
 
         if "image" not in model_input.columns:
             raise ValueError(f"input needs a binary column 'image'; got columns {list(model_input.columns)}")
         threshold = (params or {}).get("threshold")
         threshold = None if threshold is None or float(threshold) < 0 else float(threshold)
-        images = [self.transform(decode_image_bytes(bytes(b), source=f"row {i}")) for i, b in enumerate(model_input["image"])]
-        out = score_batch(self.model, torch.stack(images), self.settings.scoring, threshold=threshold)
-        thr = float(self.model.noisy_or.threshold) if threshold is None else float(threshold)
-        return scores_frame(out, thr)
+        images = [decode_image_bytes(bytes(b), source=f"row {i}") for i, b in enumerate(model_input["image"])]
+        return scores_frame(self.predictor.score(images, threshold))
 
 
-def scores_frame(out: Any, threshold: float) -> pd.DataFrame:
-    n = out.probability.shape[0]
-    nan = np.full(n, np.nan)
-    col = lambda t: nan if t is None else t.cpu().numpy().astype(float)  # noqa: E731
-    return pd.DataFrame({
-        "probability": col(out.probability),
-        "is_anomalous": out.is_anomalous.cpu().numpy().astype(bool),
-        "p_local": col(out.p_local),
-        "p_semantic": col(out.p_semantic),
-        "local_score": col(out.local_score),
-        "semantic_score": col(out.semantic_score),
-        "threshold": np.full(n, threshold),
-    })
+def scores_frame(scores: list[Any]) -> pd.DataFrame:
+    """One row per ImageScore, the columns of SCORE_COLUMNS; an absent branch is NaN."""
+    def col(name: str) -> np.ndarray:
+        return np.array([np.nan if getattr(s, name) is None else getattr(s, name) for s in scores], dtype=float)
+
+    frame = pd.DataFrame({name: col(name) for name in SCORE_COLUMNS if name != "is_anomalous"})
+    frame.insert(1, "is_anomalous", np.array([s.is_anomalous for s in scores], dtype=bool))
+    return frame[SCORE_COLUMNS]
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -1,0 +1,120 @@
+"""Where a model to score with comes from: a registry URI (`models:/name@alias`, `models:/name/3`)
+or a local model directory, resolved to one exact version before anything is loaded.
+
+Serving and bulk scoring resolve the alias once and then load that version by number, so a
+promotion that lands while a model downloads can never mix two versions in one answer or table.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from plantad.models.checkpoint import MODEL_FILE
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class ModelSourceError(RuntimeError):
+    """A model URI that cannot be resolved or downloaded; names the URI and the tracking store."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One exact model: a registered version (name, version, the alias it was reached by) or a folder."""
+
+    uri: str  # as the user gave it
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    local_dir: Path | None = None  # set for a model directory given directly
+
+    @property
+    def registered(self) -> bool:
+        return self.local_dir is None
+
+    @property
+    def version_uri(self) -> str:
+        """`models:/name/version` (pinned), or the directory."""
+        return f"models:/{self.name}/{self.version}" if self.registered else str(self.local_dir)
+
+    def describe(self) -> str:
+        if not self.registered:
+            return f"model directory {self.local_dir}"
+        via = f" (@{self.alias})" if self.alias else ""
+        return f"{self.name} v{self.version}{via}"
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """(name, alias, version) of `models:/name@alias` or `models:/name/N`; None for anything else."""
+    m = _REGISTRY_URI.match(uri.strip())
+    return None if m is None else (m["name"], m["alias"], m["version"])
+
+
+def resolve_model(uri: str, client: MlflowClient | None) -> ModelRef:
+    """Pin `uri` to one version now (an alias is looked up once); a folder must hold model.pt."""
+    parsed = parse_registry_uri(uri)
+    if parsed is None:
+        if uri.startswith(("models:/", "runs:/")):
+            raise ModelSourceError(f"model URI {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+        path = Path(uri)
+        if not (path / MODEL_FILE).is_file():
+            raise ModelSourceError(f"{path} is not a model directory (no {MODEL_FILE}); give one written by "
+                                   "`plantad train` or the train stage, or a models:/<name>@<alias> URI")
+        return ModelRef(uri=uri, local_dir=path.resolve())
+    if client is None:
+        raise ModelSourceError(f"{uri} needs an MLflow tracking store")
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parsed
+    where = f"in the MLflow registry at {client.tracking_uri}"
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        what = f"alias '{alias}'" if alias else f"version {version}"
+        raise ModelSourceError(f"{name} has no {what} {where} ({exc.error_code}); register a model with "
+                               "`dvc repro`, then set the alias in the MLflow UI") from exc
+    return ModelRef(uri=uri, name=name, version=str(mv.version), alias=alias, run_id=mv.run_id, tags=dict(mv.tags))
+
+
+def find_model_dir(root: Path) -> Path:
+    """The plantad model directory (holding model.pt) inside a downloaded MLflow model."""
+    found = sorted(p.parent for p in Path(root).rglob(MODEL_FILE))
+    if len(found) != 1:
+        raise ModelSourceError(f"expected one {MODEL_FILE} in the downloaded model at {root}, found {len(found)}")
+    return found[0]
+
+
+def download_model(ref: ModelRef, tracking_uri: str | None, cache_dir: Path | None = None) -> Path:
+    """Local model directory of `ref`: the folder itself, or the version's artifacts downloaded.
+
+    A version is immutable, so `cache_dir/<name>/<version>` is reused once complete.
+    """
+    if not ref.registered:
+        assert ref.local_dir is not None
+        return ref.local_dir
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    dest_root = Path(cache_dir or tempfile.mkdtemp(prefix="plantad-model-"))
+    dest = dest_root / re.sub(r"[^A-Za-z0-9._-]", "_", ref.name or "model") / str(ref.version)
+    if (dest / ".complete").is_file():
+        return find_model_dir(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:  # the version's own source: the registry URI would go through the global registry URI
+        source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+            ref.name, ref.version)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri)
+    except Exception as exc:  # MLflow, S3 and HTTP errors: all mean "cannot fetch this version"
+        raise ModelSourceError(f"cannot download {ref.describe()} from {tracking_uri}: {exc}") from exc
+    model_dir = find_model_dir(dest)
+    (dest / ".complete").write_text(ref.version_uri)
+    return model_dir
