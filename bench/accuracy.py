@@ -49,13 +49,13 @@ def run(config: str, overrides: list[str], work: Path, branches: list[str]) -> l
 # (row name, overrides): every model.method, and SNL's ablations on the RD student. "No structural
 # losses" keeps only the channel-wise distillation (the RD/FD baselines' loss).
 SNL_ROWS = [
-    ("dual", ["model.method=dual"]),
-    ("dual_snl", ["model.method=dual_snl"]),
-    ("snl_fd", ["model.method=snl_fd"]),
     ("snl_rd", ["model.method=snl_rd"]),
-    ("snl_rd, no structural losses", ["model.method=snl_rd", "model.snl.weight_spatial=0", "model.snl.weight_intra=0",
-                                      "model.snl.weight_inter=0", "model.snl.map_intra_weight=0"]),
-    ("snl_rd, no CRAM", ["model.method=snl_rd", "model.snl.cram=false"]),
+    ("snl_rd-no-structural", ["model.method=snl_rd", "model.snl.weight_spatial=0", "model.snl.weight_intra=0",
+                              "model.snl.weight_inter=0", "model.snl.map_intra_weight=0"]),
+    ("snl_rd-no-CRAM", ["model.method=snl_rd", "model.snl.cram=false"]),
+    ("snl_fd", ["model.method=snl_fd"]),
+    ("dual_snl", ["model.method=dual_snl"]),
+    ("dual", ["model.method=dual"]),
 ]
 
 
@@ -78,6 +78,7 @@ def run_methods(config: str, overrides: list[str], work: Path, only: list[str] |
         metrics, _ = evaluate_model(model, manifest, data, settings, progress=False)
         rows.append({"model": name, **{k: metrics[k] for k in KEYS}, "train_s": t2 - t1,
                      "eval_s": time.perf_counter() - t2})
+        print(json.dumps(rows[-1]), flush=True)  # each row as soon as it is measured
     return rows
 
 
