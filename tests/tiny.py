@@ -23,3 +23,17 @@ TINY = [
 def tiny_settings(*extra: str) -> Settings:
     """Defaults + a 4-block, width-64 ViT teacher (8-px patches, 7x7 grid) at 56 px."""
     return load_settings(None, [*TINY, *extra])
+
+# SNL's CNN teacher, tiny: a 1-block-per-stage ResNet-18 of width 16 (the production default is
+# wide_resnet50_2 with timm_kwargs {}); stages 1-3 at 56 px give 14x14, 7x7 and 4x4 maps
+TINY_CNN = [
+    "model.snl.cnn_teacher.name=resnet18",
+    "model.snl.cnn_teacher.weights=random",
+    "model.snl.cnn_teacher.timm_kwargs={layers: [1, 1, 1, 1], channels: [16, 32, 64, 128], stem_width: 16}",
+    "model.snl.num_centers=4",
+]
+
+
+def tiny_method_settings(method: str, *extra: str) -> Settings:
+    """Tiny settings for any model.method (SNL with the tiny CNN teacher unless overridden)."""
+    return tiny_settings(f"model.method={method}", *TINY_CNN, *extra)

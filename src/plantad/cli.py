@@ -63,7 +63,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from plantad.evaluation.evaluate import evaluate_model, evaluation_settings
     from plantad.evaluation.metrics import metrics_to_json
     from plantad.models.checkpoint import load_model
-    from plantad.training.loop import resolve_device
+    from plantad.models.device import resolve_device
 
     model, meta = load_model(Path(args.model))
     settings = evaluation_settings(meta, overrides=args.set)

@@ -82,31 +82,88 @@ class NoisyOrConfig(_Section):
     calibration_probability: float = Field(0.5, gt=0.0, lt=1.0)
 
 
-class SNLConfig(_Section):
-    """Structural distillation (SNL) [reconstructed weights; see models/snl.py]."""
+class CNNTeacherConfig(_Section):
+    """The CNN teacher of SNL's FD/RD baselines (timm ResNet family; WideResNet-50 in the paper [read])."""
 
-    num_centers: int = Field(8, ge=1)  # CRAM centres per layer
+    name: str = "wide_resnet50_2"
+    # the same rules as model.teacher.weights: a checkpoint path, "hub", or "random" (warns loudly)
+    weights: str = "hub"
+    stages: list[int] = [1, 2, 3]  # ResNet stages compared (layer1..layer3 [read, RD4AD])
+    timm_kwargs: dict[str, Any] = {}  # architecture overrides, e.g. layers/channels for tiny tests
+
+    @model_validator(mode="after")
+    def _stages_are_consecutive(self) -> CNNTeacherConfig:
+        s = self.stages
+        if not s or s != list(range(s[0], s[0] + len(s))) or not 1 <= s[0] <= s[-1] <= 4:
+            raise ValueError(f"model.snl.cnn_teacher.stages must be consecutive ResNet stages in 1..4, got {s}")
+        return self
+
+
+class SNLConfig(_Section):
+    """Structural distillation (SNL) [read: losses and CRAM; reconstructed: forms and weights, models/snl.py]."""
+
+    # teacher of snl_rd / snl_fd: the paper's CNN (cnn_teacher) or the DINOv2 ViT (model.teacher);
+    # dual_snl always uses model.teacher
+    teacher: Literal["cnn", "vit"] = "cnn"
+    cnn_teacher: CNNTeacherConfig = CNNTeacherConfig()
+    cram: bool = True  # off switch: no CRAM modules at all
+    num_centers: int = Field(8, ge=1)  # CRAM centres per student block
+    cram_residual_weight: float = Field(1.0, ge=0.0)  # 0: CRAM is the identity
     temperature: float = Field(1.0, gt=0.0)  # spatial softmax temperature
     weight_channel: float = Field(1.0, ge=0.0)
     weight_spatial: float = Field(1.0, ge=0.0)
     weight_intra: float = Field(1.0, ge=0.0)
     weight_inter: float = Field(1.0, ge=0.0)
+    map_intra_weight: float = Field(1.0, ge=0.0)  # test map: channel distance + this x intra-affinity distance
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> SNLConfig:
+        if not any((self.weight_channel, self.weight_spatial, self.weight_intra, self.weight_inter)):
+            raise ValueError("model.snl.weight_channel/spatial/intra/inter are all 0: nothing would be trained")
+        return self
+
+
+Method = Literal["dual", "snl_rd", "snl_fd", "dual_snl"]
+Branches = Literal["dual", "local", "semantic"]
+# the branches each method may score with; the first is its default (model.branches: null)
+METHOD_BRANCHES: dict[str, tuple[str, ...]] = {
+    "dual": ("dual", "local", "semantic"),
+    "dual_snl": ("dual", "local"),  # the structural losses act on the encoder-decoder branch
+    "snl_rd": ("local",),
+    "snl_fd": ("local",),
+}
 
 
 class ModelConfig(_Section):
-    method: Literal["dual", "snl"] = "dual"  # dual-student Noisy-OR, or structural SNL
-    # which branch(es) score an image: both (Noisy-OR), or one alone (for ablations)
-    branches: Literal["dual", "local", "semantic"] = "dual"
+    # dual: dual-student Noisy-OR; snl_rd / snl_fd: SNL on a reverse- or feature-distillation
+    # student; dual_snl: SNL's structural losses and CRAM on the dual model's encoder-decoder branch
+    method: Method = "dual"
+    # which branch(es) score an image: both (Noisy-OR), or one alone (for ablations);
+    # null (or absent): the method's own default (dual for dual / dual_snl, local for snl_*)
+    branches: Branches = "dual"
     teacher: TeacherConfig = TeacherConfig()
     decoder: DecoderConfig = DecoderConfig()
     encoder: EncoderConfig = EncoderConfig()
     noisy_or: NoisyOrConfig = NoisyOrConfig()
     snl: SNLConfig = SNLConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_branches(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("branches") is None:
+            allowed = METHOD_BRANCHES.get(data.get("method", "dual"))
+            if allowed is not None:  # an unknown method is reported by the field itself
+                data = {**data, "branches": allowed[0]}
+        return data
+
     @model_validator(mode="after")
-    def _snl_is_local_only(self) -> ModelConfig:
-        if self.method == "snl" and self.branches != "local":
-            raise ValueError("model.method=snl scores with its local map only: set model.branches=local")
+    def _method_fits_branches(self) -> ModelConfig:
+        allowed = METHOD_BRANCHES[self.method]
+        if self.branches not in allowed:
+            raise ValueError(
+                f"model.method={self.method} cannot score with model.branches={self.branches} "
+                f"(allowed: {', '.join(allowed)}); remove model.branches (null) to use the method's own"
+            )
         return self
 
 

@@ -2,20 +2,20 @@
 
 Evaluation, batch scoring, the HTTP server and calibration all call `score_batch`, so a score
 means the same thing everywhere. Map: per-patch distance, bilinear up to the input size, Gaussian
-smoothing; image (local) score: mean of the top-k% map pixels (Dinomaly) [read].
+smoothing; image (local) score: the model's `image_score` (Dinomaly's top-k% mean; SNL's maximum) [read].
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from plantad.config import ScoringConfig
+from plantad.models.device import autocast, model_device
+from plantad.models.interface import AnomalyModel
 
 
 class ScoreOutput(NamedTuple):
@@ -58,15 +58,9 @@ def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def score_batch(
-    model: nn.Module, images: torch.Tensor, cfg: ScoringConfig, threshold: float | None = None, amp: bool = True
+    model: AnomalyModel, images: torch.Tensor, cfg: ScoringConfig, threshold: float | None = None, amp: bool = True
 ) -> ScoreOutput:
     """Score normalised images (B, 3, S, S). `threshold` overrides the model's stored threshold."""
     if images.ndim != 4 or images.shape[1] != 3:
@@ -75,12 +69,12 @@ def score_batch(
     if images.shape[-2:] != (size, size):
         raise ValueError(f"images are {tuple(images.shape[-2:])} but the model expects {size}x{size}")
     model.eval()
-    device = next(model.parameters()).device
-    with _autocast(device, amp):
+    device = model_device(model)
+    with autocast(device, amp):
         raw = model(images.to(device, non_blocking=True))
     if raw.patch_distance is not None:
         amap = gaussian_blur(upsample(raw.patch_distance.float(), size), cfg.gaussian_sigma)
-        local = top_k_mean(amap, cfg.top_k_fraction)
+        local = model.image_score(amap, cfg)  # the method's own rule (models/interface.py)
     else:  # semantic-only model: the image-level score is all it has
         amap = raw.semantic.float().view(-1, 1, 1).expand(-1, size, size).contiguous()
         local = None

@@ -2,7 +2,7 @@ import torch
 
 from plantad.models.decoder_student import LinearAttention
 from plantad.models.dual import LossTerms, RawScores
-from plantad.training.loop import build_model
+from plantad.models.factory import build_model
 
 
 def test_dual_model_shapes(tiny):

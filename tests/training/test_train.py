@@ -5,7 +5,8 @@ import torch
 from plantad.evaluation.evaluate import evaluate_model
 from plantad.models.checkpoint import ModelLoadError, load_model
 from plantad.scoring import score_batch
-from plantad.training.loop import build_model, build_optimizer, lr_factor, train_step
+from plantad.models.factory import build_model
+from plantad.training.loop import build_optimizer, lr_factor, train_step
 from plantad.training.trainer import endless_images, image_loader, normal_train_rows
 
 from tiny import tiny_settings

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import plantad
 from plantad.config import Settings, settings_from_dict, settings_to_dict
+from plantad.models.interface import AnomalyModel
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
@@ -30,7 +30,7 @@ class ModelLoadError(RuntimeError):
     """A model directory that is missing, incomplete or from an incompatible version."""
 
 
-def model_metadata(model: nn.Module, settings: Settings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_metadata(model: AnomalyModel, settings: Settings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     nor = model.noisy_or
     return {
         "format_version": FORMAT_VERSION,
@@ -40,6 +40,7 @@ def model_metadata(model: nn.Module, settings: Settings, extra: dict[str, Any] |
         "branches": settings.model.branches,
         "image_size": settings.data.image_size,
         "teacher": model.teacher.identity.as_dict(),
+        "model": model.describe(),
         "calibration": {
             "lambda_local": float(nor.lambda_local),
             "lambda_semantic": float(nor.lambda_semantic),
@@ -62,7 +63,7 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_model(model: nn.Module, settings: Settings, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+def save_model(model: AnomalyModel, settings: Settings, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write model.pt and model.json atomically; an interrupted save never leaves a torn file."""
     if not model.noisy_or.calibrated:
         raise ValueError("refusing to save an uncalibrated model: run calibration first")
@@ -74,9 +75,9 @@ def save_model(model: nn.Module, settings: Settings, out_dir: Path, extra: dict[
     return out_dir / MODEL_FILE
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[AnomalyModel, dict[str, Any]]:
     """Rebuild a saved model (a model directory or its model.pt) in eval mode on `device`."""
-    from plantad.training.loop import build_model
+    from plantad.models.factory import build_model
 
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.is_file():

@@ -7,36 +7,24 @@ eval mode the raw per-patch and semantic distances. Maps, image scores and decis
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from plantad.config import ModelConfig
+from plantad.config import ModelConfig, ScoringConfig
 from plantad.models.decoder_student import DecoderStudent, group_teacher_layers
 from plantad.models.encoder_student import EncoderStudent
+from plantad.models.interface import LossTerms, RawScores
 from plantad.models.losses import global_cosine_hard_mining, local_distance_map, semantic_distance
 from plantad.models.noisy_or import NoisyOr
 from plantad.models.teacher import Teacher, TeacherFeatures
 
 
-class LossTerms(NamedTuple):
-    total: torch.Tensor
-    local: torch.Tensor | None
-    semantic: torch.Tensor | None
-    weight_local: float
-    weight_semantic: float
-
-
-class RawScores(NamedTuple):
-    patch_distance: torch.Tensor | None  # (B, h, w) cosine distance per patch, local branch
-    semantic: torch.Tensor | None  # (B,) semantic distance
-
-
 class DualStudentModel(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int, load_teacher_weights: bool = True) -> None:
         super().__init__()
-        if cfg.method != "dual":
+        if cfg.method not in ("dual", "dual_snl"):  # dual_snl: models/dual_snl.py
             raise ValueError(f"DualStudentModel cannot build model.method={cfg.method!r}")
         self.cfg = cfg
         self.image_size = image_size
@@ -68,6 +56,23 @@ class DualStudentModel(nn.Module):
         targets = group_teacher_layers(feats.layers, self.cfg.teacher.groups)
         return targets, self.decoder(feats.layers, feats.prefix)
 
+    def _local_loss(self, targets: list[torch.Tensor], preds: list[torch.Tensor], easy_fraction: float,
+                    easy_factor: float) -> torch.Tensor:
+        return global_cosine_hard_mining(targets, preds, easy_fraction, easy_factor)
+
+    def _local_map(self, targets: list[torch.Tensor], preds: list[torch.Tensor]) -> torch.Tensor:
+        return local_distance_map(targets, preds)  # (B, N)
+
+    def image_score(self, anomaly_map: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
+        """Mean of the top `scoring.top_k_fraction` of the smoothed map [read, Dinomaly]."""
+        from plantad.scoring import top_k_mean
+
+        return top_k_mean(anomaly_map, cfg.top_k_fraction)
+
+    def describe(self) -> dict[str, Any]:
+        return {"map": "per-patch cosine distance, mean over groups",
+                "image_score": "mean of the top scoring.top_k_fraction of the smoothed map"}
+
     def _semantic(self, x: torch.Tensor, feats: TeacherFeatures) -> torch.Tensor:
         assert self.encoder is not None
         out = self.encoder(x)
@@ -79,7 +84,7 @@ class DualStudentModel(nn.Module):
         local = semantic = None
         if self.decoder is not None:
             targets, preds = self._local_pairs(feats)
-            local = global_cosine_hard_mining(targets, preds, easy_fraction, easy_factor)
+            local = self._local_loss(targets, preds, easy_fraction, easy_factor)
         if self.encoder is not None:
             semantic = self._semantic(x, feats).mean()
         w_local, w_sem = self.noisy_or.training_weights(local, semantic)
@@ -91,6 +96,6 @@ class DualStudentModel(nn.Module):
         if self.decoder is not None:
             targets, preds = self._local_pairs(feats)
             h, w = self.teacher.grid
-            patch = local_distance_map(targets, preds).reshape(x.shape[0], h, w)
+            patch = self._local_map(targets, preds).reshape(x.shape[0], h, w)
         semantic = self._semantic(x, feats) if self.encoder is not None else None
         return RawScores(patch, semantic)

@@ -21,10 +21,14 @@ from plantad.config import TeacherConfig
 
 log = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS_WARNING = (
-    "TEACHER HAS RANDOM WEIGHTS: model.teacher.weights=random was selected explicitly. Scores are "
-    "not those of a pretrained DINOv2; use a local checkpoint path or 'hub' in production."
-)
+def random_weights_warning(key: str = "model.teacher.weights", pretrained: str = "DINOv2") -> str:
+    return (
+        f"TEACHER HAS RANDOM WEIGHTS: {key}=random was selected explicitly. Scores are "
+        f"not those of a pretrained {pretrained}; use a local checkpoint path or 'hub' in production."
+    )
+
+
+RANDOM_WEIGHTS_WARNING = random_weights_warning()
 
 
 class TeacherLoadError(RuntimeError):
@@ -67,51 +71,67 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _create(cfg: TeacherConfig, image_size: int, **extra: Any) -> nn.Module:
-    return timm.create_model(cfg.name, img_size=image_size, num_classes=0, **cfg.timm_kwargs, **extra)
+def _create(name: str, timm_kwargs: dict[str, Any], create_kwargs: dict[str, Any], **extra: Any) -> nn.Module:
+    return timm.create_model(name, **create_kwargs, **timm_kwargs, **extra)
+
+
+def build_timm_teacher(
+    name: str,
+    weights: str,
+    timm_kwargs: dict[str, Any],
+    create_kwargs: dict[str, Any],
+    load_weights: bool = True,
+    key: str = "model.teacher.weights",
+) -> tuple[nn.Module, TeacherIdentity]:
+    """Create a timm model and load `weights` by the one rule every teacher follows: a local
+    checkpoint, `hub`, or `random` (explicit, warns loudly). `load_weights=False` gives the bare
+    architecture, used when a saved plantad model brings its own teacher weights; `key` is the
+    setting named in errors."""
+    if not load_weights or weights == "random":
+        net = _create(name, timm_kwargs, create_kwargs, pretrained=False)
+        if load_weights:
+            log.warning(random_weights_warning(key, "DINOv2" if key == "model.teacher.weights" else name))
+        return net, TeacherIdentity(name, weights, "random" if weights == "random" else _source(weights), None, timm_kwargs)
+    if weights == "hub":
+        try:
+            net = _create(name, timm_kwargs, create_kwargs, pretrained=True)
+        except Exception as exc:  # network, hub or auth errors from timm/huggingface_hub
+            raise TeacherLoadError(
+                f"could not download pretrained weights for teacher '{name}' from the hub ({exc}). "
+                f"Offline machines must set {key} to a local checkpoint path."
+            ) from exc
+        return net, TeacherIdentity(name, weights, "hub", None, timm_kwargs)
+    return _load_checkpoint(name, timm_kwargs, create_kwargs, Path(weights), key)
 
 
 def build_vit(cfg: TeacherConfig, image_size: int, load_weights: bool = True) -> tuple[nn.Module, TeacherIdentity]:
-    """Create the timm ViT and load the configured weights; `load_weights=False` gives the bare
-    architecture, used when a saved plantad model brings its own teacher weights."""
-    weights = cfg.weights
-    if not load_weights or weights == "random":
-        vit = _create(cfg, image_size, pretrained=False)
-        if load_weights:
-            log.warning(RANDOM_WEIGHTS_WARNING)
-        return vit, TeacherIdentity(cfg.name, weights, "random" if weights == "random" else _source(weights), None, cfg.timm_kwargs)
-    if weights == "hub":
-        try:
-            vit = _create(cfg, image_size, pretrained=True)
-        except Exception as exc:  # network, hub or auth errors from timm/huggingface_hub
-            raise TeacherLoadError(
-                f"could not download pretrained weights for teacher '{cfg.name}' from the hub ({exc}). "
-                "Offline machines must set model.teacher.weights to a local checkpoint path."
-            ) from exc
-        return vit, TeacherIdentity(cfg.name, weights, "hub", None, cfg.timm_kwargs)
-    return _load_checkpoint(cfg, image_size, Path(weights))
+    """The timm ViT of model.teacher with its configured weights."""
+    return build_timm_teacher(cfg.name, cfg.weights, cfg.timm_kwargs, {"img_size": image_size, "num_classes": 0},
+                              load_weights)
 
 
 def _source(weights: str) -> str:
     return weights if weights in ("hub", "random") else "checkpoint"
 
 
-def _load_checkpoint(cfg: TeacherConfig, image_size: int, path: Path) -> tuple[nn.Module, TeacherIdentity]:
+def _load_checkpoint(
+    name: str, timm_kwargs: dict[str, Any], create_kwargs: dict[str, Any], path: Path, key: str
+) -> tuple[nn.Module, TeacherIdentity]:
     if not path.is_file():
         raise TeacherLoadError(
-            f"teacher checkpoint {path} does not exist (model.teacher.weights). Give the path of a timm "
-            "'.safetensors' or Meta DINOv2 '.pth' file, 'hub' when online, or 'random' for tests."
+            f"teacher checkpoint {path} does not exist ({key}). Give the path of a timm "
+            "'.safetensors' (or Meta DINOv2 '.pth') file, 'hub' when online, or 'random' for tests."
         )
     try:
-        vit = _create(cfg, image_size, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        net = _create(name, timm_kwargs, create_kwargs, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     except RuntimeError as exc:  # load_state_dict lists missing/unexpected/mismatched keys
         raise TeacherLoadError(
-            f"teacher checkpoint {path} does not fit architecture '{cfg.name}' "
-            f"(timm_kwargs={cfg.timm_kwargs}):\n{exc}"
+            f"teacher checkpoint {path} does not fit architecture '{name}' "
+            f"(timm_kwargs={timm_kwargs}):\n{exc}"
         ) from exc
     except Exception as exc:  # unreadable or not a checkpoint at all
         raise TeacherLoadError(f"teacher checkpoint {path} could not be read: {exc}") from exc
-    return vit, TeacherIdentity(cfg.name, str(path), "checkpoint", file_sha256(path), cfg.timm_kwargs)
+    return net, TeacherIdentity(name, str(path), "checkpoint", file_sha256(path), timm_kwargs)
 
 
 class Teacher(nn.Module):

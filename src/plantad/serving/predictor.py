@@ -84,7 +84,7 @@ class Predictor:
     @classmethod
     def from_ref(cls, ref: ModelRef, tracking_uri: str | None, device: str = "auto",
                  cache_dir: Path | None = None) -> Predictor:
-        from plantad.training.loop import resolve_device
+        from plantad.models.device import resolve_device
 
         model_dir = download_model(ref, tracking_uri, cache_dir)
         model, meta = load_model(model_dir, device=resolve_device(device))

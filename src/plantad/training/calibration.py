@@ -12,13 +12,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from plantad.config import ScoringConfig
+from plantad.models.interface import AnomalyModel
 from plantad.scoring import score_batch
 
 
-def _collect(model: nn.Module, batches: Iterable[torch.Tensor], cfg: ScoringConfig, amp: bool) -> dict[str, torch.Tensor]:
+def _collect(model: AnomalyModel, batches: Iterable[torch.Tensor], cfg: ScoringConfig, amp: bool) -> dict[str, torch.Tensor]:
     cols: dict[str, list[torch.Tensor]] = {"local": [], "semantic": [], "probability": []}
     for images in batches:
         out = score_batch(model, images, cfg, amp=amp)
@@ -30,7 +30,7 @@ def _collect(model: nn.Module, batches: Iterable[torch.Tensor], cfg: ScoringConf
     return {k: torch.cat(v) for k, v in cols.items() if v}
 
 
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], cfg: ScoringConfig, amp: bool = True) -> dict[str, Any]:
+def calibrate(model: AnomalyModel, batches: Iterable[torch.Tensor], cfg: ScoringConfig, amp: bool = True) -> dict[str, Any]:
     """Fit lambdas, then the threshold, on normal images; returns what was fitted (for logs)."""
     batches = list(batches)
     if not batches:

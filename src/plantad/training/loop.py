@@ -12,37 +12,19 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from plantad.config import HardMiningConfig, Settings, TrainConfig
-from plantad.models.dual import DualStudentModel, LossTerms
-from plantad.models.snl import SNLModel
+from plantad.config import HardMiningConfig, TrainConfig
+from plantad.models.device import autocast, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from plantad.models.factory import build_model  # noqa: F401 (re-exported for older callers)
+from plantad.models.interface import LossTerms
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def build_model(settings: Settings, load_teacher_weights: bool = True) -> nn.Module:
-    """The configured method's model (plain nn.Module; teacher frozen)."""
-    method = settings.model.method
-    if method == "dual":
-        return DualStudentModel(settings.model, settings.data.image_size, load_teacher_weights)
-    if method == "snl":
-        return SNLModel(settings.model, settings.data.image_size, load_teacher_weights)
-    raise ValueError(f"unknown model.method {method!r}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -76,10 +58,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
-
-
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -92,7 +70,7 @@ def train_step(
     model.train()
     device = images.device
     frac = easy_fraction(step, cfg.hard_mining)
-    with _autocast(device, cfg.amp):
+    with autocast(device, cfg.amp):
         terms: LossTerms = model(images, frac, cfg.hard_mining.factor)
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()

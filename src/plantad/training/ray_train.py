@@ -25,8 +25,9 @@ from plantad.config import RayConfig, Settings, settings_from_dict, settings_to_
 from plantad.data.dataset import split_holdout
 from plantad.data.images import ImageTransform, load_rgb
 from plantad.models.checkpoint import save_model
+from plantad.models.factory import build_model
 from plantad.training.calibration import calibrate
-from plantad.training.loop import build_model, build_optimizer, fit, unwrap
+from plantad.training.loop import build_optimizer, fit, unwrap
 from plantad.training.trainer import TrainResult, holdout_batches, image_loader, normal_train_rows, seed_everything
 
 log = logging.getLogger(__name__)

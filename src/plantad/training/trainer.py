@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader
 from plantad.config import Settings
 from plantad.data.dataset import ManifestDataset, split_holdout
 from plantad.models.checkpoint import save_model
+from plantad.models.device import resolve_device
+from plantad.models.factory import build_model
 from plantad.training.calibration import calibrate
-from plantad.training.loop import StepCallback, build_model, build_optimizer, fit, resolve_device
+from plantad.training.loop import StepCallback, build_optimizer, fit
 
 log = logging.getLogger(__name__)
 
