@@ -74,7 +74,7 @@ def test_loading_a_missing_or_corrupt_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no saved model"):
         load_model(tmp_path)
     (tmp_path / "model.pt").write_bytes(b"garbage")
-    with pytest.raises(ModelLoadError, match="not a readable plantad model"):
+    with pytest.raises(ModelLoadError, match="records no 'model_sha256'"):  # no model.json beside it
         load_model(tmp_path)
 
 

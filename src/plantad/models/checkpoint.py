@@ -2,8 +2,9 @@
 
 `model.pt` holds the full state_dict (teacher included, so a random or private teacher travels
 with the model), the settings it was built from and the teacher's identity; `model.json` beside
-it is the same metadata for people and tools. Loading rebuilds the architecture without touching
-the network and loads the weights strictly.
+it is the same metadata for people and tools, plus `model_sha256`, the hash of model.pt. Loading
+checks that hash before it reads model.pt, reads it with `torch.load(weights_only=True)`, rebuilds
+the architecture without touching the network and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 import plantad
 from plantad.config import Settings, settings_from_dict, settings_to_dict
 from plantad.models.interface import AnomalyModel
+from plantad.models.safe_load import UnverifiedFileError, file_sha256, load_weights, verify_sha256
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
+SHA256_KEY = "model_sha256"  # in model.json: sha256 of model.pt
 
 
 class ModelLoadError(RuntimeError):
@@ -64,27 +67,40 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_model(model: AnomalyModel, settings: Settings, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write model.pt and model.json atomically; an interrupted save never leaves a torn file."""
+    """Write model.pt, then model.json with model.pt's sha256, each atomically: an interrupted save
+    never leaves a torn file, and a model.json never names a model.pt that is not on disk."""
     if not model.noisy_or.calibrated:
         raise ValueError("refusing to save an uncalibrated model: run calibration first")
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = model_metadata(model, settings, extra)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _atomic_write(out_dir / MODEL_FILE, lambda p: torch.save({"meta": meta, "state_dict": state}, p))
-    _atomic_write(out_dir / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    recorded = {**meta, SHA256_KEY: file_sha256(out_dir / MODEL_FILE)}
+    _atomic_write(out_dir / META_FILE, lambda p: Path(p).write_text(json.dumps(recorded, indent=2)))
     return out_dir / MODEL_FILE
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[AnomalyModel, dict[str, Any]]:
-    """Rebuild a saved model (a model directory or its model.pt) in eval mode on `device`."""
+    """Rebuild a saved model (a model directory or its model.pt) in eval mode on `device`.
+
+    model.pt must match the sha256 in the model.json beside it; it is read with weights_only=True."""
     from plantad.models.factory import build_model
 
-    file = path / MODEL_FILE if path.is_dir() else path
+    file = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise ModelLoadError(f"no saved model at {file}: expected the model.pt written by `plantad train`")
+    meta_file = file.parent / META_FILE
+    expected = _recorded_sha256(meta_file)
+    if expected is None:
+        raise ModelLoadError(f"refusing to load {file}: {meta_file} records no '{SHA256_KEY}' to check it against "
+                             "(a model saved before hashes were recorded, or model.json is missing); train or "
+                             "re-save the model with this version of plantad")
     try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        verify_sha256(file, expected, f"{meta_file} ({SHA256_KEY})")
+        blob = load_weights(file)
+    except UnverifiedFileError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    except Exception as exc:  # torch's errors for truncated or foreign files
         raise ModelLoadError(f"{file} is not a readable plantad model: {exc}") from exc
     meta = blob.get("meta", {}) if isinstance(blob, dict) else {}
     if meta.get("format_version") != FORMAT_VERSION:
@@ -97,6 +113,18 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[AnomalyM
     except RuntimeError as exc:
         raise ModelLoadError(f"weights in {file} do not fit the architecture in its metadata: {exc}") from exc
     return model.to(device).eval(), meta
+
+
+def _recorded_sha256(meta_file: Path) -> str | None:
+    """model.pt's hash as model.json records it; None when model.json is absent or has none
+    (models saved before hashes were recorded: re-save them to load them)."""
+    if not meta_file.is_file():
+        return None
+    try:
+        value = json.loads(meta_file.read_text()).get(SHA256_KEY)
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ModelLoadError(f"{meta_file} is not the JSON object written by `plantad train`: {exc}") from exc
+    return value if isinstance(value, str) else None
 
 
 def _identity_from_meta(d: dict[str, Any]):

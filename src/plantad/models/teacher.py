@@ -3,11 +3,12 @@
 Weights come from exactly one explicit source: a local checkpoint (timm `.safetensors` or Meta's
 original `.pth`, converted by timm's checkpoint filter, which also resamples `pos_embed`), `hub`
 (timm pretrained, needs network) or `random` (only when asked for, with a loud warning).
+A local checkpoint must match the sha256 in `<file>.sha256` beside it and is read by plantad itself
+(safetensors, or `torch.load(weights_only=True)`) before timm converts it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,13 @@ import torch
 from torch import nn
 
 from plantad.config import TeacherConfig
+from plantad.models.safe_load import (
+    SHA256_SUFFIX,
+    UnverifiedFileError,
+    load_weights,
+    sidecar_sha256,
+    verify_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +69,6 @@ class TeacherIdentity:
             "timm_kwargs": dict(self.timm_kwargs),
             "warning": RANDOM_WEIGHTS_WARNING if self.source == "random" else None,
         }
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _create(name: str, timm_kwargs: dict[str, Any], create_kwargs: dict[str, Any], **extra: Any) -> nn.Module:
@@ -122,16 +122,46 @@ def _load_checkpoint(
             f"teacher checkpoint {path} does not exist ({key}). Give the path of a timm "
             "'.safetensors' (or Meta DINOv2 '.pth') file, 'hub' when online, or 'random' for tests."
         )
-    try:
-        net = _create(name, timm_kwargs, create_kwargs, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    digest, state = _verified_state_dict(path)
+    try:  # timm's checkpoint filter converts Meta's layout and resamples pos_embed
+        net = _create(name, timm_kwargs, create_kwargs, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
     except RuntimeError as exc:  # load_state_dict lists missing/unexpected/mismatched keys
         raise TeacherLoadError(
             f"teacher checkpoint {path} does not fit architecture '{name}' "
             f"(timm_kwargs={timm_kwargs}):\n{exc}"
         ) from exc
-    except Exception as exc:  # unreadable or not a checkpoint at all
+    except Exception as exc:  # timm's filter failing on a state dict that is not a ViT's
+        raise TeacherLoadError(f"teacher checkpoint {path} could not be converted for '{name}': {exc}") from exc
+    return net, TeacherIdentity(name, str(path), "checkpoint", digest, timm_kwargs)
+
+
+def _verified_state_dict(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(sha256, state dict) of a teacher checkpoint whose hash matches `<file>.sha256`."""
+    sidecar = path.with_name(path.name + SHA256_SUFFIX)
+    expected = sidecar_sha256(path)
+    if expected is None:
+        raise TeacherLoadError(
+            f"teacher checkpoint {path} has no recorded sha256: expected {sidecar} beside it. Check the file "
+            f"against its publisher's hash, then record it: `sha256sum {path.name} > {sidecar.name}`"
+        )
+    try:
+        digest = verify_sha256(path, expected, str(sidecar))
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            blob: Any = load_file(str(path), device="cpu")
+        else:
+            blob = load_weights(path)
+    except UnverifiedFileError as exc:
+        raise TeacherLoadError(str(exc)) from exc
+    except Exception as exc:  # truncated files, foreign formats: safetensors' and torch's own errors
         raise TeacherLoadError(f"teacher checkpoint {path} could not be read: {exc}") from exc
-    return net, TeacherIdentity(name, str(path), "checkpoint", file_sha256(path), timm_kwargs)
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    if not isinstance(blob, dict):
+        raise TeacherLoadError(f"teacher checkpoint {path} holds a {type(blob).__name__}, not a state dict")
+    return digest, {k.removeprefix("module."): v for k, v in blob.items()}
 
 
 class Teacher(nn.Module):

@@ -4,6 +4,12 @@ Input: a DataFrame with a binary column `image` (PNG/JPEG/... bytes). Output: on
 with the scores of `plantad.scoring.score_batch` (the same function the server uses). The
 optional `threshold` param overrides the stored decision threshold at inference time (a negative
 value, the signature's default, means "use the stored one").
+
+The model ships the plantad package itself (MLflow `code_paths`: the package folder is copied to
+the model's `code/` folder, which MLflow puts first on sys.path before it unpickles the model), and
+its pip requirements are plantad's runtime dependencies and MLflow pinned to the versions installed
+when it was logged, all served by PyPI. So `mlflow models serve -m models:/<name>@champion` works in
+an environment that never installed plantad.
 """
 
 from __future__ import annotations
@@ -54,6 +60,40 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _public_version(version: str) -> str:
+    """`2.14.1+cpu` -> `2.14.1`: a local version label names a build that PyPI does not serve."""
+    return version.split("+", 1)[0]
+
+
+def runtime_requirements() -> list[str]:
+    """`name==version` for plantad's runtime dependencies (pyproject `dependencies`, no extras) and
+    MLflow, as installed now; plantad itself is shipped as code, not as a requirement."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = [Requirement(r) for r in requires("plantad") or []]
+    except PackageNotFoundError as exc:
+        raise RuntimeError("plantad is not installed as a distribution, so its runtime dependencies are "
+                           "unknown: install it with `pip install -e .` before logging a model") from exc
+    names = [r.name for r in declared if r.marker is None] + ["mlflow"]  # extras carry an `extra ==` marker
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={_public_version(version(name))}")
+        except PackageNotFoundError as exc:
+            raise RuntimeError(f"plantad depends on '{name}', which is not installed here") from exc
+    return pins
+
+
+def package_dir() -> Path:
+    """The folder of the imported plantad package (src/plantad in an editable install)."""
+    import plantad
+
+    return Path(plantad.__file__).resolve().parent
+
+
 def log_pyfunc_model(model_dir: Path, example_png: bytes, name: str = "model"):
     """Log the model directory as a pyfunc model in the active run; returns MLflow's ModelInfo."""
     from mlflow.models import infer_signature
@@ -67,5 +107,6 @@ def log_pyfunc_model(model_dir: Path, example_png: bytes, name: str = "model"):
         artifacts={"model_dir": str(model_dir)},
         input_example=example,
         signature=signature,
-        pip_requirements=["plantad"],
+        pip_requirements=runtime_requirements(),
+        code_paths=[str(package_dir())],
     )
