@@ -15,7 +15,7 @@ import torch
 
 from plantad.config import load_settings
 from plantad.scoring import score_batch
-from plantad.training.loop import build_model
+from plantad.models.factory import build_model
 
 
 def timed(fns: list, iters: int, sync) -> list[float]:

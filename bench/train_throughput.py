@@ -24,7 +24,8 @@ import torch
 from plantad.config import Settings, load_settings
 from plantad.data.demo import generate_demo
 from plantad.data.manifest import scan_dataset
-from plantad.training.loop import build_model, build_optimizer, train_step
+from plantad.models.factory import build_model
+from plantad.training.loop import build_optimizer, train_step
 from plantad.training.ray_train import run_ray_training
 
 

@@ -22,7 +22,8 @@ import torch
 
 from plantad.config import Settings, load_settings
 from plantad.scoring import gaussian_blur, score_batch, top_k_mean, upsample
-from plantad.training.loop import build_model, build_optimizer, train_step
+from plantad.models.factory import build_model
+from plantad.training.loop import build_optimizer, train_step
 
 Timed = dict[str, Callable[[], object]]
 

@@ -11,7 +11,7 @@ import torch
 
 from plantad.models.checkpoint import META_FILE, MODEL_FILE, SHA256_KEY, ModelLoadError, load_model, save_model
 from plantad.models.safe_load import file_sha256
-from plantad.training.loop import build_model
+from plantad.models.factory import build_model
 
 from tiny import tiny_settings
 

@@ -9,6 +9,7 @@ from plantad.config import ConfigError
 from plantad.models.cnn import CNNTeacher
 from plantad.models.factory import build_model
 from plantad.models.interface import AnomalyModel, RawScores
+from plantad.models.safe_load import file_sha256
 from plantad.models.teacher import TeacherLoadError, random_weights_warning
 from plantad.scoring import score_batch
 from tiny import tiny_method_settings, tiny_settings
@@ -121,6 +122,9 @@ def test_cnn_teacher_follows_the_weight_rules(tmp_path, caplog):
     net = timm.create_model(cfg.name, pretrained=False, **cfg.timm_kwargs)
     path = tmp_path / "tiny_resnet.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    with pytest.raises(TeacherLoadError, match="has no recorded sha256"):  # the same hash pin as the ViT teacher
+        CNNTeacher(cfg.model_copy(update={"weights": str(path)}))
+    path.with_name(path.name + ".sha256").write_text(f"{file_sha256(path)}  {path.name}\n")
     loaded = CNNTeacher(cfg.model_copy(update={"weights": str(path)}))
     assert loaded.identity.source == "checkpoint" and len(loaded.identity.sha256) == 64
     assert torch.equal(loaded.net.conv1.weight, net.conv1.weight)
