@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from plantad.config import ServeConfig
@@ -150,8 +152,9 @@ async def from_multipart(request: Request, body: bytes, cfg: ServeConfig) -> Par
     try:
         form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16,
                                   max_part_size=cfg.max_image_bytes + 1)
-    except Exception as exc:  # starlette raises its own types for malformed multipart bodies
-        raise ApiError(400, f"malformed multipart body: {exc}") from None
+    except (MultiPartException, HTTPException) as exc:  # HTTPException: starlette's 400 inside an app
+        reason = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise ApiError(400, f"malformed multipart body: {reason}") from None
     files = [(key, v) for key, v in form.multi_items() if hasattr(v, "read")]
     _check_count(len(files), cfg)
     images = []
