@@ -49,23 +49,29 @@ def png_images(n: int, size: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def raw_images_per_s(model_dir: Path, pngs: list[bytes], batch: int, iters: int, device: str) -> float:
-    """Median images/s of score_batch on decoded, transformed batches (no HTTP, no Serve)."""
-    from plantad.models.checkpoint import load_model
+class RawScorer:
+    """score_batch on decoded, transformed batches in this process (no HTTP, no Serve)."""
 
-    model, meta = load_model(model_dir, device=resolve_device(device))
-    settings = load_settings(None, [f"data.image_size={meta['settings']['data']['image_size']}"])
-    transform = ImageTransform(settings.data.image_size)
-    x = torch.stack([transform(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[:batch]])
-    score_batch(model, x, settings.scoring)  # warm-up
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        score_batch(model, x, settings.scoring)
-        if x.device.type == "cuda" or next(model.parameters()).is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
+    def __init__(self, model_dir: Path, pngs: list[bytes], batch: int, device: str) -> None:
+        from plantad.models.checkpoint import load_model
+
+        self.model, meta = load_model(model_dir, device=resolve_device(device))
+        self.settings = load_settings(None, [f"data.image_size={meta['settings']['data']['image_size']}"])
+        transform = ImageTransform(self.settings.data.image_size)
+        x = torch.stack([transform(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[:batch]])
+        self.x = x.to(next(self.model.parameters()).device)
+        self.images_per_s(1)  # warm-up
+
+    def images_per_s(self, iters: int) -> float:
+        """Median images/s over `iters` calls."""
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            score_batch(self.model, self.x, self.settings.scoring)
+            if self.x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return self.x.shape[0] / statistics.median(times)
 
 
 async def load_test(url: str, pngs: list[bytes], concurrency: int, requests: int) -> tuple[list[float], float]:
@@ -89,6 +95,14 @@ async def load_test(url: str, pngs: list[bytes], concurrency: int, requests: int
         started = time.perf_counter()
         await asyncio.gather(*[worker(client) for _ in range(concurrency)])
         return latencies, time.perf_counter() - started
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -117,9 +131,9 @@ def main() -> None:
     model_dir = random_model_dir(args.config, args.size, tmp / "model")
     pngs = png_images(max(args.batch, 32), args.size)
     torch.set_num_threads(cpus)
-    raw = raw_images_per_s(model_dir, pngs, args.batch, args.iters, args.device)
+    raw_scorer = RawScorer(model_dir, pngs, args.batch, args.device)
     ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False)
-    port = 8123
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model_dir": str(model_dir), "device": args.device, "max_batch_size": args.batch,
                      "max_ongoing_requests": max(64, args.batch), "max_queued_requests": 1024,
@@ -129,12 +143,15 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
     print(f"torch {torch.__version__}, {cpus} CPUs{', GPU ' + torch.cuda.get_device_name() if gpu else ''}; "
-          f"{args.config} random weights at {args.size} px; raw score_batch at batch {args.batch}: {raw:.2f} img/s")
+          f"{args.config} random weights at {args.size} px; raw = score_batch at batch {args.batch}, measured "
+          "right before and after each level while Serve is idle (their mean)")
     print("| concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | served/raw |")
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for c in args.concurrency:
+            before = raw_scorer.images_per_s(args.iters)
             lat, wall = asyncio.run(load_test(url, pngs, c, args.requests))
+            raw = (before + raw_scorer.images_per_s(args.iters)) / 2
             served = args.requests / wall
             print(f"| {c} | {args.requests} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | {pct(lat, 99):.0f} | "
                   f"{pct(lat, 99) / pct(lat, 50):.2f} | {served:.2f} | {raw:.2f} | {served / raw:.2f} |", flush=True)

@@ -61,7 +61,9 @@ def registry(tmp_path_factory, trained_tiny, demo_root, demo_manifest) -> Regist
             with mlflow.start_run(experiment_id=exp) as run:
                 info = log_pyfunc_model(result.model_path.parent, png)
                 mlflow.log_metric("image_auroc", 0.9)
-            good.append(str(register_version(client, MODEL, run.info.run_id, "model", model_id=info.model_id).version))
+            tags = {"data_dvc_md5": f"md5-{len(good)}", "git_commit": "c0ffee"}
+            good.append(str(register_version(client, MODEL, run.info.run_id, "model", tags=tags,
+                                             model_id=info.model_id).version))
         with mlflow.start_run(experiment_id=exp) as run:
             mlflow.log_artifacts(str(broken_dir), "model")
         broken = str(register_version(client, MODEL, run.info.run_id, "model").version)

@@ -84,7 +84,8 @@ def test_probes_model_info_docs_and_v2_metadata(served):
     info = httpx.get(f"{served.url}/model").json()
     assert info["name"] == "plantad-serve-test" and info["alias"] == "champion"
     assert info["metrics"] == {"image_auroc": 0.9} and info["teacher"] and info["loaded_at"] > 0
-    assert "data_version" in info and info["last_swap_error"] is None
+    assert info["data_version"] == {"data_dvc_md5": "md5-0", "git_commit": "c0ffee"}
+    assert info["last_swap_error"] is None and info["version"] == served.registry.good[0]
     assert "/score" in httpx.get(f"{served.url}/openapi.json").json()["paths"]
     assert "swagger" in httpx.get(f"{served.url}/docs").text.lower()
     assert httpx.get(f"{served.url}/v2/health/live").status_code == 200
@@ -266,3 +267,19 @@ def test_score_online_cli_prints_one_line_per_image(served, pngs, tmp_path, caps
     assert code == 1  # one image could not be scored
     assert lines[0]["status"] == 200 and lines[0]["model_version"] and (tmp_path / "heat" / "img0_heatmap.png").is_file()
     assert lines[1]["status"] == 400 and "img1.png" in lines[1]["error"]
+
+
+def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served):
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def scraped():
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        names = ("plantad_requests", "plantad_request_latency_ms", "plantad_batch_images", "plantad_probability",
+                 "plantad_decisions", "plantad_model_version", "plantad_image_errors")
+        return text if all(n in text for n in names) else None
+
+    text = wait_for(scraped, 90, f"plantad metrics at 127.0.0.1:{port}/metrics")
+    requests = [line for line in text.splitlines() if line.startswith("ray_plantad_requests") and 'route="score"' in line]
+    assert any('status="200"' in line for line in requests) and any('status="413"' in line for line in requests)

@@ -147,6 +147,9 @@ class ModelHolder:
         return {
             **self.current.info(),
             "metrics": self.run_metrics.get(str(self.current.ref.version), {}),
+            # the registry version's tags (train/register stages): data_dvc_md5, data_manifest_sha256, git_commit
+            "data_version": {**self.current.info()["data_version"],
+                             **{k: v for k, v in self.current.ref.tags.items() if k.startswith(("data_", "git_"))}},
             "following": self.uri,
             "poll_s": self.poll_s,
             "last_check": self.last_check,
