@@ -130,8 +130,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="plantad-serve-bench-"))
     model_dir = random_model_dir(args.config, args.size, tmp / "model")
     pngs = png_images(max(args.batch, 32), args.size)
-    torch.set_num_threads(cpus)
-    raw_scorer = RawScorer(model_dir, pngs, args.batch, args.device)
     ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -142,8 +140,12 @@ def main() -> None:
     serve.run(app, name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
+    threads = httpx.get(f"{url}/model", timeout=60).json()["torch_threads"]
+    torch.set_num_threads(threads)  # the raw figure uses the replica's intra-op threads
+    raw_scorer = RawScorer(model_dir, pngs, args.batch, args.device)
     print(f"torch {torch.__version__}, {cpus} CPUs{', GPU ' + torch.cuda.get_device_name() if gpu else ''}; "
-          f"{args.config} random weights at {args.size} px; raw = score_batch at batch {args.batch}, measured "
+          f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
+          f"raw = score_batch at batch {args.batch}, measured "
           "right before and after each level while Serve is idle (their mean)")
     print("| concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | served/raw |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -24,6 +24,10 @@ def test_serve_config_file_params_and_defaults_agree():
     doc = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
     assert doc["http_options"] == {"host": args["host"], "port": args["port"]}
     assert doc["applications"][0]["import_path"] == "plantad.serving.app:build_app"
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(doc)  # what `serve run` / `serve deploy` parse
+    assert schema.applications[0].args == args and schema.http_options.host == "127.0.0.1"
     assert load_settings(REPO / "params.yaml").serve.model_uri == "models:/plantad-anomaly@champion"
 
 

@@ -83,6 +83,9 @@ class ScoringServer:
             status, body = await handler()
         except ApiError as exc:
             status, body = exc.status, {"error": exc.message}
+        except Exception as exc:  # a bug or a failed batch: a JSON 500 that is counted, not a bare one
+            log.exception("%s failed", route)
+            status, body = 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
         self.metrics.request(route, status, time.perf_counter() - started)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(body, status_code=status, headers=headers)
@@ -201,7 +204,8 @@ class ScoringServer:
             if len(data) > self.cfg.max_images_per_request:
                 raise ApiError(413, f"{len(data)} images is over serve.max_images_per_request "
                                     f"({self.cfg.max_images_per_request})")
-            items = [decode_base64(text, f"image[{i}]", self.cfg) for i, text in enumerate(data)]
+            items = await asyncio.to_thread(lambda: [decode_base64(text, f"image[{i}]", self.cfg)
+                                                     for i, text in enumerate(data)])
             bad = [item for item in items if item.decoded is None]
             if bad:  # v2 has no per-element errors: the first bad image answers the request
                 raise ApiError(413 if bad[0].status == 413 else 400, bad[0].error or "bad image")

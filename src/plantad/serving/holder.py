@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from plantad.serving.predictor import Predictor
@@ -65,7 +66,7 @@ class ModelHolder:
         self.uri, self.tracking_uri, self.device, self.poll_s = uri, tracking_uri, device, poll_s
         self.golden, self.cache_dir = golden, cache_dir
         self._client = self._mlflow_client()
-        self.run_metrics: dict[str, dict[str, float]] = {}
+        self.run_metrics: dict[str, dict[str, float | None]] = {}
         self.current: Predictor = self._load(resolve_model(uri, self._client))  # fails the replica start
         self.last_swap_error: SwapError | None = None
         self.last_check: float = time.time()
@@ -92,11 +93,12 @@ class ModelHolder:
         log.info("loaded %s in %.1f s (golden image p=%.4f)", ref.describe(), time.perf_counter() - started, p)
         return predictor
 
-    def _run_metrics(self, ref: ModelRef) -> dict[str, float]:
+    def _run_metrics(self, ref: ModelRef) -> dict[str, float | None]:
         """The evaluation metrics of the run that produced the version (for /model)."""
         if self._client is None or not ref.run_id:
             return {}
-        return dict(self._client.get_run(ref.run_id).data.metrics)
+        metrics = self._client.get_run(ref.run_id).data.metrics
+        return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # JSON has no NaN
 
     def check_now(self) -> None:
         """Wake the poller (a webhook said the alias moved); the poll decides what to do."""
@@ -150,6 +152,7 @@ class ModelHolder:
             # the registry version's tags (train/register stages): data_dvc_md5, data_manifest_sha256, git_commit
             "data_version": {**self.current.info()["data_version"],
                              **{k: v for k, v in self.current.ref.tags.items() if k.startswith(("data_", "git_"))}},
+            "torch_threads": torch.get_num_threads(),  # Ray sets OMP_NUM_THREADS from the replica's num_cpus
             "following": self.uri,
             "poll_s": self.poll_s,
             "last_check": self.last_check,

@@ -7,6 +7,7 @@ base64, not an image, truncated, over a limit) becomes that image's entry; the o
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -157,11 +158,10 @@ async def from_multipart(request: Request, body: bytes, cfg: ServeConfig) -> Par
         raise ApiError(400, f"malformed multipart body: {reason}") from None
     files = [(key, v) for key, v in form.multi_items() if hasattr(v, "read")]
     _check_count(len(files), cfg)
-    images = []
-    for i, (key, upload) in enumerate(files):
-        name = upload.filename or f"{key}[{i}]"
-        images.append(decode_one(await upload.read(), name, cfg))
+    uploads = [(upload.filename or f"{key}[{i}]", await upload.read()) for i, (key, upload) in enumerate(files)]
     await form.close()
+    # decoding in a worker thread: a large image must not stall the replica's event loop
+    images = await asyncio.to_thread(lambda: [decode_one(data, name, cfg) for name, data in uploads])
     fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     threshold = _threshold(fields.get("threshold", request.query_params.get("threshold")), "form")
     return ParsedRequest(images, threshold, _flag(fields.get("heatmap", request.query_params.get("heatmap", False))))
@@ -173,5 +173,5 @@ async def parse_score_request(request: Request, cfg: ServeConfig) -> ParsedReque
     if ctype == "multipart/form-data":
         return await from_multipart(request, body, cfg)
     if ctype in ("application/json", ""):
-        return from_json(body, dict(request.query_params), cfg)
+        return await asyncio.to_thread(from_json, body, dict(request.query_params), cfg)
     raise ApiError(415, f"content type {ctype!r} is not supported: use multipart/form-data or application/json")
