@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        serve.delete(settings.serve.app_name)  # only our app: a shared cluster may serve others
     return 0
 
 

@@ -43,9 +43,11 @@ class ScoringClient:
             raise ClientError(self.url + path, None, f"{type(exc).__name__}: {exc}") from exc
         if response.status_code not in ok:
             try:
-                message = response.json().get("error", response.text)
+                doc = response.json()
             except ValueError:
-                message = response.text
+                doc = {}
+            per_image = "; ".join(r.get("error", "") for r in doc.get("results", []) if isinstance(r, dict))
+            message = doc.get("error") or per_image or response.text
             raise ClientError(self.url + path, response.status_code, message)
         return response
 

@@ -267,6 +267,8 @@ def test_score_online_cli_prints_one_line_per_image(served, pngs, tmp_path, caps
     assert code == 1  # one image could not be scored
     assert lines[0]["status"] == 200 and lines[0]["model_version"] and (tmp_path / "heat" / "img0_heatmap.png").is_file()
     assert lines[1]["status"] == 400 and "img1.png" in lines[1]["error"]
+    assert cli_main(["score-online", str(paths[1]), "--url", served.url]) == 2  # nothing scored: an error
+    assert "HTTP 400: cannot decode image img1.png" in capsys.readouterr().err
 
 
 def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served):
