@@ -103,6 +103,50 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from plantad.serving import launch
+
+    settings = _settings(args)
+    if args.stop:
+        print(launch.stop(settings.ray, settings.serve))
+        return 0
+    where = launch.connect_for_serving(settings.ray, args.detach)
+    url = launch.deploy(settings.serve)
+    print(f"serving {settings.serve.model_uri} at {url} on {where}")
+    print(f"  API docs {url}/docs, model {url}/model")
+    if args.detach:
+        print("  stop the app: plantad serve --stop; stop a local cluster: ray stop")
+        return 0
+    import time
+
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(settings.serve.app_name)  # only our app: a shared cluster may serve others
+    return 0
+
+
+def cmd_score_online(args: argparse.Namespace) -> int:
+    import os
+
+    from plantad.client import ScoringClient, save_heatmap
+
+    key = os.environ.get(args.api_key_env, "").strip() or None if args.api_key_env else None
+    with ScoringClient(args.url, api_key=key) as client:
+        answer = client.score(args.images, threshold=args.threshold, heatmap=args.heatmap is not None)
+    failed = 0
+    for path, entry in zip(args.images, answer["results"]):
+        if args.heatmap is not None:
+            written = save_heatmap(entry, Path(args.heatmap), path)
+            entry = {**{k: v for k, v in entry.items() if k != "heatmap_png"}, "heatmap": str(written)}
+        failed += entry["status"] != 200
+        print(json.dumps({"image": path, **entry}))
+    return 1 if failed else 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted params key")
@@ -146,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("serve", help="deploy the Ray Serve scoring app (settings: params.yaml serve section)")
+    p.add_argument("--detach", action="store_true", help="return once ready; the app keeps running")
+    p.add_argument("--stop", action="store_true", help="delete the app from the cluster")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("score-online", help="score images with a running scoring service (one JSON line each)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--threshold", type=float, help="decision threshold instead of the model's stored one")
+    p.add_argument("--heatmap", metavar="DIR", help="write <image>_heatmap.png overlays into DIR")
+    p.add_argument("--api-key-env", default="PLANTAD_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (default PLANTAD_API_KEY)")
+    p.set_defaults(func=cmd_score_online)
 
     p = sub.add_parser("metrics", help="print a metrics.json of `plantad evaluate` as a table")
     p.add_argument("file")

@@ -242,16 +242,68 @@ class S3Config(_Section):
     region: str = "us-east-1"
 
 
+class AutoscalingConfig(_Section):
+    """Ray Serve autoscaling bounds; when set, serve.num_replicas is ignored."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling.min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class ReplicaResources(_Section):
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    """The Ray Serve scoring application (`plantad serve`, deploy/serve_config.yaml's args)."""
+
+    host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 only behind an API key or a firewall
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
-    model_uri: str = "models:/plantad-anomaly@champion"
+    app_name: str = "plantad"
+    model_name: str = "plantad-anomaly"  # serves models:/<model_name>@<model_alias>
+    model_alias: str = "champion"
+    model_dir: str | None = None  # a model folder instead of the registry (no promotion following)
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI where the app is built
+    device: str = "auto"  # auto | cpu | cuda
     num_replicas: int = Field(1, ge=1)
-    max_batch_size: int = Field(16, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    ray_actor_options: ReplicaResources = ReplicaResources()
+    max_ongoing_requests: int = Field(32, ge=1)  # per replica
+    max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it: 503 (-1: unbounded, not advised)
+    max_batch_size: int = Field(16, ge=1)  # requests per @serve.batch call
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    alias_poll_s: float = Field(10.0, gt=0.0)
+    alias_poll_s: float = Field(5.0, gt=0.0)
     max_image_bytes: int = Field(20_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    max_request_bytes: int = Field(100_000_000, ge=1)  # whole body (base64 JSON is 4/3 of the image bytes)
+    api_keys_env: str = "PLANTAD_API_KEYS"  # comma-separated keys in this variable of the replicas
+    api_keys_file: str | None = None  # or one key per line in this file (never keys in params.yaml)
+    webhook_secret_env: str = "PLANTAD_WEBHOOK_SECRET"  # MLflow webhook HMAC secret; unset: route off
+    webhook_secret_file: str | None = None  # or the secret in this file
+    golden_image: str | None = None  # self-test image for a new version; None: the packaged one
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> ServeConfig:
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(f"serve.max_batch_size ({self.max_batch_size}) is above serve.max_ongoing_requests "
+                             f"({self.max_ongoing_requests}): batches could never fill")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
+        return self
+
+    @property
+    def model_uri(self) -> str:
+        return self.model_dir or f"models:/{self.model_name}@{self.model_alias}"
 
 
 class Settings(_Section):
@@ -312,6 +364,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def settings_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Settings:
     try:
         return Settings.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+class _ServeOnly(_Section):
+    serve: ServeConfig
+
+
+def serve_config_from_dict(raw: dict[str, Any], source: str) -> ServeConfig:
+    """The `serve` section alone (Ray Serve's app args); errors name the key as serve.<key>."""
+    try:
+        return _ServeOnly.model_validate({"serve": raw}).serve
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
 

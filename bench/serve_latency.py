@@ -1,0 +1,166 @@
+"""Online scoring latency and throughput through Ray Serve, against raw in-process `score_batch`.
+
+The production architecture (configs/production.yaml, ViT-S/14 teacher) with random weights is
+saved as a model folder and served by the real app (`build_app`, model_dir). Clients send one PNG
+per request over HTTP at each concurrency; the raw figure is `score_batch` on a tensor batch of
+serve.max_batch_size images in this process, measured in the same run (the ratio is what counts
+on a shared machine).
+Usage: python bench/serve_latency.py [--size 224] [--batch 16] [--requests 64] [--concurrency 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from plantad.config import load_settings
+from plantad.data.images import ImageTransform
+from plantad.models.checkpoint import save_model
+from plantad.scoring import score_batch
+from plantad.training.loop import build_model, resolve_device
+
+
+def random_model_dir(config: str, size: int, out: Path) -> Path:
+    settings = load_settings(config, ["model.teacher.weights=random", f"data.image_size={size}"])
+    model = build_model(settings)
+    model.noisy_or.threshold.fill_(0.5)  # a stored threshold: random weights, throughput only
+    save_model(model, settings, out)
+    return out
+
+
+def png_images(n: int, size: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+class RawScorer:
+    """score_batch on decoded, transformed batches in this process (no HTTP, no Serve)."""
+
+    def __init__(self, model_dir: Path, pngs: list[bytes], batch: int, device: str) -> None:
+        from plantad.models.checkpoint import load_model
+
+        self.model, meta = load_model(model_dir, device=resolve_device(device))
+        self.settings = load_settings(None, [f"data.image_size={meta['settings']['data']['image_size']}"])
+        transform = ImageTransform(self.settings.data.image_size)
+        x = torch.stack([transform(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[:batch]])
+        self.x = x.to(next(self.model.parameters()).device)
+        self.images_per_s(1)  # warm-up
+
+    def images_per_s(self, iters: int) -> float:
+        """Median images/s over `iters` calls."""
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            score_batch(self.model, self.x, self.settings.scoring)
+            if self.x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return self.x.shape[0] / statistics.median(times)
+
+
+async def load_test(url: str, pngs: list[bytes], concurrency: int, requests: int) -> tuple[list[float], float]:
+    """Per-request latencies (s) and wall time for `requests` single-image requests."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(pngs[i % len(pngs)])
+    latencies: list[float] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            png = queue.get_nowait()
+            t = time.perf_counter()
+            r = await client.post(f"{url}/score", files=[("files", ("x.png", png, "image/png"))])
+            latencies.append(time.perf_counter() - t)
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*[worker(client) for _ in range(concurrency)])
+        return latencies, time.perf_counter() - started
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/production.yaml")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=16, help="serve.max_batch_size and the raw batch")
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from plantad.serving.app import build_app
+
+    cpus = os.cpu_count() or 1
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    tmp = Path(tempfile.mkdtemp(prefix="plantad-serve-bench-"))
+    model_dir = random_model_dir(args.config, args.size, tmp / "model")
+    pngs = png_images(max(args.batch, 32), args.size)
+    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model_dir": str(model_dir), "device": args.device, "max_batch_size": args.batch,
+                     "max_ongoing_requests": max(64, args.batch), "max_queued_requests": 1024,
+                     "batch_wait_timeout_s": 0.01, "port": port,
+                     "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}})
+    serve.run(app, name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
+    threads = httpx.get(f"{url}/model", timeout=60).json()["torch_threads"]
+    torch.set_num_threads(threads)  # the raw figure uses the replica's intra-op threads
+    raw_scorer = RawScorer(model_dir, pngs, args.batch, args.device)
+    print(f"torch {torch.__version__}, {cpus} CPUs{', GPU ' + torch.cuda.get_device_name() if gpu else ''}; "
+          f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
+          f"raw = score_batch at batch {args.batch}, measured "
+          "right before and after each level while Serve is idle (their mean)")
+    print("| concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | served/raw |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    try:
+        for c in args.concurrency:
+            before = raw_scorer.images_per_s(args.iters)
+            lat, wall = asyncio.run(load_test(url, pngs, c, args.requests))
+            raw = (before + raw_scorer.images_per_s(args.iters)) / 2
+            served = args.requests / wall
+            print(f"| {c} | {args.requests} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | {pct(lat, 99):.0f} | "
+                  f"{pct(lat, 99) / pct(lat, 50):.2f} | {served:.2f} | {raw:.2f} | {served / raw:.2f} |", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Ray Serve application: a FastAPI ingress (native API, Open Inference Protocol, webhook) over one
+deployment whose replicas follow `models:/<name>@<alias>` and score in `@serve.batch` batches.
+
+Deploy with `serve run deploy/serve_config.yaml`, `serve deploy deploy/serve_config.yaml` or
+`plantad serve`; all of them call `build_app(args)` with the `serve` settings.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI views need evaluated
+# annotations; as strings, `request: Request` turns into a required query parameter (422).
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from plantad.config import ServeConfig, serve_config_from_dict
+from plantad.serving.answers import (ScoredJob, ScoreJob, model_block, native_answer, request_status, score_jobs,
+                                     v2_answer, v2_images)
+from plantad.serving.holder import ModelHolder, golden_image
+from plantad.serving.inputs import ApiError, decode_base64, parse_json_body, parse_score_request, read_body
+from plantad.serving.metrics import ServeMetrics
+from plantad.serving.security import check_bearer, load_api_keys, load_webhook_secret, verify_webhook
+
+log = logging.getLogger(__name__)
+WEBHOOK_MAX_BYTES = 65536
+
+app = FastAPI(title="plantad online scoring", docs_url=None, redoc_url=None, openapi_url=None,
+              description="Anomaly probability, decision, branch scores and heatmaps for factory images.")
+
+SCORE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "threshold": {"type": "number"}, "heatmap": {"type": "boolean"}}}},
+    "application/json": {"schema": {"type": "object", "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "base64"}},
+        "threshold": {"type": "number"}, "heatmap": {"type": "boolean"}}}}}}}
+V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "example": {
+    "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["<base64 PNG>"]}],
+    "parameters": {"threshold": 0.5}}}}}}}
+
+
+@serve.deployment
+@serve.ingress(app)
+class ScoringServer:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.cfg: ServeConfig = serve_config_from_dict(settings, "the app's args")
+        self.keys = load_api_keys(self.cfg)
+        self.webhook_secret = load_webhook_secret(self.cfg)
+        self.metrics = ServeMetrics()
+        self.holder = ModelHolder(self.cfg.model_uri, self.cfg.tracking_uri, self.cfg.device, self.cfg.alias_poll_s,
+                                  golden_image(self.cfg.golden_image))
+        self.batched_score.set_max_batch_size(self.cfg.max_batch_size)
+        self.batched_score.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    def __del__(self) -> None:
+        holder = getattr(self, "holder", None)
+        if holder is not None:
+            holder.stop()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def batched_score(self, jobs: list[ScoreJob]) -> list[ScoredJob]:
+        predictor = self.holder.current  # read once: the whole batch is scored by one version
+        self.metrics.version(predictor.ref.name, predictor.ref.version)
+        self.metrics.batch_requests.observe(len(jobs))
+        self.metrics.batch_images.observe(sum(len(j.images) for j in jobs))
+        return await asyncio.to_thread(score_jobs, predictor, jobs)
+
+    async def _answer(self, route: str, request: Request, handler: Callable[[], Awaitable[tuple[int, Any]]],
+                      auth: bool = True) -> JSONResponse:
+        """Run a route: API key, handler, ApiError -> {"error"}, metrics by route and status."""
+        started = time.perf_counter()
+        try:
+            if auth:
+                check_bearer(request.headers.get("authorization"), self.keys)
+            status, body = await handler()
+        except ApiError as exc:
+            status, body = exc.status, {"error": exc.message}
+        except Exception as exc:  # a bug or a failed batch: a JSON 500 that is counted, not a bare one
+            log.exception("%s failed", route)
+            status, body = 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        self.metrics.request(route, status, time.perf_counter() - started)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def _score(self, images: list, threshold: float | None, heatmap: bool) -> ScoredJob:
+        scored = await self.batched_score(ScoreJob(images, threshold, heatmap))
+        for s in scored.scores:
+            self.metrics.scored(s.probability, s.is_anomalous)
+        return scored
+
+    @app.post("/score", openapi_extra=SCORE_BODY, summary="Score one or more images (multipart or base64 JSON)")
+    async def score(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            parsed = await parse_score_request(request, self.cfg)
+            for item in parsed.images:
+                if item.decoded is None:
+                    self.metrics.image_errors.inc(tags={"status": str(item.status)})
+            good = [item.decoded.image for item in parsed.images if item.decoded is not None]
+            scored = await self._score(good, parsed.threshold, parsed.heatmap) if good else None
+            answer = await asyncio.to_thread(native_answer, parsed.images, scored, parsed.heatmap,
+                                             self.holder.current)
+            return request_status(parsed.images), answer
+        return await self._answer("score", request, run)
+
+    @app.get("/healthz", summary="Liveness (no API key needed)")
+    async def healthz(self, request: Request) -> JSONResponse:
+        return await self._answer("healthz", request, self._ok({"status": "ok"}), auth=False)
+
+    @app.get("/readyz", summary="Readiness: a model is loaded")
+    async def readyz(self, request: Request) -> JSONResponse:
+        return await self._answer("readyz", request, self._ok({"ready": True, **model_block(self.holder.current)}))
+
+    @app.get("/model", summary="Served version, data version, metrics, teacher, load time, last swap error")
+    async def model(self, request: Request) -> JSONResponse:
+        return await self._answer("model", request, self._ok(self.holder.status()))
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        return await self._answer("openapi", request, self._ok(app.openapi()))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        check = await self._answer("docs", request, self._ok({}))
+        if check.status_code != 200:
+            return check
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=app.title)
+
+    @staticmethod
+    def _ok(body: Any) -> Callable[[], Awaitable[tuple[int, Any]]]:
+        async def run() -> tuple[int, Any]:
+            return 200, body
+        return run
+
+    @app.post("/webhooks/mlflow", summary="MLflow 3 registry webhook (HMAC-signed): check the alias now")
+    async def webhook(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            payload = await read_body(request, WEBHOOK_MAX_BYTES)
+            verify_webhook(self.webhook_secret, {k.lower(): v for k, v in request.headers.items()}, payload)
+            doc = parse_json_body(payload)
+            data = doc.get("data", doc) if isinstance(doc.get("data", doc), dict) else {}
+            ours = data.get("name") == self.cfg.model_name and data.get("alias") in (None, self.cfg.model_alias)
+            if ours:
+                self.holder.check_now()
+            return 200, {"check": "scheduled" if ours else "ignored"}
+        # signed by the MLflow server, not by an API key (MLflow cannot send one)
+        return await self._answer("webhook", request, run, auth=False)
+
+    # Open Inference Protocol (KServe v2 / Triton HTTP)
+    @app.get("/v2", summary="Open Inference Protocol: server metadata")
+    async def v2_server(self, request: Request) -> JSONResponse:
+        from plantad import __version__
+
+        return await self._answer("v2", request, self._ok({"name": "plantad", "version": __version__,
+                                                           "extensions": []}))
+
+    @app.get("/v2/health/live")
+    async def v2_live(self, request: Request) -> JSONResponse:
+        return await self._answer("v2_live", request, self._ok({"live": True}), auth=False)
+
+    @app.get("/v2/health/ready")
+    async def v2_ready(self, request: Request) -> JSONResponse:
+        return await self._answer("v2_ready", request, self._ok({"ready": True}))
+
+    def _v2_model(self, name: str) -> None:
+        served = self.holder.current.ref.name or self.cfg.model_name
+        if name != served:
+            raise ApiError(400, f"unknown model {name!r}; this server serves {served!r}")
+
+    @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
+    async def v2_metadata(self, name: str, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            self._v2_model(name)
+            current = self.holder.current
+            outputs = [{"name": o, "datatype": "BOOL" if o == "is_anomalous" else "FP32", "shape": [-1]}
+                       for o in ("probability", "is_anomalous", "threshold", "p_local", "p_semantic",
+                                 "local_score", "semantic_score")]
+            return 200, {"name": name, "versions": [current.ref.version], "platform": "pytorch",
+                         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs,
+                         "parameters": {"threshold": current.threshold}}
+        return await self._answer("v2_metadata", request, run)
+
+    @app.get("/v2/models/{name}/ready")
+    async def v2_model_ready(self, name: str, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            self._v2_model(name)
+            return 200, {"name": name, "ready": True}
+        return await self._answer("v2_ready", request, run)
+
+    @app.post("/v2/models/{name}/infer", openapi_extra=V2_BODY, summary="Open Inference Protocol: infer")
+    async def v2_infer(self, name: str, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            self._v2_model(name)
+            doc = parse_json_body(await read_body(request, self.cfg.max_request_bytes))
+            data, params, wanted = v2_images(doc)
+            if len(data) > self.cfg.max_images_per_request:
+                raise ApiError(413, f"{len(data)} images is over serve.max_images_per_request "
+                                    f"({self.cfg.max_images_per_request})")
+            items = await asyncio.to_thread(lambda: [decode_base64(text, f"image[{i}]", self.cfg)
+                                                     for i, text in enumerate(data)])
+            bad = [item for item in items if item.decoded is None]
+            if bad:  # v2 has no per-element errors: the first bad image answers the request
+                raise ApiError(413 if bad[0].status == 413 else 400, bad[0].error or "bad image")
+            threshold = params.get("threshold")
+            if threshold is not None and not isinstance(threshold, (int, float)):
+                raise ApiError(400, f"parameters.threshold {threshold!r} is not a number")
+            scored = await self._score([item.decoded.image for item in items],
+                                       None if threshold is None else float(threshold), False)
+            return 200, v2_answer(scored, wanted, doc.get("id"))
+        return await self._answer("v2_infer", request, run)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application from the `serve` settings (deploy/serve_config.yaml's args, or params.yaml)."""
+    cfg = serve_config_from_dict(dict(args or {}), "serve_config args")
+    if cfg.tracking_uri is None and cfg.model_dir is None:  # pinned here, so every replica uses the same store
+        cfg = cfg.model_copy(update={"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or None})
+    options: dict[str, Any] = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": cfg.ray_actor_options.model_dump(),
+    }
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return ScoringServer.options(**options).bind(json.loads(cfg.model_dump_json()))

@@ -1,0 +1,177 @@
+"""Untrusted request bodies to decoded images, under byte and pixel limits, one error per image.
+
+Request-level problems (a body over the limit, an empty body, malformed JSON, a wrong content type,
+too many images) raise ApiError and answer the whole request. A problem with one image (bad
+base64, not an image, truncated, over a limit) becomes that image's entry; the others are scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from plantad.config import ServeConfig
+from plantad.data.images import DecodedImage, ImageDecodeError, ImageTooLarge, decode_untrusted
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An answer for the whole request: HTTP status and a message naming the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ImageInput:
+    """One image of a request: its name and either decoded pixels or an error with a 4xx status."""
+
+    name: str
+    decoded: DecodedImage | None = None
+    status: int = 200
+    error: str | None = None
+
+
+@dataclass
+class ParsedRequest:
+    images: list[ImageInput]
+    threshold: float | None
+    heatmap: bool
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 from Content-Length before reading, or as soon as it passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes "
+                                "(serve.max_request_bytes)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes (serve.max_request_bytes)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise ApiError(400, "empty request body: send images as multipart/form-data or JSON {\"images\": [...]}")
+    return body
+
+
+def decode_one(data: bytes, name: str, cfg: ServeConfig) -> ImageInput:
+    """Decode one untrusted image; every failure becomes this image's 4xx entry, never an exception."""
+    try:
+        return ImageInput(name, decode_untrusted(data, name, cfg.max_image_bytes, cfg.max_image_pixels))
+    except ImageTooLarge as exc:
+        return ImageInput(name, status=413, error=str(exc))
+    except ImageDecodeError as exc:
+        return ImageInput(name, status=400, error=str(exc))
+    except Exception as exc:  # a third-party decoder failing on hostile bytes must not fail the others
+        log.warning("decoder raised %s on %s", type(exc).__name__, name)
+        return ImageInput(name, status=400, error=f"cannot decode image {name}: {type(exc).__name__}: {exc}")
+
+
+def decode_base64(text: Any, name: str, cfg: ServeConfig) -> ImageInput:
+    if not isinstance(text, str):
+        return ImageInput(name, status=400, error=f"{name}: expected a base64 string, got {type(text).__name__}")
+    if len(text) > cfg.max_image_bytes * 4 // 3 + 4:
+        return ImageInput(name, status=413, error=f"{name}: base64 of more than the limit of {cfg.max_image_bytes} "
+                                                  "bytes (serve.max_image_bytes)")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        return ImageInput(name, status=400, error=f"{name}: invalid base64 ({exc})")
+    return decode_one(data, name, cfg)
+
+
+def _threshold(value: Any, where: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        thr = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"{where} threshold {value!r} is not a number") from None
+    if thr != thr:
+        raise ApiError(400, f"{where} threshold is NaN")
+    return thr
+
+
+def _flag(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def _check_count(n: int, cfg: ServeConfig) -> None:
+    if n == 0:
+        raise ApiError(400, "no images in the request")
+    if n > cfg.max_images_per_request:
+        raise ApiError(413, f"{n} images is over the limit of {cfg.max_images_per_request} per request "
+                            "(serve.max_images_per_request)")
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, f"JSON body must be an object, got {type(doc).__name__}")
+    return doc
+
+
+def from_json(body: bytes, query: dict[str, str], cfg: ServeConfig) -> ParsedRequest:
+    """{"images": [base64, ...] or "image": base64, "threshold": t, "heatmap": bool}."""
+    doc = parse_json_body(body)
+    unknown = sorted(set(doc) - {"images", "image", "threshold", "heatmap"})
+    if unknown:
+        raise ApiError(400, f"unknown JSON keys {unknown}; expected images, image, threshold, heatmap")
+    items = doc.get("images", [doc["image"]] if "image" in doc else [])
+    if not isinstance(items, list):
+        raise ApiError(400, f"'images' must be a list of base64 strings, got {type(items).__name__}")
+    _check_count(len(items), cfg)
+    images = [decode_base64(t, f"images[{i}]", cfg) for i, t in enumerate(items)]
+    threshold = _threshold(doc.get("threshold", query.get("threshold")), "JSON")
+    return ParsedRequest(images, threshold, _flag(doc.get("heatmap", query.get("heatmap", False))))
+
+
+async def from_multipart(request: Request, body: bytes, cfg: ServeConfig) -> ParsedRequest:
+    """Every file part is an image (any field name); `threshold` and `heatmap` as fields or query."""
+    request._body = body  # starlette replays a cached body to form(): the bytes were counted above
+    try:
+        form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16,
+                                  max_part_size=cfg.max_image_bytes + 1)
+    except (MultiPartException, HTTPException) as exc:  # HTTPException: starlette's 400 inside an app
+        reason = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise ApiError(400, f"malformed multipart body: {reason}") from None
+    files = [(key, v) for key, v in form.multi_items() if hasattr(v, "read")]
+    _check_count(len(files), cfg)
+    uploads = [(upload.filename or f"{key}[{i}]", await upload.read()) for i, (key, upload) in enumerate(files)]
+    await form.close()
+    # decoding in a worker thread: a large image must not stall the replica's event loop
+    images = await asyncio.to_thread(lambda: [decode_one(data, name, cfg) for name, data in uploads])
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    threshold = _threshold(fields.get("threshold", request.query_params.get("threshold")), "form")
+    return ParsedRequest(images, threshold, _flag(fields.get("heatmap", request.query_params.get("heatmap", False))))
+
+
+async def parse_score_request(request: Request, cfg: ServeConfig) -> ParsedRequest:
+    body = await read_body(request, cfg.max_request_bytes)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await from_multipart(request, body, cfg)
+    if ctype in ("application/json", ""):
+        return await asyncio.to_thread(from_json, body, dict(request.query_params), cfg)
+    raise ApiError(415, f"content type {ctype!r} is not supported: use multipart/form-data or application/json")

@@ -1,0 +1,93 @@
+"""`plantad serve`: join the configured Ray cluster (or start one), deploy the app, wait for /readyz.
+
+With `detach`, a local cluster is started by `ray start --head` so that it and the app outlive
+the command; `plantad serve --stop` removes the app (the cluster stays until `ray stop`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from plantad.config import RayConfig, ServeConfig
+from plantad.training.ray_train import check_ray_address, cluster_address
+
+
+def _ray_executable() -> str:
+    here = Path(sys.executable).parent / "ray"
+    found = str(here) if here.exists() else shutil.which("ray")
+    if not found:
+        raise RuntimeError(f"the `ray` command is not next to {sys.executable} nor on PATH: install plantad[pipeline]")
+    return found
+
+
+def connect_for_serving(cfg: RayConfig, detach: bool) -> str:
+    """Connect to ray.address / RAY_ADDRESS, else a new local cluster; returns a description."""
+    import ray
+
+    address, source = cluster_address(cfg)
+    if address:
+        check_ray_address(address, source)
+        ray.init(address=address)
+        return f"Ray cluster at {address} (from {source})"
+    if not detach:
+        ray.init()
+        return "a local Ray cluster of this process (stops with it)"
+    started = subprocess.run([_ray_executable(), "start", "--head", "--disable-usage-stats"],
+                             capture_output=True, text=True)
+    if started.returncode != 0 and "already" not in (started.stdout + started.stderr):
+        raise RuntimeError(f"`ray start --head` failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
+    ray.init(address="auto")
+    return "the local Ray cluster started by `ray start --head` (stop it with `ray stop`)"
+
+
+def base_url(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def wait_ready(url: str, api_key: str | None, timeout_s: float = 300.0) -> dict:
+    """Poll GET /readyz until it answers 200 (401 without a key also proves the app is up)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", headers=headers, timeout=5.0)
+            if r.status_code in (200, 401):
+                return r.json()
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}/readyz not ready after {timeout_s:.0f} s (last: {last})")
+
+
+def deploy(cfg: ServeConfig) -> str:
+    """Start Serve's HTTP proxy on serve.host:serve.port and run the app; returns its base URL."""
+    from ray import serve
+
+    from plantad.serving.app import build_app
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.app_name, route_prefix=cfg.route_prefix,
+              blocking=False)
+    url = base_url(cfg)
+    wait_ready(url, os.environ.get(cfg.api_keys_env, "").split(",")[0].strip() or None)
+    return url
+
+
+def stop(ray_cfg: RayConfig, cfg: ServeConfig) -> str:
+    import ray
+    from ray import serve
+
+    address, _ = cluster_address(ray_cfg)
+    ray.init(address=address or "auto")
+    serve.delete(cfg.app_name)
+    return f"deleted Serve app '{cfg.app_name}'; the Ray cluster keeps running (`ray stop` stops a local one)"

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the scoring app, exported through Ray's metrics agent on every node
+(scrape `<node>:<metrics-export-port>/metrics`; names get Ray's `ray_` prefix)."""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES_MS = [5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+PROBABILITY_BOUNDARIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter("plantad_requests", description="HTTP requests by route and status",
+                                tag_keys=("route", "status"))
+        self.latency_ms = Histogram("plantad_request_latency_ms", description="request latency in ms by route",
+                                    boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
+        self.batch_images = Histogram("plantad_batch_images", description="images per @serve.batch call",
+                                      boundaries=BATCH_BOUNDARIES)
+        self.batch_requests = Histogram("plantad_batch_requests", description="requests per @serve.batch call",
+                                        boundaries=BATCH_BOUNDARIES)
+        self.probability = Histogram("plantad_probability", description="final anomaly probability per image",
+                                     boundaries=PROBABILITY_BOUNDARIES)
+        self.decisions = Counter("plantad_decisions", description="scored images by decision",
+                                 tag_keys=("decision",))
+        self.image_errors = Counter("plantad_image_errors", description="images refused, by HTTP status",
+                                    tag_keys=("status",))
+        self.model_version = Gauge("plantad_model_version", description="registry version this replica serves",
+                                   tag_keys=("model",))
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        self.latency_ms.observe(seconds * 1000.0, tags={"route": route})
+
+    def scored(self, probability: float, anomalous: bool) -> None:
+        self.probability.observe(probability)
+        self.decisions.inc(tags={"decision": "anomalous" if anomalous else "normal"})
+
+    def version(self, name: str | None, version: str | None) -> None:
+        self.model_version.set(float(version) if version and version.isdigit() else 0.0,
+                               tags={"model": name or "local"})

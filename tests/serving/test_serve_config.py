@@ -1,0 +1,76 @@
+"""Serve settings (one typed section, the same defaults in params.yaml and deploy/serve_config.yaml),
+API keys and MLflow webhook signatures, without a cluster."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from plantad.config import ConfigError, ServeConfig, load_settings, serve_config_from_dict
+from plantad.serving.inputs import ApiError
+from plantad.serving.security import check_bearer, load_api_keys, verify_webhook, webhook_signature
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_serve_config_file_params_and_defaults_agree():
+    args = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())["applications"][0]["args"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["serve"]
+    defaults = ServeConfig().model_dump(mode="json")
+    assert args == params == defaults
+    doc = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+    assert doc["http_options"] == {"host": args["host"], "port": args["port"]}
+    assert doc["applications"][0]["import_path"] == "plantad.serving.app:build_app"
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(doc)  # what `serve run` / `serve deploy` parse
+    assert schema.applications[0].args == args and schema.http_options.host == "127.0.0.1"
+    assert load_settings(REPO / "params.yaml").serve.model_uri == "models:/plantad-anomaly@champion"
+
+
+def test_serve_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key 'serve.max_batch'"):
+        serve_config_from_dict({"max_batch": 4}, "args")
+    with pytest.raises(ConfigError, match=r"serve.max_batch_size \(64\) is above serve.max_ongoing_requests \(8\)"):
+        serve_config_from_dict({"max_batch_size": 64, "max_ongoing_requests": 8}, "args")
+    with pytest.raises(ConfigError, match="min_replicas"):
+        serve_config_from_dict({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "args")
+
+
+def test_api_keys_from_env_and_file(tmp_path, monkeypatch):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# comment\nfile-key\n\n")
+    monkeypatch.setenv("TEST_KEYS", "env-a, env-b")
+    cfg = ServeConfig(api_keys_env="TEST_KEYS", api_keys_file=str(keys_file))
+    keys = load_api_keys(cfg)
+    assert keys == {"env-a", "env-b", "file-key"}
+    check_bearer("Bearer env-b", keys)
+    for header in (None, "env-a", "Basic env-a", "Bearer nope", "Bearer "):
+        with pytest.raises(ApiError) as err:
+            check_bearer(header, keys)
+        assert err.value.status == 401
+    check_bearer(None, frozenset())  # no keys configured: open
+    with pytest.raises(Exception, match="serve.api_keys_file"):
+        load_api_keys(ServeConfig(api_keys_file=str(tmp_path / "absent")))
+
+
+def test_webhook_signature_matches_mlflow_and_is_verified():
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    payload, stamp = b'{"data": {"name": "m", "alias": "champion", "version": "3"}}', str(int(time.time()))
+    ours = webhook_signature("s3cret", "delivery-1", stamp, payload)
+    assert ours == _generate_hmac_signature("s3cret", "delivery-1", stamp, payload.decode())
+    headers = {"x-mlflow-signature": ours, "x-mlflow-delivery-id": "delivery-1", "x-mlflow-timestamp": stamp}
+    verify_webhook("s3cret", headers, payload)
+    bad = [("other", headers, payload), ("s3cret", headers, payload + b" "),
+           ("s3cret", {**headers, "x-mlflow-timestamp": str(int(stamp) - 3600)}, payload),
+           ("s3cret", {k: v for k, v in headers.items() if k != "x-mlflow-signature"}, payload)]
+    for secret, hdrs, body in bad:
+        with pytest.raises(ApiError) as err:
+            verify_webhook(secret, hdrs, body)
+        assert err.value.status == 401
+    with pytest.raises(ApiError, match="receiver is off"):
+        verify_webhook(None, headers, payload)
