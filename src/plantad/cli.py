@@ -110,9 +110,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.stop:
         print(launch.stop(settings.ray, settings.serve))
         return 0
+    serve_cfg = settings.serve
+    if serve_cfg.tracking_uri is None and serve_cfg.model_dir is None:  # the store the pipeline registers in
+        from plantad.tracking.store import check_tracking_server, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
+        check_tracking_server(uri)
+        serve_cfg = serve_cfg.model_copy(update={"tracking_uri": uri})
     where = launch.connect_for_serving(settings.ray, args.detach)
-    url = launch.deploy(settings.serve)
-    print(f"serving {settings.serve.model_uri} at {url} on {where}")
+    url = launch.deploy(serve_cfg)
+    print(f"serving {serve_cfg.model_uri} at {url} on {where}")
     print(f"  API docs {url}/docs, model {url}/model")
     if args.detach:
         print("  stop the app: plantad serve --stop; stop a local cluster: ray stop")
