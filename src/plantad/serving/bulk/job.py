@@ -102,7 +102,9 @@ def scored_batches(pending: list[Part], src: Location, ref: ModelRef, mid: str, 
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver has its own bar
     items = [{"relpath": rel, "part": p.index} for p in pending for rel in p.relpaths]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(pending), 256)))
+    # about one input block per batch (capped): a read task merges its batches into one output block,
+    # so fewer blocks would starve all but one actor and hold rows back until a whole block is read
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // bulk.batch_size), 2000)))
     ds = ds.map_batches(read_batch, fn_kwargs={"src": src}, batch_size=bulk.batch_size, batch_format="pandas",
                         num_cpus=bulk.read_cpus)
     gpu = {"num_gpus": bulk.gpus_per_actor} if bulk.gpus_per_actor > 0 else {}

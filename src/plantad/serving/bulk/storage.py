@@ -84,11 +84,11 @@ def read_bytes(loc: Location, rel: str) -> bytes:
 def write_atomic(loc: Location, rel: str, data: bytes) -> None:
     """Write `rel` so that readers see the whole file or nothing (also under SIGKILL)."""
     target = loc.path(rel)
-    loc.fs.create_dir(posixpath.dirname(target), recursive=True)
-    if loc.is_s3:  # an object is visible only once its upload has completed
+    if loc.is_s3:  # an object is visible only once its upload has completed; S3 needs no folders
         with loc.fs.open_output_stream(target) as out:
             out.write(data)
         return
+    os.makedirs(posixpath.dirname(target), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(target), f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(target)}")
     try:
         with open(tmp, "wb") as out:
