@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ def main() -> None:
         print(f"| {n} | {'cuda bf16, 1 GPU each' if cuda else 'CPU'} | {s.images_per_s:.1f} | "
               f"{s.warm_images_per_s:.1f} | {s.warm_images_per_s / base:.2f} | {s.warm_images_per_s / decoded:.2f} |")
     ray.shutdown()
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
