@@ -98,6 +98,16 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from plantad.serving.bulk import run_bulk
+
+    settings = _settings(args)
+    model = args.model or f"models:/{settings.mlflow.registered_model}@champion"
+    summary = run_bulk(settings, args.input, args.output, model, args.maps, progress=True)
+    print(summary.text())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(settings_to_dict(_settings(args)), indent=2))
     return 0
@@ -193,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="folder for ROC/PR/per-category/overlay plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="bulk-score every image under a folder or s3:// prefix into Parquet (Ray Data)")
+    p.add_argument("--input", required=True, help="folder or s3://bucket/prefix, searched recursively")
+    p.add_argument("--output", required=True, help="folder or s3://bucket/prefix; rows go to <output>/<model id>/")
+    p.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or a model directory "
+                                   "(default: models:/<mlflow.registered_model>@champion)")
+    p.add_argument("--maps", help="folder or s3:// prefix for heatmap PNGs (<maps>/<model id>/<path>.heatmap.png)")
+    _common(p)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("config", help="print the resolved settings")
     _common(p)

@@ -306,6 +306,32 @@ class ServeConfig(_Section):
         return self.model_dir or f"models:/{self.model_name}@{self.model_alias}"
 
 
+class BulkStageConfig(_Section):
+    """The DVC stage `score`: off by default, so `dvc repro` only writes a "disabled" record."""
+
+    enabled: bool = False
+    input: str = "data/demo"  # folder (a DVC dep) to score with `model`
+    output: str = "outputs/scores"  # folder or s3://bucket/prefix; a sub-folder per model version
+    model: str = "models:/plantad-anomaly@champion"
+    maps: str | None = None  # folder or s3:// prefix for heatmap PNGs; None: no maps
+
+
+class BulkConfig(_Section):
+    """Bulk scoring (`plantad score`): Ray Data over an actor pool that holds one model version."""
+
+    extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"]  # matched case-insensitively
+    part_size: int = Field(256, ge=1)  # images per committed Parquet part (the unit of resume)
+    batch_size: int = Field(32, ge=1)  # images per map_batches call
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0.0)  # also the actor's torch threads (rounded, at least 1)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    read_cpus: float = Field(0.25, gt=0.0)  # CPUs reserved by each Ray Data reading task
+    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA when the model's train.amp)
+    max_image_bytes: int = Field(50_000_000, ge=1)
+    max_image_pixels: int = Field(64_000_000, ge=1)  # checked on the header before decoding
+    stage: BulkStageConfig = BulkStageConfig()
+
+
 class Settings(_Section):
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
@@ -318,6 +344,7 @@ class Settings(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     s3: S3Config = S3Config()
     serve: ServeConfig = ServeConfig()
+    bulk: BulkConfig = BulkConfig()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

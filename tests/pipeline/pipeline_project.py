@@ -20,7 +20,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = "data/plant"  # the user's dataset in the baseline project, tracked with `dvc add`
-STAGES = ["demo_data", "prepare", "validate", "train", "evaluate", "register"]  # dvc.yaml's, in order
+STAGES = ["demo_data", "prepare", "validate", "train", "evaluate", "register", "score"]  # dvc.yaml's, in order
 TAIL = 6000  # characters of command output quoted in a failure message
 
 # tests/conftest.py's TINY list as params.yaml keys, plus the pipeline's own tiny knobs

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -133,6 +133,8 @@ def decode_untrusted(data: bytes, source: str, max_bytes: int | None = None, max
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, ImageDecodeError):
             raise
+        if isinstance(exc, UnidentifiedImageError):  # its message holds a memory address: not reproducible
+            raise ImageDecodeError(source, "UnidentifiedImageError: not an image format Pillow can read") from exc
         raise ImageDecodeError(source, f"{type(exc).__name__}: {exc}") from exc
     return DecodedImage(to_rgb(img, source), width, height, img.mode, img.format)
 

@@ -1,0 +1,189 @@
+"""`plantad score`: every image under a folder or S3 prefix scored by one pinned model version.
+
+The driver checks everything that can fail fast (MLflow, S3, the input listing) before Ray starts,
+resolves the model to one version, plans the parts, and streams the rows of the missing parts out
+of Ray Data (read tasks, then the scoring actor pool), committing each part as soon as all its
+rows are in. Killing the job at any point loses at most the parts not yet committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.compute as pc
+
+from plantad.config import BulkConfig, Settings
+from plantad.serving.bulk.plan import (
+    PARTS, Part, commit_part, done_parts, model_id, plan_parts, read_part, write_manifest,
+)
+from plantad.serving.bulk.scorer import BulkScorer, read_batch
+from plantad.serving.bulk.storage import TMP_PREFIX, Location, delete, list_images, list_names, open_location
+from plantad.tracking.model_source import ModelRef, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BulkSummary:
+    output: str  # the model's output folder
+    model: str  # e.g. "plantad-anomaly v3 (@champion)"
+    images: int  # rows in the table: one per input image
+    parts: int
+    skipped_parts: int  # already committed by an earlier run
+    scored: int  # images scored by this run
+    anomalous: int
+    errors: int  # rows with `error` set (unreadable, undecodable or oversized images)
+    seconds: float  # this run's scoring time (Ray Data start-up and actor loading included)
+    images_per_s: float  # scored / seconds
+    warm_images_per_s: float  # images/s after the first batch came back (the actors are up)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        return (f"{self.images} images in {self.output} scored by {self.model}: {self.anomalous} anomalous, "
+                f"{self.errors} failed (error column); this run scored {self.scored} images in "
+                f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped_parts} of {self.parts} "
+                "parts were already done")
+
+
+def resolve_source(uri: str, settings: Settings) -> tuple[ModelRef, str | None]:
+    """The model pinned to one version, and the tracking URI actors download it from."""
+    if not uri.startswith("models:/"):
+        return resolve_model(uri, None), None
+    from mlflow import MlflowClient
+
+    from plantad.tracking.store import check_tracking_server, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
+    check_tracking_server(tracking_uri, wait_s=5.0)
+    return resolve_model(uri, MlflowClient(tracking_uri, registry_uri=tracking_uri)), tracking_uri
+
+
+def check_bulk_budget(bulk: BulkConfig, cpus: float, gpus: float, local: bool) -> None:
+    """Actors holding every CPU starve the reading tasks and the job hangs without a word."""
+    need = bulk.actors * bulk.cpus_per_actor + bulk.read_cpus
+    problems = []
+    if need > cpus:
+        problems.append(f"bulk.actors x bulk.cpus_per_actor + bulk.read_cpus = {bulk.actors} x "
+                        f"{bulk.cpus_per_actor:g} + {bulk.read_cpus:g} = {need:g} CPUs, the cluster has {cpus:g}")
+    if bulk.actors * bulk.gpus_per_actor > gpus:
+        problems.append(f"bulk.actors x bulk.gpus_per_actor = {bulk.actors * bulk.gpus_per_actor:g} GPUs, "
+                        f"the cluster has {gpus:g}")
+    if problems and local:
+        raise ValueError("; ".join(problems) + ": lower bulk.actors or the per-actor resources")
+    for p in problems:
+        log.warning("%s (unless the cluster autoscales)", p)
+
+
+def start_ray(settings: Settings) -> None:
+    import ray
+
+    from plantad.training.ray_train import cluster_address, connect
+
+    connect(settings.ray)
+    res = ray.cluster_resources()
+    check_bulk_budget(settings.bulk, float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)),
+                      local=cluster_address(settings.ray)[0] is None)
+
+
+def scored_batches(pending: list[Part], src: Location, ref: ModelRef, mid: str, tracking_uri: str | None,
+                   bulk: BulkConfig, maps: Location | None) -> Iterable[pd.DataFrame]:
+    """Rows of the pending parts, streamed from Ray Data: read tasks -> scoring actor pool."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver has its own bar
+    items = [{"relpath": rel, "part": p.index} for p in pending for rel in p.relpaths]
+    # about one input block per batch (capped): a read task merges its batches into one output block,
+    # so fewer blocks would starve all but one actor and hold rows back until a whole block is read
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // bulk.batch_size), 2000)))
+    ds = ds.map_batches(read_batch, fn_kwargs={"src": src}, batch_size=bulk.batch_size, batch_format="pandas",
+                        num_cpus=bulk.read_cpus)
+    gpu = {"num_gpus": bulk.gpus_per_actor} if bulk.gpus_per_actor > 0 else {}
+    ds = ds.map_batches(
+        BulkScorer, batch_size=bulk.batch_size, batch_format="pandas", num_cpus=bulk.cpus_per_actor,
+        compute=ActorPoolStrategy(size=bulk.actors), **gpu,
+        fn_constructor_kwargs={"ref": ref, "model_id": mid, "tracking_uri": tracking_uri, "bulk": bulk,
+                               "src": src, "maps": maps},
+    )
+    return ds.iter_batches(batch_size=None, batch_format="pandas")
+
+
+def commit_stream(batches: Iterable[pd.DataFrame], pending: list[Part], out: Location, mid: str,
+                  progress: bool) -> float:
+    """Commit each part once all its rows have arrived; returns images/s after the first batch."""
+    from tqdm import tqdm
+
+    by_index = {p.index: p for p in pending}
+    buffers: dict[int, list[pd.DataFrame]] = defaultdict(list)
+    counts: Counter[int] = Counter()
+    total = sum(len(p.relpaths) for p in pending)
+    first: tuple[float, int] | None = None  # (arrival time, rows) of the first batch
+    with tqdm(total=total, unit="img", desc="scoring", disable=None if progress else True) as bar:
+        for batch in batches:
+            if set(batch["model_id"]) != {mid}:
+                raise RuntimeError(f"rows scored by {set(batch['model_id'])} in the run of {mid}")
+            for index, rows in batch.groupby("part"):
+                buffers[index].append(rows)
+                counts[index] += len(rows)
+                if counts[index] == len(by_index[index].relpaths):
+                    commit_part(out, by_index[index], pd.concat(buffers.pop(index)))
+                    log.info("committed %s", out.display(f"{PARTS}/{by_index[index].file}"))
+            bar.update(len(batch))
+            first = first or (time.perf_counter(), len(batch))
+    short = [p.file for p in pending if counts[p.index] != len(p.relpaths)]
+    if short:
+        raise RuntimeError(f"Ray Data returned incomplete rows for parts {short[:5]} of {out.uri}; re-run to resume")
+    warm_s = time.perf_counter() - first[0] if first else 0.0
+    return (total - first[1]) / warm_s if first and warm_s > 0 and total > first[1] else 0.0
+
+
+def tidy_parts(out: Location, parts: list[Part]) -> None:
+    """Remove temporary files of killed writers and parts of an earlier, different input listing."""
+    planned = {p.file for p in parts}
+    for name in list_names(out, PARTS):
+        if name.startswith(TMP_PREFIX) or (name.startswith("part-") and name not in planned):
+            log.info("removing %s (not part of this run's plan)", out.display(f"{PARTS}/{name}"))
+            delete(out, f"{PARTS}/{name}")
+
+
+def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str, maps_uri: str | None = None,
+             progress: bool = True) -> BulkSummary:
+    """Score every image under `input_uri` into `output_uri/<model id>/`; resumes a killed run."""
+    bulk = settings.bulk
+    src = open_location(input_uri, settings.s3)
+    relpaths = list_images(src, bulk.extensions)
+    out_root = open_location(output_uri, settings.s3)
+    maps = None if maps_uri is None else open_location(maps_uri, settings.s3)
+    ref, tracking_uri = resolve_source(model_uri, settings)
+    mid = model_id(ref)
+    out = out_root.child(mid)
+    parts = plan_parts(relpaths, bulk.part_size)
+    done = done_parts(out)
+    pending = [p for p in parts if p.file not in done]
+    log.info("%d images under %s in %d parts, %d to score with %s into %s",
+             len(relpaths), src.uri, len(parts), len(pending), ref.describe(), out.uri)
+    start = time.perf_counter()
+    scored, warm = sum(len(p.relpaths) for p in pending), 0.0
+    if pending:
+        start_ray(settings)
+        warm = commit_stream(scored_batches(pending, src, ref, mid, tracking_uri, bulk, maps), pending, out, mid,
+                             progress)
+    seconds = time.perf_counter() - start
+    tidy_parts(out, parts)
+    tables = [read_part(out, p.file).select(["error", "is_anomalous"]) for p in parts]
+    errors = sum(t.num_rows - pc.sum(pc.is_null(t["error"]).cast("int64")).as_py() for t in tables)
+    anomalous = sum(pc.sum(pc.fill_null(t["is_anomalous"], False).cast("int64")).as_py() or 0 for t in tables)
+    summary = BulkSummary(out.uri, ref.describe(), len(relpaths), len(parts), len(parts) - len(pending), scored,
+                          anomalous, errors, seconds, scored / seconds if scored and seconds > 0 else 0.0, warm)
+    write_manifest(out, parts, {"model_uri": ref.version_uri, "model_id": mid, "input": src.uri,
+                                "finished_at": datetime.now(timezone.utc).isoformat(), "summary": summary.as_dict()})
+    return summary

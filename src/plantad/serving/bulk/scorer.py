@@ -1,0 +1,105 @@
+"""The two Ray Data steps of bulk scoring: reading image bytes (tasks) and scoring them (an actor
+pool whose actors each hold one `Predictor` of exactly the version the driver resolved).
+
+Decoding goes through `decode_untrusted` under the configured byte and pixel limits; an image that
+cannot be read or decoded becomes a row with `error` set and no score, never a failed job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime, timezone
+
+import pandas as pd
+import pyarrow as pa
+
+from plantad.config import BulkConfig
+from plantad.data.images import DecodedImage, ImageDecodeError, decode_untrusted
+from plantad.serving.bulk.plan import SCHEMA
+from plantad.serving.bulk.storage import Location, read_bytes, write_atomic
+from plantad.tracking.model_source import ModelRef
+
+log = logging.getLogger(__name__)
+SCORE_FIELDS = ["probability", "is_anomalous", "p_local", "p_semantic", "local_score", "semantic_score", "threshold"]
+
+
+def read_batch(batch: pd.DataFrame, src: Location) -> pd.DataFrame:
+    """Ray Data map: relative paths -> their bytes (empty, with `read_error` set, when unreadable)."""
+    data, errors = [], []
+    for rel in batch["relpath"]:
+        try:
+            data.append(read_bytes(src, rel))
+            errors.append(None)
+        except OSError as exc:
+            data.append(b"")
+            errors.append(f"cannot read {src.display(rel)}: {exc}")
+    return batch.assign(data=data, read_error=errors)
+
+
+def heatmap_rel(relpath: str) -> str:
+    """Where an image's heatmap goes under `<maps>/<model id>/`: its relative path + `.heatmap.png`."""
+    return f"{relpath}.heatmap.png"
+
+
+class BulkScorer:
+    """Callable class for `map_batches`: loads the pinned version once, scores batches of bytes."""
+
+    def __init__(self, ref: ModelRef, model_id: str, tracking_uri: str | None, bulk: BulkConfig, src: Location,
+                 maps: Location | None) -> None:
+        import torch
+
+        from plantad.serving.predictor import Predictor
+
+        torch.set_num_threads(max(1, round(bulk.cpus_per_actor)))
+        self.predictor = Predictor.from_ref(ref, tracking_uri, device=bulk.device)
+        self.bulk, self.src, self.model_id = bulk, src, model_id
+        self.maps = None if maps is None else maps.child(model_id)
+        info = self.predictor.info()
+        self.identity = {
+            "model_id": model_id, "model_name": ref.name, "model_version": ref.version, "model_alias": ref.alias,
+            "model_uri": ref.version_uri, "teacher": json.dumps(info["teacher"], sort_keys=True),
+        }
+        log.info("bulk scorer holds %s on %s", ref.describe(), info["device"])
+
+    def _decode(self, rel: str, data: bytes, read_error: str | None) -> DecodedImage | str:
+        if read_error:
+            return read_error
+        try:
+            return decode_untrusted(data, self.src.display(rel), self.bulk.max_image_bytes, self.bulk.max_image_pixels)
+        except ImageDecodeError as exc:
+            return str(exc)
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        rows = []
+        decoded: list[tuple[dict, DecodedImage]] = []
+        for rel, data, read_error in zip(batch["relpath"], batch["data"], batch["read_error"]):
+            row = {"path": self.src.display(rel), "relpath": rel, "sha256": hashlib.sha256(data).hexdigest(),
+                   "error": None, "map_path": None, **self.identity}
+            result = self._decode(rel, data, read_error)
+            if isinstance(result, str):
+                row["error"] = result
+            else:
+                row.update(width=result.width, height=result.height)
+                decoded.append((row, result))
+            rows.append(row)
+        with_maps = self.maps is not None
+        scores = self.predictor.score([d.image for _, d in decoded], with_maps=with_maps) if decoded else []
+        for (row, image), score in zip(decoded, scores):
+            row.update({k: getattr(score, k) for k in SCORE_FIELDS})
+            if with_maps and score.anomaly_map is not None:
+                row["map_path"] = self._write_map(row["relpath"], image, score.anomaly_map)
+        frame = pd.DataFrame(rows).reindex(columns=SCHEMA.names)  # absent columns (all errors) become null
+        frame["scored_at"] = datetime.now(timezone.utc)
+        table = pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)  # fixed types for every batch
+        return table.append_column("part", pa.array(batch["part"].to_numpy(), pa.int64()))
+
+    def _write_map(self, rel: str, image: DecodedImage, amap) -> str:
+        from plantad.serving.render import heatmap_overlay_png
+
+        assert self.maps is not None
+        target = heatmap_rel(rel)
+        write_atomic(self.maps, target, heatmap_overlay_png(image.image, amap, self.predictor.lambda_local))
+        return self.maps.display(target)
+

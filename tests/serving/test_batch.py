@@ -1,0 +1,150 @@
+"""Bulk scoring (`plantad score`) end to end on the session's Ray cluster: a folder with corrupt files,
+heatmaps, idempotent re-runs, a registry alias moved between runs, and the checks that fail fast."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from bulk_helpers import assert_rows_match, bulk_settings, comparable, expected_rows, folder_files, make_input
+from plantad.cli import main as cli_main
+from plantad.serving.bulk import read_results, run_bulk
+from plantad.serving.bulk.job import check_bulk_budget
+from plantad.serving.bulk.plan import MANIFEST, PARTS, model_id, plan_parts
+from plantad.serving.bulk.storage import open_location
+from plantad.tracking.model_source import resolve_model
+from plantad.tracking.registry import CHAMPION, set_alias
+
+
+def test_plan_is_deterministic_and_names_parts_by_their_paths():
+    paths = [f"c/{i:03d}.png" for i in range(10)]
+    parts = plan_parts(list(reversed(paths)), 4)
+    assert [len(p.relpaths) for p in parts] == [4, 4, 2] and parts[0].relpaths[0] == "c/000.png"
+    assert [p.file for p in parts] == [p.file for p in plan_parts(paths, 4)]
+    assert parts[0].file.startswith("part-00000-") and parts[0].file.endswith(".parquet")
+    moved = plan_parts(["a/new.png", *paths], 4)  # a new image shifts every part: new names, no reuse
+    assert not {p.file for p in moved} & {p.file for p in parts}
+
+
+def test_actors_that_hold_every_cpu_are_an_error():
+    settings = bulk_settings("bulk.actors=2", "bulk.cpus_per_actor=1")
+    with pytest.raises(ValueError, match=r"bulk.actors x bulk.cpus_per_actor \+ bulk.read_cpus = 2 x 1 \+ 0.25"):
+        check_bulk_budget(settings.bulk, cpus=2.0, gpus=0.0, local=True)
+    check_bulk_budget(settings.bulk, cpus=2.0, gpus=0.0, local=False)  # a remote cluster may autoscale: warns
+    with pytest.raises(ValueError, match="bulk.gpus_per_actor"):
+        check_bulk_budget(bulk_settings("bulk.gpus_per_actor=1").bulk, cpus=8.0, gpus=0.0, local=True)
+
+
+@pytest.mark.e2e
+def test_folder_is_scored_like_score_batch_with_error_rows_and_maps(ray_local, trained_tiny, demo_root, tmp_path):
+    _, result = trained_tiny
+    model_dir = result.model_path.parent
+    images = make_input(demo_root, tmp_path / "in")
+    out = tmp_path / "out"
+    summary = run_bulk(bulk_settings(), str(tmp_path / "in"), str(out), str(model_dir), str(tmp_path / "maps"),
+                       progress=False)
+    mid = model_id(resolve_model(str(model_dir), None))
+    assert summary.output == str(out / mid) and [p.name for p in out.iterdir()] == [mid]
+    table = read_results(open_location(str(out / mid), bulk_settings().s3))
+    assert len(table) == len(images) == summary.images == summary.scored
+    assert_rows_match(table, expected_rows(folder_files(tmp_path / "in"), model_dir))
+    assert summary.errors == 4 and summary.anomalous == int(table["is_anomalous"].fillna(False).sum())
+    assert summary.parts == -(-len(images) // 8) and summary.skipped_parts == 0
+    assert set(table["model_uri"]) == {str(model_dir)} and table["model_version"].isna().all()
+    assert json.loads(table["teacher"].iloc[0])["name"] == "vit_small_patch14_dinov2"
+    assert table["scored_at"].notna().all() and table["path"].iloc[0].startswith(str(tmp_path / "in"))
+    good = table[table["error"].isna()]
+    heat = Image.open(io.BytesIO(open(good["map_path"].iloc[0], "rb").read()))
+    assert heat.size == (good["width"].iloc[0], good["height"].iloc[0])
+    assert (tmp_path / "maps" / mid / f"{good['relpath'].iloc[0]}.heatmap.png").is_file()
+    assert table.loc[table["error"].notna(), "map_path"].isna().all()
+
+    again = run_bulk(bulk_settings(), str(tmp_path / "in"), str(out), str(model_dir), progress=False)
+    assert (again.scored, again.skipped_parts, again.images, again.errors) == (0, summary.parts, len(images), 4)
+    assert comparable(read_results(open_location(str(out / mid), bulk_settings().s3))).equals(comparable(table))
+
+
+def _log_twice(tmp_path, model_dir, example_png: bytes) -> tuple[str, MlflowClient, list[str]]:
+    import mlflow
+
+    from plantad.tracking.pyfunc import log_pyfunc_model
+    from plantad.tracking.registry import register_version
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("bulk", artifact_location=str(tmp_path / "artifacts"))
+    mlflow.set_tracking_uri(uri)
+    try:
+        versions = []
+        for _ in range(2):
+            with mlflow.start_run(experiment_id=exp) as run:
+                info = log_pyfunc_model(model_dir, example_png)
+            versions.append(str(register_version(client, "bulkreg", run.info.run_id, "model",
+                                                 model_id=info.model_id).version))
+    finally:
+        mlflow.set_tracking_uri(None)
+    return uri, client, versions
+
+
+@pytest.mark.e2e
+def test_each_champion_version_writes_its_own_table(ray_local, trained_tiny, demo_root, tmp_path):
+    _, result = trained_tiny
+    images = make_input(demo_root, tmp_path / "in", limit=6)
+    uri, client, versions = _log_twice(tmp_path, result.model_path.parent, (tmp_path / "in" / images[-1]).read_bytes())
+    settings = bulk_settings(f"mlflow.tracking_uri={uri}")
+    out = tmp_path / "out"
+    set_alias(client, "bulkreg", CHAMPION, versions[0])
+    first = run_bulk(settings, str(tmp_path / "in"), str(out), "models:/bulkreg@champion", progress=False)
+    assert first.output == str(out / f"bulkreg-v{versions[0]}") and first.model.endswith("(@champion)")
+    manifest_v1 = (out / f"bulkreg-v{versions[0]}" / MANIFEST).read_bytes()
+    set_alias(client, "bulkreg", CHAMPION, versions[1])
+    second = run_bulk(settings, str(tmp_path / "in"), str(out), "models:/bulkreg@champion", progress=False)
+    assert second.output == str(out / f"bulkreg-v{versions[1]}") and second.scored == len(images)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"bulkreg-v{v}" for v in versions)
+    assert (out / f"bulkreg-v{versions[0]}" / MANIFEST).read_bytes() == manifest_v1  # v1's table untouched
+    for version in versions:
+        table = read_results(open_location(str(out / f"bulkreg-v{version}"), settings.s3))
+        assert len(table) == len(images) and set(table["model_version"]) == {version}
+        assert set(table["model_alias"]) == {CHAMPION} and set(table["model_name"]) == {"bulkreg"}
+        assert set(table["model_uri"]) == {f"models:/bulkreg/{version}"}
+        assert_rows_match(table, expected_rows(folder_files(tmp_path / "in"), result.model_path.parent))
+
+
+def test_missing_or_empty_input_fails_naming_it(tmp_path, trained_tiny, capsys):
+    _, result = trained_tiny
+    settings = bulk_settings()
+    with pytest.raises(FileNotFoundError, match=f"input folder {tmp_path / 'nope'} does not exist"):
+        run_bulk(settings, str(tmp_path / "nope"), str(tmp_path / "out"), str(result.model_path.parent))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    code = cli_main(["score", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"),
+                     "--model", str(result.model_path.parent)])
+    assert code == 2 and "no images (.png, .jpg" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob(f"{PARTS}/*"))
+
+
+def test_unreachable_s3_and_mlflow_fail_in_seconds_naming_the_address(tmp_path, trained_tiny, demo_root, moto_s3):
+    """moto_s3 only provides AWS credentials: the endpoint here is a port nobody listens on."""
+    from infra.fixtures import free_port
+
+    from plantad.tracking.s3 import StorageError
+    from plantad.tracking.store import TrackingStoreError
+
+    _, result = trained_tiny
+    dead = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=f"cannot reach bucket 'b' at {dead}"):
+        run_bulk(bulk_settings(f"s3.endpoint_url={dead}"), "s3://b/in", str(tmp_path / "out"),
+                 str(result.model_path.parent))
+    assert time.monotonic() - start < 20
+    make_input(demo_root, tmp_path / "in", limit=2)
+    start = time.monotonic()
+    with pytest.raises(TrackingStoreError, match=f"MLflow tracking server {dead} is not reachable"):
+        run_bulk(bulk_settings(f"mlflow.tracking_uri={dead}"), str(tmp_path / "in"), str(tmp_path / "out"),
+                 "models:/plantad-anomaly@champion")
+    assert time.monotonic() - start < 15
