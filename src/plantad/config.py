@@ -89,7 +89,9 @@ class DecoderConfig(_Section):
 
 class EncoderConfig(_Section):
     depth: int | None = None  # None: the teacher's depth (same architecture, from scratch)
-    distill_patch_mean: bool = True  # [reconstructed] also regress the mean patch token
+    # [read] S_E distils the class token only (no identity mapping); True adds the mean patch token
+    # [reconstructed], an ablation measured in bench/accuracy.py
+    distill_patch_mean: bool = False
 
 
 class NoisyOrConfig(_Section):
