@@ -91,7 +91,11 @@ def generate_demo(out: Path, cfg: DemoConfig) -> Path:
 
     Files appear all at once: they are written to a sibling temp folder that is renamed at the end.
     """
-    return _write_staged(Path(out), lambda staging: [_write_category(staging, c, cfg) for c in sorted(set(cfg.categories))])
+    def write(staging: Path) -> None:
+        for category in sorted(set(cfg.categories)):
+            _write_category(staging, category, cfg)
+
+    return _write_staged(Path(out), write)
 
 
 def generate_semantic_demo(out: Path, cfg: SemanticDemoConfig, seed: int = 0) -> Path:

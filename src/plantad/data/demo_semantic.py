@@ -73,7 +73,9 @@ def _draw_cross(draw: ImageDraw.ImageDraw, rng: np.random.Generator, r: float, a
     draw.polygon(_rotate(arm, a + np.pi / 2, cx, cy), fill=255)
 
 
-_DRAW: dict[str, Callable[..., None]] = {"gear": _draw_gear, "star": _draw_star, "wheel": _draw_wheel, "cross": _draw_cross}
+_DRAW: dict[str, Callable[..., None]] = {
+    "gear": _draw_gear, "star": _draw_star, "wheel": _draw_wheel, "cross": _draw_cross,
+}
 
 
 def object_mask(family: str, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -124,8 +126,14 @@ def _split_files(cfg: SemanticDemoConfig, category: str) -> list[tuple[str, str,
     return files
 
 
-def write_semantic_category(root: Path, category: str, cfg: SemanticDemoConfig, seed: int,
-                            save: Callable[[np.ndarray, Path], None], rng_for: Callable[..., np.random.Generator]) -> None:
+def write_semantic_category(
+    root: Path,
+    category: str,
+    cfg: SemanticDemoConfig,
+    seed: int,
+    save: Callable[[np.ndarray, Path], None],
+    rng_for: Callable[..., np.random.Generator],
+) -> None:
     """Write one category: normal images of its own family, test anomalies of the outlier families."""
     for split, folder, index in _split_files(cfg, category):
         family = category if folder == "good" else folder

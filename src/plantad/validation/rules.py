@@ -65,7 +65,8 @@ def manifest_rules(cfg: ValidationConfig) -> list[Rule]:
     add("anomalous test images have masks",
         "mask_path set where label is 1 and split is test, in every category that has masks",
         E.ExpectColumnValuesToNotBeNull, show=("label", "defect_type"), column="mask_path",
-        row_condition=(Column("label") == 1) & (Column("split") == "test") & (Column(CATEGORY_HAS_MASKS) == True))  # noqa: E712
+        row_condition=(Column("label") == 1) & (Column("split") == "test")
+        & (Column(CATEGORY_HAS_MASKS) == True))  # noqa: E712  (a GX row condition, not a Python test)
     has_mask = Column("mask_path").is_not_null()
     # GX's pair check errors on nulls ("boolean value of NA is ambiguous"), so it skips them and a
     # mask the manifest could not measure fails here instead
