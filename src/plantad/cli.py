@@ -30,9 +30,17 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     out = Path(args.out)
+    if args.add_normal and args.semantic:
+        raise ValueError("--add-normal extends the MVTec-layout demo only; it cannot be combined with --semantic")
     if args.add_normal:
         paths = add_normal(out, args.add_normal, seed=args.seed, image_size=settings.demo.image_size)
         print(f"added {len(paths)} normal training images under {out}")
+        return 0
+    if args.semantic:
+        from plantad.data.demo import generate_semantic_demo
+
+        generate_semantic_demo(out, settings.semantic_demo, seed=args.seed)
+        print(f"image-level semantic demo dataset (no masks) written to {out}")
         return 0
     demo = settings.demo.model_copy(update={"seed": args.seed})
     generate_demo(out, demo)
@@ -178,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-normal", type=int, default=0, metavar="N", help="append N normal train images per category")
+    p.add_argument("--semantic", action="store_true",
+                   help="image-level demo instead (semantic_demo section): object families, no masks")
     _common(p)
     p.set_defaults(func=cmd_demo_data)
 

@@ -72,11 +72,25 @@ def test_values_are_plain_python_numbers(dataset) -> None:
     assert type(out["n_images"]) is int and type(out["n_anomalous"]) is int
 
 
-def test_pixel_metrics_nan_without_masks(dataset) -> None:
+def test_pixel_metrics_null_without_masks(dataset) -> None:
     out = compute_metrics(dataset["labels"], dataset["scores"], dataset["categories"])
-    assert math.isnan(out["pixel_auroc"]) and math.isnan(out["pixel_aupro"])
-    assert all(math.isnan(c["pixel_aupro"]) for c in out["per_category"].values())
+    assert out["pixel_auroc"] is None and out["pixel_aupro"] is None
+    assert all(c["pixel_auroc"] is None and c["pixel_aupro"] is None for c in out["per_category"].values())
     assert out["image_auroc"] == pytest.approx(compute_metrics(**dataset)["image_auroc"])
+    loaded = json.loads(metrics_to_json(out))
+    assert loaded["pixel_aupro"] is None and loaded["per_category"]["bolt"]["pixel_auroc"] is None
+
+
+def test_pixel_metrics_only_for_categories_with_masks(dataset) -> None:
+    out = compute_metrics(**dataset, pixel_categories={"bolt"})
+    full = compute_metrics(**dataset)
+    assert out["per_category"]["bolt"]["pixel_auroc"] == pytest.approx(full["per_category"]["bolt"]["pixel_auroc"])
+    assert out["per_category"]["cable"]["pixel_auroc"] is None and out["per_category"]["cable"]["pixel_aupro"] is None
+    # the mean covers the categories that have the metric: here bolt alone
+    assert out["pixel_aupro"] == pytest.approx(full["per_category"]["bolt"]["pixel_aupro"])
+    assert out["image_auroc"] == pytest.approx(full["image_auroc"])
+    none = compute_metrics(**dataset, pixel_categories=set())
+    assert none["pixel_auroc"] is None and none["pixel_aupro"] is None
 
 
 def test_category_keys_are_strings() -> None:
@@ -86,7 +100,8 @@ def test_category_keys_are_strings() -> None:
 
 def test_all_categories_degenerate_gives_nan_means() -> None:
     out = compute_metrics([0, 0, 1], [0.1, 0.2, 0.3], ["a", "a", "b"])
-    assert all(math.isnan(out[k]) for k in METRIC_KEYS)
+    assert all(math.isnan(out[k]) for k in METRIC_KEYS if k.startswith("image"))
+    assert out["pixel_auroc"] is None and out["pixel_aupro"] is None  # no masks: absent, not undefined
 
 
 def test_metrics_to_json_writes_nan_as_null(dataset) -> None:

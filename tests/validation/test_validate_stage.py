@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from manifest_files import SIZE, add_image, with_rows
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "validate.py"
@@ -56,12 +57,14 @@ def test_stage_passes_on_good_manifest(good_parquet: Path, params: Path, tmp_pat
 
 
 def test_stage_fails_with_summary_on_stderr(
-    good_manifest: pd.DataFrame, params: Path, tmp_path: Path
+    good_manifest: pd.DataFrame, dataset_root: Path, params: Path, tmp_path: Path
 ) -> None:
     i = good_manifest.index[good_manifest["label"] == 1][0]
-    good_manifest.loc[i, ["mask_path", "mask_width", "mask_height"]] = pd.NA
+    category = good_manifest.at[i, "category"]
+    masked = add_image(dataset_root, f"{category}/test/dent/stage.png", category, "test", "dent", mask_size=SIZE)
+    good_manifest.loc[i, ["mask_path", "mask_width", "mask_height"]] = pd.NA  # its category has masks
     manifest = tmp_path / "manifest.parquet"
-    good_manifest.to_parquet(manifest, index=False)
+    with_rows(good_manifest, masked).to_parquet(manifest, index=False)
     out = tmp_path / "validation"
     proc = run_stage("--manifest", manifest, "--out", out, "--params", params)
     assert proc.returncode == 1

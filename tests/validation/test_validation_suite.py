@@ -33,9 +33,20 @@ def first(df: pd.DataFrame, **where: object) -> int:
 
 
 def missing_mask(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """A category with masks where one anomalous test image has none (masks are per category)."""
     i = first(df, label=1, split="test")
+    masked = add_image(root, f"{df.at[i, 'category']}/test/dent/masked.png", df.at[i, "category"], "test", "dent",
+                       mask_size=SIZE)
     df.loc[i, ["mask_path", "mask_width", "mask_height"]] = pd.NA
-    return df, [df.at[i, "path"]]
+    return with_rows(df, masked), [df.at[i, "path"]]
+
+
+def test_a_category_without_any_mask_is_image_level_and_valid(good_manifest, validate) -> None:
+    df = good_manifest.copy()
+    weave = df["category"] == "weave"
+    df.loc[weave, ["mask_path", "mask_width", "mask_height"]] = pd.NA
+    report = validate(df)
+    assert report.success, report.summary()
 
 
 def unreadable_mask(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -203,7 +214,8 @@ def test_outputs_are_written_and_replaced(
     assert gx_result["success"] is False and len(gx_result["results"]) == N_EXPECTATIONS
     assert (tmp_path / "data_docs" / "index.html").is_file()
     (page,) = (tmp_path / "data_docs" / "validations").rglob("*.html")
-    description = "anomalous test images have masks: mask_path set where label is 1 and split is test"
+    description = ("anomalous test images have masks: mask_path set where label is 1 and split is test, "
+                   "in every category that has masks")
     assert description in page.read_text()
 
     validate(good_manifest)  # a second run replaces the first one's outputs

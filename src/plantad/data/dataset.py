@@ -49,13 +49,22 @@ def split_holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
     return normal[~is_held], normal[is_held]
 
 
+def categories_with_masks(df: pd.DataFrame) -> set[str]:
+    """Categories where at least one image has a mask (validation makes those fully masked)."""
+    return set(df.loc[df["mask_path"].notna(), "category"].astype(str))
+
+
 class ManifestDataset(Dataset):
     """Manifest rows as model inputs: dict(image (3,S,S), label, [mask (1,S,S)], index).
 
-    `index` is the row position in `df`, so scores can be joined back to the manifest.
+    `index` is the row position in `df`, so scores can be joined back to the manifest. With masks,
+    `require_masks=False` gives an all-zero mask to rows without one (image-level datasets); the
+    caller then decides which rows' masks mean anything (see `categories_with_masks`).
     """
 
-    def __init__(self, df: pd.DataFrame, root: Path, image_size: int, with_masks: bool = False) -> None:
+    def __init__(
+        self, df: pd.DataFrame, root: Path, image_size: int, with_masks: bool = False, require_masks: bool = True
+    ) -> None:
         missing = [c for c in ("path", "label", "mask_path") if c not in df.columns]
         if missing:
             raise ValueError(f"ManifestDataset needs manifest column(s) {missing}")
@@ -67,7 +76,7 @@ class ManifestDataset(Dataset):
         self.paths: list[str] = df["path"].astype(str).tolist()
         self.labels: list[int] = df["label"].astype(int).tolist()
         self.mask_paths: list[str | None] = [None if pd.isna(m) else str(m) for m in df["mask_path"]]
-        if with_masks:
+        if with_masks and require_masks:
             self._require_masks()
 
     def _require_masks(self) -> None:

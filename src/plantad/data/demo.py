@@ -12,13 +12,15 @@ import re
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from plantad.config import DemoConfig
+from plantad.config import DemoConfig, SemanticDemoConfig
 from plantad.data.demo_defects import DEFECTS, add_defect
+from plantad.data.demo_semantic import write_semantic_category
 from plantad.data.demo_textures import CATEGORIES, render_normal
 from plantad.data.layout import EXPECTED_LAYOUT, DatasetLayoutError, find_categories, list_images
 
@@ -89,7 +91,25 @@ def generate_demo(out: Path, cfg: DemoConfig) -> Path:
 
     Files appear all at once: they are written to a sibling temp folder that is renamed at the end.
     """
-    out = Path(out)
+    def write(staging: Path) -> None:
+        for category in sorted(set(cfg.categories)):
+            _write_category(staging, category, cfg)
+
+    return _write_staged(Path(out), write)
+
+
+def generate_semantic_demo(out: Path, cfg: SemanticDemoConfig, seed: int = 0) -> Path:
+    """Write the image-level semantic demo (no masks) to `out` (absent or empty), all at once."""
+
+    def write(staging: Path) -> None:
+        for category in sorted(set(cfg.categories)):
+            write_semantic_category(staging, category, cfg, seed, save=_save_png, rng_for=sample_rng)
+
+    return _write_staged(Path(out), write)
+
+
+def _write_staged(out: Path, write: Callable[[Path], object]) -> Path:
+    """Run `write(staging)` into a sibling temp folder, then rename it to `out` (absent or empty)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"{out} already exists and is not an empty folder; demo data never overwrites stored data "
@@ -99,8 +119,7 @@ def generate_demo(out: Path, cfg: DemoConfig) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     try:
-        for category in sorted(set(cfg.categories)):
-            _write_category(staging, category, cfg)
+        write(staging)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from plantad.config import Settings, apply_overrides, settings_from_dict, settings_to_dict
-from plantad.data.dataset import ManifestDataset
+from plantad.data.dataset import ManifestDataset, categories_with_masks
 from plantad.evaluation.metrics import compute_metrics
 from plantad.scoring import score_batch
 
@@ -28,8 +28,9 @@ class Predictions:
     local_score: np.ndarray | None
     semantic_score: np.ndarray | None
     is_anomalous: np.ndarray  # (N,) bool at the model's threshold
-    maps: np.ndarray  # (N, S, S) float32
-    masks: np.ndarray  # (N, S, S) uint8
+    maps: np.ndarray | None  # (N, S, S) float32; None for a model without a local branch
+    masks: np.ndarray  # (N, S, S) uint8; all zero on rows of categories without masks
+    pixel_categories: set[str]  # categories whose masks are real (pixel metrics exist)
 
 
 def evaluation_settings(model_meta: dict[str, Any], params: Settings | None = None, overrides: list[str] = ()) -> Settings:
@@ -52,22 +53,25 @@ def test_rows(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict(model: nn.Module, rows: pd.DataFrame, root: Path, settings: Settings, progress: bool = True) -> Predictions:
-    ds = ManifestDataset(rows, root, settings.data.image_size, with_masks=True)
+    """Score every row; masks are read where the category has them (image-level datasets have none)."""
+    ds = ManifestDataset(rows, root, settings.data.image_size, with_masks=True, require_masks=False)
     loader = DataLoader(ds, batch_size=settings.scoring.batch_size, num_workers=settings.data.loader_workers)
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("prob", "local", "sem", "dec", "map", "mask")}
     for batch in tqdm(loader, desc="score", disable=not (progress and sys.stderr.isatty())):
         out = score_batch(model, batch["image"], settings.scoring, amp=settings.train.amp)
         cols["prob"].append(out.probability.cpu())
         cols["dec"].append(out.is_anomalous.cpu())
-        cols["map"].append(out.anomaly_map.cpu().float())
         cols["mask"].append(batch["mask"][:, 0].to(torch.uint8))
-        if out.local_score is not None:
+        if out.local_score is not None:  # a semantic-only map is the image score copied: not a map
+            cols["map"].append(out.anomaly_map.cpu().float())
             cols["local"].append(out.local_score.cpu())
         if out.semantic_score is not None:
             cols["sem"].append(out.semantic_score.cpu())
     cat = {k: torch.cat(v).numpy() if v else None for k, v in cols.items()}
+    pixel_categories = categories_with_masks(rows) if cat["map"] is not None else set()
     return Predictions(
-        rows, rows["label"].to_numpy(dtype=int), cat["prob"], cat["local"], cat["sem"], cat["dec"], cat["map"], cat["mask"]
+        rows, rows["label"].to_numpy(dtype=int), cat["prob"], cat["local"], cat["sem"], cat["dec"], cat["map"],
+        cat["mask"], pixel_categories,
     )
 
 
@@ -87,13 +91,15 @@ def threshold_metrics(labels: np.ndarray, decisions: np.ndarray) -> dict[str, fl
 
 
 def metrics_from_predictions(pred: Predictions, settings: Settings) -> dict[str, Any]:
+    pixel = pred.maps is not None
     metrics = compute_metrics(
         pred.labels,
         pred.probability,
         pred.rows["category"].to_numpy(),
-        masks=pred.masks,
+        masks=pred.masks if pixel else None,
         maps=pred.maps,
         fpr_limit=settings.evaluate.aupro_fpr_limit,
+        pixel_categories=pred.pixel_categories,
     )
     metrics["at_threshold"] = threshold_metrics(pred.labels, pred.is_anomalous)
     return metrics

@@ -2,7 +2,9 @@
 
 Conventions: a sample is predicted anomalous when its score is >= the threshold; tied scores move
 together (AUROC gives ties 0.5 credit, like scikit-learn). Degenerate inputs (one class only, no
-anomalous pixels) give NaN and a logged warning; malformed inputs raise ValueError.
+anomalous pixels) give NaN and a logged warning; malformed inputs raise ValueError. A metric that
+does not exist for the data (pixel metrics of a category without masks, or of a model without a
+local map) is None, never a number: JSON null, "n/a" in tables, not logged to MLflow.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -202,15 +204,21 @@ def pixel_aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
     return _area_up_to(x, y, fpr_limit) / fpr_limit
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
+def _nanmean(values: Sequence[float | None]) -> float | None:
+    """Mean of the finite values; NaN when only NaN were given, None when every value is None."""
+    present = [v for v in values if v is not None]
+    finite = [v for v in present if not math.isnan(v)]
+    if not present:
+        return None
     return float(sum(finite) / len(finite)) if finite else math.nan
 
 
 def _category_metrics(
     category: str, y: np.ndarray, s: np.ndarray, m: np.ndarray | None, a: np.ndarray | None, fpr_limit: float
-) -> dict[str, float]:
-    out = dict.fromkeys(METRIC_KEYS, math.nan)
+) -> dict[str, float | None]:
+    out: dict[str, float | None] = dict.fromkeys(METRIC_KEYS, math.nan)
+    if m is None:
+        out.update(pixel_auroc=None, pixel_aupro=None)
     n_pos = int(np.count_nonzero(y))
     if 0 < n_pos < y.size:
         out.update(image_auroc=image_auroc(y, s), image_ap=image_ap(y, s), image_f1_max=image_f1_max(y, s))
@@ -223,15 +231,23 @@ def _category_metrics(
             out.update(pixel_auroc=pixel_auroc(m, a), pixel_aupro=pixel_aupro(m, a, fpr_limit))
         else:
             log.warning("category %r: %d anomalous of %d pixels; pixel_auroc, pixel_aupro are NaN", category, n_px, m.size)
-    return {k: float(v) for k, v in out.items()}
+    return {k: None if v is None else float(v) for k, v in out.items()}
 
 
 def compute_metrics(
-    labels: Any, scores: Any, categories: Any, masks: Any = None, maps: Any = None, fpr_limit: float = 0.3
+    labels: Any,
+    scores: Any,
+    categories: Any,
+    masks: Any = None,
+    maps: Any = None,
+    fpr_limit: float = 0.3,
+    pixel_categories: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """The five metrics per category and their mean over categories (NaN ignored), as plain floats.
 
-    Pixel metrics are NaN when masks and maps are both None; giving only one of them is an error.
+    Pixel metrics are None when masks and maps are both None (giving only one is an error), and for
+    categories not in `pixel_categories` (None: every category), whose masks are placeholders. The
+    mean of a pixel metric is over the categories that have it, None when none has.
     """
     y, s = _image_inputs(labels, scores)
     cats = np.asarray(categories).astype(str)  # keys of the JSON report; also orders mixed types
@@ -247,7 +263,8 @@ def compute_metrics(
     per_category: dict[str, dict[str, float]] = {}
     for cat in np.unique(cats):
         idx = np.flatnonzero(cats == cat)
-        sub_m, sub_a = (m[idx], a[idx]) if m is not None and a is not None else (None, None)
+        has_pixels = m is not None and a is not None and (pixel_categories is None or str(cat) in pixel_categories)
+        sub_m, sub_a = (m[idx], a[idx]) if has_pixels else (None, None)
         per_category[str(cat)] = _category_metrics(str(cat), y[idx], s[idx], sub_m, sub_a, fpr_limit)
     means = {k: _nanmean([v[k] for v in per_category.values()]) for k in METRIC_KEYS}
     return {**means, "per_category": per_category, "n_images": int(y.size), "n_anomalous": int(np.count_nonzero(y))}

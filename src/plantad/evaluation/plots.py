@@ -107,7 +107,7 @@ def write_curve_csv(labels: Any, scores: Any, path: str | Path, kind: str = "roc
 
 
 def plot_per_category(metrics: dict[str, Any], path: str | Path) -> Path:
-    """Grouped bars of the five metrics per category plus the mean; NaN metrics are marked n/a.
+    """Grouped bars of the five metrics per category plus the mean; NaN or null metrics are marked n/a.
 
     Size: (2 + 1.25 * (n_categories + 1)) x 4.5 inches at DPI 100.
     """
@@ -119,7 +119,7 @@ def plot_per_category(metrics: dict[str, Any], path: str | Path) -> Path:
     width = 0.8 / len(METRIC_KEYS)
     for j, key in enumerate(METRIC_KEYS):
         xs = np.arange(len(names)) + (j - (len(METRIC_KEYS) - 1) / 2) * width
-        values = np.array([float(r[key]) for r in rows])
+        values = np.array([math.nan if r[key] is None else float(r[key]) for r in rows])
         shown = ~np.isnan(values)
         ax.bar(xs[shown], values[shown], width, label=key)
         for x in xs[~shown]:

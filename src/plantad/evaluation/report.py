@@ -41,7 +41,7 @@ def write_plots(pred: Predictions, metrics: dict[str, Any], out_dir: Path, root:
         plot_pr(pred.labels, pred.probability, out_dir / "pr.png", "Image precision-recall", categories=cats),
         plot_per_category(metrics, out_dir / "per_category.png"),
     ]
-    if root is not None:
+    if root is not None and pred.maps is not None:  # a semantic-only model has no map to overlay
         sel = overlay_selection(pred)
         titles = [f"{pred.rows.at[i, 'category']}/{pred.rows.at[i, 'defect_type']} P={pred.probability[i]:.2f}" for i in sel]
         paths.append(plot_overlay_grid(_thumbnails(pred, sel, root), pred.maps[sel], pred.masks[sel], titles, out_dir / "overlays.png"))

@@ -7,6 +7,8 @@ P = 1 - (1 - p_D)(1 - p_E) and, on normal data, -log(1 - P) = lambda_D s_D + lam
 training objective is that weighted sum of the two distillation losses. With `adaptive`
 weighting the lambdas during training are the inverse running means of each loss (the same
 scale-normalisation the calibration applies); with `fixed` they are the configured weights.
+The students share no parameters, so this sum does not couple them: each weight only rescales
+its own student's gradient. They train independently; only their scores are joined here.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Plain PyTorch training: the step every runner (CLI, DVC stage, Ray Train worker) calls.
 
 Optimiser and schedule follow Dinomaly [read]: AdamW lr 2e-3, wd 1e-4, linear warm-up then cosine
-to min_lr, grad-norm clip; hard-mining fraction ramps linearly to its final value. Each student's
-gradient is clipped on its own, so joint training of the two students under one optimiser equals
-training each alone up to the Noisy-OR weights.
+to min_lr, grad-norm clip; hard-mining fraction ramps linearly to its final value.
+
+The two students train independently: they share no parameters, each one's gradient comes from its
+own loss only and is clipped on its own, so the Noisy-OR weights of the summed loss only rescale
+each student's own gradient (which clipping and AdamW largely normalise away). One optimiser is a
+convenience, not a coupling; the Noisy-OR joins the students' scores at calibration and scoring.
 """
 
 from __future__ import annotations

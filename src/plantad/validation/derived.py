@@ -13,11 +13,13 @@ ROW = "row"  # manifest row number (0-based), quoted in every example
 LABEL_FROM_DEFECT_TYPE = "label_from_defect_type"
 TRAIN_NORMAL_IN_CATEGORY = "train_normal_images_in_category"
 SHA256_IN_TRAIN_AND_TEST = "sha256_in_train_and_test"
+CATEGORY_HAS_MASKS = "category_has_masks"
 
 DERIVED_FROM = {  # helper column -> the manifest columns it is computed from
     LABEL_FROM_DEFECT_TYPE: ("defect_type",),
     TRAIN_NORMAL_IN_CATEGORY: ("category", "split", "label"),
     SHA256_IN_TRAIN_AND_TEST: ("split", "sha256"),
+    CATEGORY_HAS_MASKS: ("category", "mask_path"),
 }
 DERIVED_COLUMNS = (ROW, *DERIVED_FROM)
 
@@ -49,6 +51,17 @@ def sha256_in_train_and_test(df: pd.DataFrame) -> pd.Series:
     return df["sha256"].isin(train & test).astype(bool)
 
 
+def category_has_masks(df: pd.DataFrame) -> pd.Series:
+    """True on every row of a category where at least one image has a mask.
+
+    Masks are optional per category (image-level datasets have none), but a category with some masks
+    must have them for every anomalous test image: a partly masked category would give pixel metrics
+    over an arbitrary subset of its defects.
+    """
+    masked = set(df.loc[df["mask_path"].notna(), "category"].dropna())
+    return df["category"].isin(masked).astype(bool)
+
+
 def with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
     """A copy of the manifest with a fresh 0-based index and the helper columns the suite reads."""
     clash = [c for c in DERIVED_COLUMNS if c in manifest.columns]
@@ -60,6 +73,7 @@ def with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
         LABEL_FROM_DEFECT_TYPE: lambda: label_from_defect_type(df["defect_type"]),
         TRAIN_NORMAL_IN_CATEGORY: lambda: train_normal_count_per_category(df),
         SHA256_IN_TRAIN_AND_TEST: lambda: sha256_in_train_and_test(df),
+        CATEGORY_HAS_MASKS: lambda: category_has_masks(df),
     }
     for name, compute in helpers.items():
         if all(c in df.columns for c in DERIVED_FROM[name]):

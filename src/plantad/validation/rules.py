@@ -11,6 +11,7 @@ from typing import Any
 
 from plantad.config import ValidationConfig
 from plantad.validation.derived import (
+    CATEGORY_HAS_MASKS,
     LABEL_FROM_DEFECT_TYPE,
     SHA256_IN_TRAIN_AND_TEST,
     TRAIN_NORMAL_IN_CATEGORY,
@@ -59,10 +60,13 @@ def manifest_rules(cfg: ValidationConfig) -> list[Rule]:
         column_B=LABEL_FROM_DEFECT_TYPE, ignore_row_if="either_value_is_missing")
     add("no anomalous images in train", "label is 0 on every train row", E.ExpectColumnValuesToBeInSet,
         show=("defect_type",), column="label", value_set=[0], row_condition=Column("split") == "train")
-    # 3. masks: present for anomalous test images, same size as their image
-    add("anomalous test images have masks", "mask_path set where label is 1 and split is test",
+    # 3. masks are optional per category (image-level datasets); a category that has masks has one
+    # for every anomalous test image, and each is the size of its image
+    add("anomalous test images have masks",
+        "mask_path set where label is 1 and split is test, in every category that has masks",
         E.ExpectColumnValuesToNotBeNull, show=("label", "defect_type"), column="mask_path",
-        row_condition=(Column("label") == 1) & (Column("split") == "test"))
+        row_condition=(Column("label") == 1) & (Column("split") == "test")
+        & (Column(CATEGORY_HAS_MASKS) == True))  # noqa: E712  (a GX row condition, not a Python test)
     has_mask = Column("mask_path").is_not_null()
     # GX's pair check errors on nulls ("boolean value of NA is ambiguous"), so it skips them and a
     # mask the manifest could not measure fails here instead
