@@ -8,7 +8,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.plantad-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]" -c constraints.txt
+  # pip's "Location ... is ignored" lines come from this machine's index config, not from plantad
+  quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }; }
+  quiet .venv/bin/python -m pip install --quiet --upgrade pip
+  quiet .venv/bin/python -m pip install --quiet -e ".[dev]" -c constraints.txt
   touch "$stamp"
 fi
