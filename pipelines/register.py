@@ -1,6 +1,7 @@
 """DVC stage register: log evaluation and the pyfunc model to the training run, register a new
-version in the MLflow Model Registry (alias `challenger`), and promote it to `champion` only when
-`mlflow.promote: auto` and it beats the current champion on `mlflow.promotion_metric`."""
+version in the MLflow Model Registry (alias `challenger`), and promote it to `champion` when no
+champion exists, or when `mlflow.promote: auto` and it beats the current champion on
+`mlflow.promotion_metric`, the champion being re-scored on this run's test set first."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
 from plantad.tracking.experiment import log_evaluation
 from plantad.tracking.pyfunc import log_pyfunc_model
+from plantad.tracking.promotion import champion_rescorer
 from plantad.tracking.registry import apply_decision, promotion_decision, register_version
 from plantad.tracking.s3 import storage_env
 from plantad.tracking.store import TrackingStoreError, check_tracking_server, resolve_tracking_uri
@@ -51,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     tags = {**lineage, "teacher_source": meta["teacher"]["source"], settings.mlflow.promotion_metric:
             str(metrics.get(settings.mlflow.promotion_metric))}
     version = register_version(client, name, run_id, "model", tags=tags, model_id=info.model_id)
-    decision = promotion_decision(client, name, version.version, settings.mlflow.promotion_metric, settings.mlflow.promote)
-    apply_decision(client, name, decision)
+    metric = settings.mlflow.promotion_metric
+    rescore = champion_rescorer(client, uri, manifest, Path(args.data), settings, metric)
+    decision = promotion_decision(client, name, version.version, metric, settings.mlflow.promote,
+                                  allow_random_teacher=settings.mlflow.allow_random_teacher_promotion,
+                                  score_champion=rescore)
+    decision = apply_decision(client, name, decision)
     aliases = client.get_model_version(name, version.version).aliases
     record = {"tracking_uri": uri, "registered_model": name, "version": version.version, "aliases": sorted(aliases),
               "run_id": run_id, "model_uri": f"models:/{name}/{version.version}", "decision": dataclasses.asdict(decision)}

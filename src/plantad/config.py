@@ -256,6 +256,8 @@ class MlflowConfig(_Section):
     registered_model: str = "plantad-anomaly"
     promote: Literal["manual", "auto"] = "manual"
     promotion_metric: str = "image_auroc"
+    # a model whose teacher has random weights never becomes champion automatically unless true
+    allow_random_teacher_promotion: bool = False
     artifact_location: str | None = None  # e.g. s3://bucket/mlflow for a new experiment
 
 

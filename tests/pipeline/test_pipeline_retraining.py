@@ -26,9 +26,12 @@ def test_first_repro_registers_a_challenger_with_metrics_artifacts_and_lineage(
     baseline: Project, mlflow_server: str, registry_names: dict[str, str], tmp_path: Path
 ) -> None:
     reg, name = baseline.registration(), registry_names["registered_model"]
-    assert (reg["registered_model"], reg["version"], reg["aliases"]) == (name, "1", ["challenger"])
+    # manual mode, but no champion yet: the first version takes it (the demo params.yaml allows its
+    # random-weight teacher to be promoted: mlflow.allow_random_teacher_promotion)
+    assert (reg["registered_model"], reg["version"], reg["aliases"]) == (name, "1", ["challenger", "champion"])
     client = MlflowClient(mlflow_server)
-    assert client.get_registered_model(name).aliases == {"challenger": "1"}  # manual mode: no champion
+    assert client.get_registered_model(name).aliases == {"challenger": "1", "champion": "1"}
+    assert reg["decision"]["promote"] and "no 'champion' yet" in reg["decision"]["reason"]
     version = client.get_model_version(name, "1")
     assert version.run_id == reg["run_id"]
 
@@ -104,7 +107,8 @@ def test_new_data_retrains_without_regenerating_the_demo(
     assert new.tags["data_manifest_sha256"] == manifest_fingerprint(manifest) != old.tags["data_manifest_sha256"]
     assert client.get_run(reg["run_id"]).data.tags["git_commit"] == head
     assert client.get_registered_model(name).aliases["challenger"] == expected
-    assert client.get_model_version(name, before["version"]).aliases == []  # challenger moved on
+    assert client.get_model_version(name, before["version"]).aliases == ["champion"]  # challenger moved on
+    assert client.get_registered_model(name).aliases["champion"] == before["version"]  # manual: a person moves it
 
 
 @pytest.mark.e2e

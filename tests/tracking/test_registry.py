@@ -60,6 +60,12 @@ def log_marker_model(experiment_id: str, marker: str, metrics: dict[str, float],
     return run.info.run_id
 
 
+def register(client: MlflowClient, name: str, run_id: str, tags: dict[str, str] | None = None,
+             teacher: str = "checkpoint"):
+    """register_version with the `teacher_source` tag the register stage sets from model.json."""
+    return register_version(client, name, run_id, "model", {"teacher_source": teacher, **(tags or {})})
+
+
 def gate(client: MlflowClient, name: str, version: str, mode: str = "auto") -> bool:
     decision = promotion_decision(client, name, version, METRIC, mode)
     apply_decision(client, name, decision)
@@ -74,8 +80,7 @@ def test_challenger_moves_and_auto_gate_promotes_only_the_better(tracking, tmp_p
     code.write_text(MODEL_CODE)
 
     assert get_alias_version(client, name, CHAMPION) is None  # no registered model yet
-    v1 = register_version(client, name, log_marker_model(experiment_id, "v1", {METRIC: 0.80}, code), "model",
-                          {"data_dvc_md5": "abc.dir"})
+    v1 = register(client, name, log_marker_model(experiment_id, "v1", {METRIC: 0.80}, code), {"data_dvc_md5": "abc.dir"})
     assert v1.version == "1" and CHALLENGER in v1.aliases and v1.tags["data_dvc_md5"] == "abc.dir"
     assert v1.source.startswith("models:/m-")  # the MLflow 3 LoggedModel, not runs:/<id>/model
     first = promotion_decision(client, name, v1.version, METRIC, "auto")
@@ -83,17 +88,17 @@ def test_challenger_moves_and_auto_gate_promotes_only_the_better(tracking, tmp_p
     apply_decision(client, name, first)
     assert get_alias_version(client, name, CHAMPION).version == "1"
 
-    v2 = register_version(client, name, log_marker_model(experiment_id, "v2", {METRIC: 0.90}, code), "model")
+    v2 = register(client, name, log_marker_model(experiment_id, "v2", {METRIC: 0.90}, code))
     assert get_alias_version(client, name, CHALLENGER).version == "2"
     manual = promotion_decision(client, name, v2.version, METRIC, "manual")
-    assert not manual.promote and (manual.candidate_value, manual.champion_value) == (0.90, 0.80)
+    assert not manual.promote and (manual.candidate_value, manual.champion_version) == (0.90, "1")
     apply_decision(client, name, manual)
     assert get_alias_version(client, name, CHAMPION).version == "1"  # manual never moves it
     assert client.get_model_version(name, "2").tags["promotion.decision"] == "kept"
     assert gate(client, name, v2.version)
     assert get_alias_version(client, name, CHAMPION).version == "2"
 
-    v3 = register_version(client, name, log_marker_model(experiment_id, "v3", {METRIC: 0.85}, code), "model")
+    v3 = register(client, name, log_marker_model(experiment_id, "v3", {METRIC: 0.85}, code))
     decision = promotion_decision(client, name, v3.version, METRIC, "auto")
     assert not decision.promote and (decision.candidate_value, decision.champion_value) == (0.85, 0.90)
     assert decision.champion_version == "2" and "not strictly higher" in decision.reason
@@ -115,17 +120,17 @@ def test_lower_is_better_metrics_and_missing_metrics(tracking, tmp_path: Path) -
     name = "plantad-loss"
     code = tmp_path / "marker_model.py"
     code.write_text(MODEL_CODE)
-    v1 = register_version(client, name, log_marker_model(experiment_id, "a", {"loss": 0.5}, code), "model")
+    v1 = register(client, name, log_marker_model(experiment_id, "a", {"loss": 0.5}, code))
     set_alias(client, name, CHAMPION, v1.version)
-    v2 = register_version(client, name, log_marker_model(experiment_id, "b", {"loss": 0.4}, code), "model")
+    v2 = register(client, name, log_marker_model(experiment_id, "b", {"loss": 0.4}, code))
     assert promotion_decision(client, name, v2.version, "loss", "auto", higher_is_better=False).promote
     assert not promotion_decision(client, name, v2.version, "loss", "auto").promote
     set_alias(client, name, CHAMPION, v2.version)
-    v3 = register_version(client, name, log_marker_model(experiment_id, "c", {"loss": 0.4}, code), "model")
+    v3 = register(client, name, log_marker_model(experiment_id, "c", {"loss": 0.4}, code))
     assert not promotion_decision(client, name, v3.version, "loss", "auto", higher_is_better=False).promote  # a tie
 
-    with pytest.raises(RegistryError, match="v3 .*no finite metric 'image_auroc'"):
-        promotion_decision(client, name, v3.version, METRIC, "auto")
+    missing = promotion_decision(client, name, v3.version, METRIC, "auto")  # v3 logged no image_auroc
+    assert not missing.promote and "candidate has no finite 'image_auroc'" in missing.reason
     assert promotion_decision(client, name, v2.version, METRIC, "manual").candidate_value is None
     with pytest.raises(RegistryError, match="'manual' or 'auto'"):
         promotion_decision(client, name, v2.version, METRIC, "always")
@@ -147,3 +152,29 @@ def test_plain_artifact_folder_registers_as_runs_uri(tracking, tmp_path: Path) -
     assert (Path(local) / "weights.bin").read_bytes() == b"\x01\x02\x03"
     with pytest.raises(RegistryError, match="no logged model and no artifacts at 'nothing'"):
         register_version(client, name, run_id, "nothing")
+
+
+@pytest.mark.e2e
+def test_manual_mode_first_version_becomes_champion_later_ones_wait(tracking, tmp_path: Path) -> None:
+    client, experiment_id = tracking
+    name = "plantad-manual-first"
+    code = tmp_path / "marker_model.py"
+    code.write_text(MODEL_CODE)
+    v1 = register(client, name, log_marker_model(experiment_id, "v1", {METRIC: 0.70}, code))
+    first = promotion_decision(client, name, v1.version, METRIC, "manual")
+    assert first.promote and first.champion_version is None and "first version" in first.reason
+    apply_decision(client, name, first)
+    assert get_alias_version(client, name, CHAMPION).version == "1"
+    tags = client.get_model_version(name, "1").tags
+    assert tags["promotion.decision"] == "promoted" and "no 'champion' yet" in tags["promotion.reason"]
+
+    v2 = register(client, name, log_marker_model(experiment_id, "v2", {METRIC: 0.95}, code))
+    later = promotion_decision(client, name, v2.version, METRIC, "manual")
+    assert not later.promote and "manual mode" in later.reason  # better, but a person decides
+    apply_decision(client, name, later)
+    assert get_alias_version(client, name, CHAMPION).version == "1"
+
+    client.delete_registered_model_alias(name, CHAMPION)  # a person withdrew the champion
+    v3 = register(client, name, log_marker_model(experiment_id, "v3", {METRIC: 0.60}, code))
+    apply_decision(client, name, promotion_decision(client, name, v3.version, METRIC, "manual"))
+    assert get_alias_version(client, name, CHAMPION).version == "3"

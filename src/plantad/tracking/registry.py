@@ -1,15 +1,20 @@
 """Model Registry: versions, aliases and the promotion gate.
 
 Every new version gets alias `challenger`. `champion` is what serving loads
-(`models:/<name>@champion`); it moves only by the gate in `auto` mode, or by a person in the
-MLflow UI in `manual` mode. Aliases, not stages: stages are deprecated since MLflow 2.9.
+(`models:/<name>@champion`); the first version registered while no `champion` exists becomes
+`champion` in either mode; after that it moves only by the gate in `auto` mode, or by a person in
+the MLflow UI in `manual` mode. Aliases, not stages: stages are deprecated since MLflow 2.9.
+Nothing moves `champion` automatically to a model whose teacher has random weights unless
+`mlflow.allow_random_teacher_promotion` allows it, and a move never overwrites a `champion` that
+changed while the gate was deciding (see apply_decision).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -117,22 +122,35 @@ def get_alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersi
     return None if version is None else client.get_model_version(name, str(version))
 
 
-def _run_metric(client: MlflowClient, version: ModelVersion, metric: str, required: bool) -> float | None:
-    """Latest value of `metric` in the run that produced `version`."""
+def finite(value: object) -> float | None:
+    """`value` as a float when it is a finite number; None for None, 'n/a', NaN or inf."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def run_metric(client: MlflowClient, version: ModelVersion, metric: str) -> tuple[float | None, str]:
+    """(latest finite value of `metric` in the run that produced `version`, where it came from)."""
     if not version.run_id:
-        if required:
-            raise RegistryError(f"{version.name} v{version.version} has no source run to read '{metric}' from")
-        return None
+        return None, f"v{version.version} has no source run to read '{metric}' from"
     metrics = client.get_run(version.run_id).data.metrics
-    value = metrics.get(metric)
-    if value is None or not math.isfinite(value):
-        if required:
-            raise RegistryError(
-                f"{version.name} v{version.version} (run {version.run_id}) has no finite metric '{metric}' "
-                f"(got {value!r}; metrics: {sorted(metrics)}); check mlflow.promotion_metric"
-            )
-        return None
-    return float(value)
+    value = finite(metrics.get(metric))
+    if value is None:
+        return None, (f"run {version.run_id} of v{version.version} has no finite '{metric}' "
+                      f"(got {metrics.get(metric)!r}; metrics: {sorted(metrics)}; check mlflow.promotion_metric)")
+    return value, f"logged by run {version.run_id}"
+
+
+# (champion version) -> (its metric on the candidate's test set or None, how it was obtained)
+ChampionScorer = Callable[["ModelVersion"], tuple[float | None, str]]
+
+
+def pretrained_teacher(version: ModelVersion) -> bool:
+    """True when the version's `teacher_source` tag says its teacher has real weights (checkpoint/hub);
+    a random or unrecorded teacher is False."""
+    return version.tags.get("teacher_source") in ("checkpoint", "hub")
 
 
 def promotion_decision(
@@ -142,47 +160,83 @@ def promotion_decision(
     metric: str,
     mode: Literal["manual", "auto"],
     higher_is_better: bool = True,
+    allow_random_teacher: bool = False,
+    score_champion: ChampionScorer | None = None,
 ) -> Decision:
-    """Should `candidate_version` become `champion`? Reads both runs' `metric`; changes nothing.
+    """Should `candidate_version` become `champion`? Reads the registry; changes nothing.
 
-    auto: yes when there is no champion or the candidate strictly beats it. manual: never.
+    Both modes: yes when there is no champion (the first version registered, or the alias was
+    deleted), so `models:/<name>@champion` resolves after the first `dvc repro`. manual: otherwise
+    never. auto: otherwise yes when the candidate strictly beats the champion, the champion's value
+    coming from `score_champion` (the register stage re-scores it on the candidate's test set; without
+    a scorer the champion's logged metric is used). A missing or non-finite value on either side, or a
+    teacher without pretrained weights (unless `allow_random_teacher`), never moves the alias.
     """
     if mode not in ("manual", "auto"):
         raise RegistryError(f"mlflow.promote must be 'manual' or 'auto', got {mode!r}")
     candidate = client.get_model_version(name, str(candidate_version))
     champion = get_alias_version(client, name, CHAMPION)
-    auto = mode == "auto"
-    cand_value = _run_metric(client, candidate, metric, required=auto)
-    champ_value = None
-    if champion is not None and champion.version != candidate.version:
-        champ_value = _run_metric(client, champion, metric, required=auto)
+    cand_value, cand_how = run_metric(client, candidate, metric)
+    champ_value, champ_how = None, ""
+    if mode == "auto" and champion is not None and champion.version != candidate.version:
+        champ_value, champ_how = (score_champion or (lambda v: run_metric(client, v, metric)))(champion)
+    promote, why = _decide(candidate, champion, cand_value, champ_value, metric, mode, higher_is_better,
+                           allow_random_teacher)
     champ_text = "none" if champion is None else f"v{champion.version} {metric}={champ_value}"
-    cand_text = f"v{candidate.version} {metric}={cand_value}"
-
-    if not auto:
-        promote, why = False, f"manual mode: set alias '{CHAMPION}' in the MLflow UI to promote"
-    elif champion is None:
-        promote, why = True, f"no '{CHAMPION}' yet"
-    elif champion.version == candidate.version:
-        promote, why = False, f"v{candidate.version} is already '{CHAMPION}'"
-    else:
-        better = cand_value > champ_value if higher_is_better else cand_value < champ_value
-        promote = better
-        side = "higher" if higher_is_better else "lower"
-        why = (f"candidate is {side} than the champion" if better
-               else f"candidate is not strictly {side} than the champion")
-    decision = Decision(promote, f"{why} (candidate {cand_text}; champion {champ_text})", cand_value, champ_value,
-                        str(candidate.version), None if champion is None else str(champion.version), metric, mode)
+    champ_text += f", {champ_how}" if champ_how else ""
+    cand_text = f"v{candidate.version} {metric}={cand_value}" + (f", {cand_how}" if cand_value is None else "")
+    decision = Decision(promote, f"{why} (candidate {cand_text}; champion {champ_text})",
+                        cand_value, champ_value, str(candidate.version),
+                        None if champion is None else str(champion.version), metric, mode)
     log.info("promotion of %s v%s: %s: %s", name, candidate.version,
              "promote" if decision.promote else "keep", decision.reason)
     return decision
 
 
-def apply_decision(client: MlflowClient, name: str, decision: Decision) -> None:
-    """Record the decision as version tags; move `champion` to the candidate when it says so."""
+def _decide(candidate: ModelVersion, champion: ModelVersion | None, cand_value: float | None,
+            champ_value: float | None, metric: str, mode: str, higher_is_better: bool,
+            allow_random_teacher: bool) -> tuple[bool, str]:
+    """(promote, why) from what promotion_decision read."""
+    if champion is not None and champion.version == candidate.version:
+        return False, f"v{candidate.version} is already '{CHAMPION}'"
+    if champion is not None and mode == "manual":
+        return False, f"manual mode: set alias '{CHAMPION}' in the MLflow UI to promote"
+    if not pretrained_teacher(candidate) and not allow_random_teacher:
+        source = candidate.tags.get("teacher_source", "not recorded")
+        return False, (f"the candidate's teacher has no pretrained weights (teacher_source={source}): it is never "
+                       "promoted automatically unless mlflow.allow_random_teacher_promotion is true; a person "
+                       f"may still set '{CHAMPION}'")
+    if champion is None:
+        return True, f"no '{CHAMPION}' yet: the first version registered without one becomes '{CHAMPION}'"
+    if cand_value is None or champ_value is None:
+        side = "candidate" if cand_value is None else "champion"
+        return False, f"the {side} has no finite '{metric}': a missing metric never wins, a person decides"
+    better = cand_value > champ_value if higher_is_better else cand_value < champ_value
+    word = "higher" if higher_is_better else "lower"
+    return better, (f"candidate is {word} than the champion" if better
+                    else f"candidate is not strictly {word} than the champion")
+
+
+def apply_decision(client: MlflowClient, name: str, decision: Decision) -> Decision:
+    """Record the decision as version tags; move `champion` to the candidate when it says so.
+
+    Compare-and-set: `champion` is re-read just before it is moved, and when it no longer points
+    where the decision saw it, nothing is overwritten and the returned decision says so. MLflow has
+    no atomic alias update, so a move by someone else between that re-read and the set (one registry
+    round trip) is still overwritten. Returns the decision as applied."""
     version = decision.candidate_version
+    if decision.promote:
+        now = get_alias_version(client, name, CHAMPION)
+        now_version = None if now is None else str(now.version)
+        if now_version != decision.champion_version:
+            seen = "none" if decision.champion_version is None else f"v{decision.champion_version}"
+            decision = replace(decision, promote=False, reason=(
+                f"'{CHAMPION}' moved from {seen} to {'none' if now is None else 'v' + now_version} while v{version} "
+                f"was being checked; nothing overwritten, re-run register to compare again. Was: {decision.reason}"))
+            log.warning("%s: %s", name, decision.reason)
+        else:
+            set_alias(client, name, CHAMPION, version)
+            log.info("%s@%s -> v%s", name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promotion.decision", "promoted" if decision.promote else "kept")
     client.set_model_version_tag(name, version, "promotion.reason", decision.reason[:5000])
-    if decision.promote:
-        set_alias(client, name, CHAMPION, version)
-        log.info("%s@%s -> v%s", name, CHAMPION, version)
+    return decision
