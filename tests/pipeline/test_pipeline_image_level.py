@@ -39,7 +39,7 @@ def test_dvc_repro_on_a_maskless_semantic_dataset(pipeline_env: dict[str, str], 
     assert roc[0] == "fpr,tpr,threshold" and len(roc) > 3
 
     reg = project.registration()
-    assert reg["version"] == "1" and reg["aliases"] == ["challenger"]
+    assert reg["version"] == "1" and reg["aliases"] == ["challenger", "champion"]  # the first version
     logged = MlflowClient(mlflow_server).get_run(reg["run_id"]).data.metrics
     assert logged["image_auroc"] == pytest.approx(metrics["image_auroc"])
     assert not [k for k in logged if "pixel" in k], sorted(logged)

@@ -271,17 +271,21 @@ def test_score_online_cli_prints_one_line_per_image(served, pngs, tmp_path, caps
     assert "HTTP 400: cannot decode image img1.png" in capsys.readouterr().err
 
 
-def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served):
+def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served, pngs):
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]
+    # this test's own traffic: one scored request and one refused with 413 (too many images)
+    assert httpx.post(f"{served.url}/score", json={"images": [b64(pngs[0])]}, timeout=60).status_code == 200
+    assert httpx.post(f"{served.url}/score", json={"images": [b64(pngs[0])] * 65}, timeout=60).status_code == 413
 
-    def scraped():
+    def scraped():  # metrics reach the endpoint in periodic exports: wait for both statuses
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         names = ("plantad_requests", "plantad_request_latency_ms", "plantad_batch_images", "plantad_probability",
                  "plantad_decisions", "plantad_model_version", "plantad_image_errors")
-        return text if all(n in text for n in names) else None
+        requests = [line for line in text.splitlines()
+                    if line.startswith("ray_plantad_requests") and 'route="score"' in line]
+        statuses = all(any(f'status="{code}"' in line for line in requests) for code in (200, 413))
+        return text if statuses and all(n in text for n in names) else None
 
-    text = wait_for(scraped, 90, f"plantad metrics at 127.0.0.1:{port}/metrics")
-    requests = [line for line in text.splitlines() if line.startswith("ray_plantad_requests") and 'route="score"' in line]
-    assert any('status="200"' in line for line in requests) and any('status="413"' in line for line in requests)
+    wait_for(scraped, 90, f"plantad request metrics with status 200 and 413 at 127.0.0.1:{port}/metrics")

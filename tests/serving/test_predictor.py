@@ -4,6 +4,7 @@ a registry alias to one version before it loads anything."""
 from __future__ import annotations
 
 import io
+import tempfile
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_predictor_scores_like_score_batch(trained_tiny, demo_root, demo_manifes
     assert all(s.is_anomalous and s.threshold == 0.0 for s in forced)
 
 
-def test_registry_alias_is_pinned_to_a_version(tmp_path, trained_tiny, demo_root, demo_manifest):
+def test_registry_alias_is_pinned_to_a_version(tmp_path, trained_tiny, demo_root, demo_manifest, monkeypatch):
     import mlflow
 
     from plantad.tracking.pyfunc import log_pyfunc_model
@@ -70,6 +71,12 @@ def test_registry_alias_is_pinned_to_a_version(tmp_path, trained_tiny, demo_root
     set_alias(client, "pinned", CHAMPION, versions[1].version)  # moves after resolution: ref stays pinned
     predictor = Predictor.from_ref(ref, uri, cache_dir=tmp_path / "cache")
     assert predictor.info()["version"] == str(versions[0].version)
+    assert (tmp_path / "cache" / "pinned" / str(versions[0].version) / ".complete").is_file()  # kept: a cache
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    again = Predictor.from_ref(ref, uri)  # no cache: the download is removed once the weights are loaded
+    assert again.threshold == predictor.threshold and list(scratch.iterdir()) == []
     assert predictor.ref.version_uri == f"models:/pinned/{versions[0].version}"
     assert resolve_model("models:/pinned@champion", client).version == str(versions[1].version)
     with pytest.raises(ModelSourceError, match="pinned has no alias 'nope'"):

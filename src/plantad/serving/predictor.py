@@ -7,6 +7,8 @@ model's `scoring.batch_size` and the identity of the version that scored (name, 
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ def split_scores(out: ScoreOutput, threshold: float, with_maps: bool) -> list[Im
 
 class Predictor:
     def __init__(self, model: nn.Module, meta: dict[str, Any], ref: ModelRef, model_dir: Path) -> None:
+        """`model_dir` is where the version was loaded from (gone after a temporary download)."""
         self.model = model
         self.meta = meta
         self.ref = ref
@@ -86,8 +89,11 @@ class Predictor:
                  cache_dir: Path | None = None) -> Predictor:
         from plantad.models.device import resolve_device
 
-        model_dir = download_model(ref, tracking_uri, cache_dir)
-        model, meta = load_model(model_dir, device=resolve_device(device))
+        with contextlib.ExitStack() as stack:
+            if cache_dir is None and ref.registered:  # the weights end up in memory: leave no download behind
+                cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plantad-model-")))
+            model_dir = download_model(ref, tracking_uri, cache_dir)
+            model, meta = load_model(model_dir, device=resolve_device(device))
         return cls(model, meta, ref, model_dir)
 
     @property

@@ -96,7 +96,8 @@ def find_model_dir(root: Path) -> Path:
 def download_model(ref: ModelRef, tracking_uri: str | None, cache_dir: Path | None = None) -> Path:
     """Local model directory of `ref`: the folder itself, or the version's artifacts downloaded.
 
-    A version is immutable, so `cache_dir/<name>/<version>` is reused once complete.
+    A version is immutable, so `cache_dir/<name>/<version>` is reused once complete; without a
+    `cache_dir` the download goes to a new temporary folder that the caller owns.
     """
     if not ref.registered:
         assert ref.local_dir is not None
