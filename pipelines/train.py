@@ -1,4 +1,5 @@
-"""DVC stage train: a Ray Train job on validated data, tracked as one MLflow run."""
+"""DVC stage train: a Ray Train job on validated data, read from the prepare stage's shard set (the
+manifest's data version, refused otherwise), tracked as one MLflow run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mlflow import MlflowClient
 
 from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
+from plantad.data.shards import ShardError, open_shards, read_shard_record, require_match
 from plantad.tracking.experiment import start_training_run
 from plantad.tracking.lineage import data_version, git_commit
 from plantad.tracking.s3 import storage_env
@@ -22,8 +24,9 @@ from plantad.training.ray_train import connect, run_ray_training
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, help="dataset root (for its DVC version only)")
     parser.add_argument("--manifest", required=True)
+    parser.add_argument("--shards", required=True, help="the prepare stage's record of the shard set")
     parser.add_argument("--validation", required=True, help="validation.json of the validate stage")
     parser.add_argument("--out", required=True, help="model directory to write")
     args = parser.parse_args(argv)
@@ -42,11 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     os.environ.update(storage_env(settings.s3))
     manifest = read_manifest(Path(args.manifest))
+    try:
+        record = read_shard_record(Path(args.shards))
+        require_match(record, manifest, args.shards)
+        shards = open_shards(record.location, manifest, settings.s3)
+    except ShardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     tags = {**git_commit(project), **data_version(project, Path(args.data), manifest)}
     client = MlflowClient(uri)
     run_id = start_training_run(client, settings.mlflow, settings, tags)
     try:
-        result = run_ray_training(settings, manifest, Path(args.data), Path(args.out),
+        result = run_ray_training(settings, manifest, shards, Path(args.out),
                                   mlflow_run={"tracking_uri": uri, "run_id": run_id, "every": settings.train.log_every},
                                   extra_meta={"mlflow_run_id": run_id, "lineage": tags})
     except BaseException:

@@ -130,8 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     serve_cfg = settings.serve
     if serve_cfg.tracking_uri is None and serve_cfg.model_dir is None:  # the store the pipeline registers in
+        import os
+
+        from plantad.tracking.s3 import storage_env
         from plantad.tracking.store import check_tracking_server, resolve_tracking_uri
 
+        os.environ.update(storage_env(settings.s3))  # an S3 artifact store on the configured endpoint
         uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
         check_tracking_server(uri)
         serve_cfg = serve_cfg.model_copy(update={"tracking_uri": uri})
@@ -170,6 +174,32 @@ def cmd_score_online(args: argparse.Namespace) -> int:
         failed += entry["status"] != 200
         print(json.dumps({"image": path, **entry}))
     return 1 if failed else 0
+
+
+def cmd_teacher_publish(args: argparse.Namespace) -> int:
+    from plantad.tracking import teacher_publish as tp
+
+    settings = _settings(args)
+    path = Path(args.file)
+    digest = tp.checked_checkpoint(path)
+    if args.to.startswith("s3://"):
+        weights = tp.publish_to_s3(path, args.to, settings.s3, digest)
+    elif args.to == "mlflow":
+        import os
+
+        from plantad.tracking.s3 import storage_env
+        from plantad.tracking.store import check_tracking_server, resolve_tracking_uri
+
+        os.environ.update(storage_env(settings.s3))  # an S3 artifact store on the configured endpoint
+        uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
+        check_tracking_server(uri)
+        section = settings.model.snl.cnn_teacher if args.teacher == "cnn" else settings.model.teacher
+        weights = tp.publish_to_mlflow(path, uri, settings.mlflow, args.name or f"teacher-{section.name}", digest)
+    else:
+        raise ValueError(f"--to {args.to!r}: give s3://bucket/prefix or mlflow")
+    print(f"published {path} (sha256 {digest}) as {weights}; paste into params.yaml:\n")
+    print(tp.params_lines(args.teacher, weights, digest), end="")
+    return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -241,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="PLANTAD_API_KEY", metavar="VAR",
                    help="environment variable holding the API key (default PLANTAD_API_KEY)")
     p.set_defaults(func=cmd_score_online)
+
+    teacher = sub.add_parser("teacher", help="teacher checkpoints for air-gapped clusters").add_subparsers(
+        dest="teacher_command", required=True)
+    p = teacher.add_parser("publish", help="upload a checkpoint to S3 or MLflow and print the params.yaml lines")
+    p.add_argument("file", help="the checkpoint (.safetensors, or a torch weights file)")
+    p.add_argument("--to", required=True, help="s3://bucket/prefix (the object is <prefix>/<file name>) or mlflow")
+    p.add_argument("--teacher", choices=["vit", "cnn"], default="vit",
+                   help="which teacher the lines configure: vit (model.teacher) or cnn (model.snl.cnn_teacher)")
+    p.add_argument("--name", help="registered model name with --to mlflow (default: teacher-<architecture>)")
+    _common(p)
+    p.set_defaults(func=cmd_teacher_publish)
 
     p = sub.add_parser("metrics", help="print a metrics.json of `plantad evaluate` as a table")
     p.add_argument("file")

@@ -21,6 +21,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ShardsConfig(_Section):
+    """The dataset as Parquet shards (image bytes + manifest columns) that Ray workers read on any node."""
+
+    location: str = "outputs/shards"  # local folder or s3://bucket/prefix; a sub-folder per manifest fingerprint
+    max_bytes: int = Field(256_000_000, ge=1)  # image and mask bytes per shard file (one larger image: its own)
+
+
 class DataConfig(_Section):
     source: Literal["demo", "path"] = "demo"
     root: str = "data/demo"
@@ -28,6 +35,7 @@ class DataConfig(_Section):
     image_size: int = Field(112, ge=14)  # model input side; images are resized to it
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # normal train images kept for calibration
     loader_workers: int = Field(0, ge=0)
+    shards: ShardsConfig = ShardsConfig()
 
 
 class DemoConfig(_Section):
@@ -60,10 +68,28 @@ class SemanticDemoConfig(_Section):
         return self
 
 
+REMOTE_WEIGHTS = ("s3://", "models:/", "runs:/")  # teacher weights fetched into each node's cache
+
+
+def check_weights_pin(weights: str, sha256: str | None, key: str) -> None:
+    """A remote teacher checkpoint needs a sha256 pin; a pin is 64 hex digits and pins a file only."""
+    if sha256 is not None:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+            raise ValueError(f"{key}.sha256 must be 64 hex digits (sha256sum's output), got {sha256!r}")
+        if weights in ("hub", "random"):
+            raise ValueError(f"{key}.sha256 pins a checkpoint file, but {key}.weights is {weights!r}")
+    elif weights.startswith(REMOTE_WEIGHTS):
+        raise ValueError(f"{key}.sha256 is required when {key}.weights is remote ({weights}): set it to the "
+                         "checkpoint's sha256 (`plantad teacher publish` prints it)")
+
+
 class TeacherConfig(_Section):
     name: str = "vit_small_patch14_dinov2"
-    # "hub" (timm pretrained, needs network), "random" (explicit, warns loudly) or a checkpoint path
+    # "hub" (timm pretrained, needs network), "random" (explicit, warns loudly), a checkpoint path, or
+    # s3://bucket/key, models:/name/version, runs:/run_id/path (fetched once per node, sha256 required)
     weights: str = "hub"
+    sha256: str | None = None  # pin of the checkpoint file; required for remote weights
+    cache_dir: str | None = None  # where each node keeps fetched checkpoints; None: ~/.cache/plantad/teachers
     layers: list[int] = [2, 3, 4, 5, 6, 7, 8, 9]
     groups: list[list[int]] = [[0, 1, 2, 3], [4, 5, 6, 7]]  # indices into `layers`
     timm_kwargs: dict[str, Any] = {}  # architecture overrides, e.g. depth/embed_dim for tiny models
@@ -77,6 +103,7 @@ class TeacherConfig(_Section):
         bad = [i for i in flat if not 0 <= i < n]
         if bad:
             raise ValueError(f"model.teacher.groups index {bad} outside model.teacher.layers (len {n})")
+        check_weights_pin(self.weights, self.sha256, "model.teacher")
         return self
 
 
@@ -109,8 +136,11 @@ class CNNTeacherConfig(_Section):
     """The CNN teacher of SNL's FD/RD baselines (timm ResNet family; WideResNet-50 in the paper [read])."""
 
     name: str = "wide_resnet50_2"
-    # the same rules as model.teacher.weights: a checkpoint path, "hub", or "random" (warns loudly)
+    # the same rules as model.teacher.weights: a checkpoint path, s3:// / models:/ / runs:/ (with
+    # sha256), "hub", or "random" (warns loudly)
     weights: str = "hub"
+    sha256: str | None = None
+    cache_dir: str | None = None
     stages: list[int] = [1, 2, 3]  # ResNet stages compared (layer1..layer3 [read, RD4AD])
     timm_kwargs: dict[str, Any] = {}  # architecture overrides, e.g. layers/channels for tiny tests
 
@@ -119,6 +149,7 @@ class CNNTeacherConfig(_Section):
         s = self.stages
         if not s or s != list(range(s[0], s[0] + len(s))) or not 1 <= s[0] <= s[-1] <= 4:
             raise ValueError(f"model.snl.cnn_teacher.stages must be consecutive ResNet stages in 1..4, got {s}")
+        check_weights_pin(self.weights, self.sha256, "model.snl.cnn_teacher")
         return self
 
 

@@ -16,7 +16,7 @@ from plantad.cli import main as cli_main
 from plantad.serving.bulk import read_results, run_bulk
 from plantad.serving.bulk.job import check_bulk_budget
 from plantad.serving.bulk.plan import MANIFEST, PARTS, model_id, plan_parts
-from plantad.serving.bulk.storage import open_location
+from plantad.storage import open_location
 from plantad.tracking.model_source import resolve_model
 from plantad.tracking.registry import CHAMPION, set_alias
 

@@ -17,7 +17,7 @@ from bulk_helpers import assert_rows_match, bulk_settings, comparable, expected_
 from plantad.config import settings_to_dict
 from plantad.serving.bulk import read_results, run_bulk
 from plantad.serving.bulk.plan import MANIFEST, PARTS, model_id, plan_parts
-from plantad.serving.bulk.storage import open_location
+from plantad.storage import open_location
 from plantad.tracking.model_source import resolve_model
 from plantad.tracking.s3 import s3_client
 

@@ -175,6 +175,12 @@ def scan_dataset(
     return ordered.drop(columns="_split_rank").reset_index(drop=True)
 
 
+def manifest_fingerprint(manifest: pd.DataFrame) -> str:
+    """sha256 over the sorted (path, split, label, file sha256) rows: changes with any image."""
+    rows = manifest[["path", "split", "label", "sha256"]].astype(str).sort_values("path")
+    return hashlib.sha256("\n".join("|".join(r) for r in rows.itertuples(index=False)).encode()).hexdigest()
+
+
 def write_manifest(df: pd.DataFrame, path: Path) -> None:
     """Write the manifest as Parquet atomically (temp file + rename): never a half-written file."""
     path = Path(path)

@@ -37,7 +37,7 @@ class CNNTeacher(nn.Module):
         super().__init__()
         create = {"features_only": True, "out_indices": tuple(cfg.stages)}
         self.net, self.identity = build_timm_teacher(cfg.name, cfg.weights, cfg.timm_kwargs, create, load_weights,
-                                                     key="model.snl.cnn_teacher.weights")
+                                                     key="model.snl.cnn_teacher.weights", sha256=cfg.sha256)
         self.channels: list[int] = list(self.net.feature_info.channels())
         for p in self.net.parameters():
             p.requires_grad_(False)

@@ -20,9 +20,22 @@ def _builders() -> dict[str, Callable[[ModelConfig, int, bool], nn.Module]]:
 
 def build_model(settings: Settings, load_teacher_weights: bool = True) -> AnomalyModel:
     """The configured method's model (plain nn.Module, teacher frozen); `load_teacher_weights=False`
-    builds the bare architecture for a saved model that brings its own weights."""
+    builds the bare architecture for a saved model that brings its own weights.
+
+    Remote teacher weights (s3://, models:/, runs:/) are fetched into this node's cache first; the
+    model only ever sees the verified local file, and its teacher identity names the remote URI."""
     builders = _builders()
     method = settings.model.method
     if method not in builders:
         raise ValueError(f"unknown model.method {method!r} (known: {', '.join(builders)})")
-    return check_anomaly_model(builders[method](settings.model, settings.data.image_size, load_teacher_weights))
+    sources: dict[str, str] = {}
+    if load_teacher_weights:
+        from plantad.tracking.teacher_weights import localize_teachers
+
+        settings, sources = localize_teachers(settings)
+    model = check_anomaly_model(builders[method](settings.model, settings.data.image_size, load_teacher_weights))
+    if sources:
+        from plantad.tracking.teacher_weights import name_remote_source
+
+        model.teacher.identity = name_remote_source(model.teacher.identity, sources)
+    return model

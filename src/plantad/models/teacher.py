@@ -3,8 +3,10 @@
 Weights come from exactly one explicit source: a local checkpoint (timm `.safetensors` or Meta's
 original `.pth`, converted by timm's checkpoint filter, which also resamples `pos_embed`), `hub`
 (timm pretrained, needs network) or `random` (only when asked for, with a loud warning).
-A local checkpoint must match the sha256 in `<file>.sha256` beside it and is read by plantad itself
-(safetensors, or `torch.load(weights_only=True)`) before timm converts it.
+A checkpoint must match its sha256 pin (the `sha256` setting, else `<file>.sha256` beside it) and
+is read by plantad itself (safetensors, or `torch.load(weights_only=True)`) before timm converts
+it. Remote checkpoints (s3://, models:/, runs:/) are fetched into a local cache before this module
+sees them (tracking/teacher_weights.py); the identity then records the remote URI.
 """
 
 from __future__ import annotations
@@ -82,11 +84,12 @@ def build_timm_teacher(
     create_kwargs: dict[str, Any],
     load_weights: bool = True,
     key: str = "model.teacher.weights",
+    sha256: str | None = None,
 ) -> tuple[nn.Module, TeacherIdentity]:
     """Create a timm model and load `weights` by the one rule every teacher follows: a local
-    checkpoint, `hub`, or `random` (explicit, warns loudly). `load_weights=False` gives the bare
-    architecture, used when a saved plantad model brings its own teacher weights; `key` is the
-    setting named in errors."""
+    checkpoint (checked against `sha256`, else its `.sha256` sidecar), `hub`, or `random` (explicit,
+    warns loudly). `load_weights=False` gives the bare architecture, used when a saved plantad
+    model brings its own teacher weights; `key` is the setting named in errors."""
     if not load_weights or weights == "random":
         net = _create(name, timm_kwargs, create_kwargs, pretrained=False)
         if load_weights:
@@ -101,13 +104,13 @@ def build_timm_teacher(
                 f"Offline machines must set {key} to a local checkpoint path."
             ) from exc
         return net, TeacherIdentity(name, weights, "hub", None, timm_kwargs)
-    return _load_checkpoint(name, timm_kwargs, create_kwargs, Path(weights), key)
+    return _load_checkpoint(name, timm_kwargs, create_kwargs, Path(weights), key, sha256)
 
 
 def build_vit(cfg: TeacherConfig, image_size: int, load_weights: bool = True) -> tuple[nn.Module, TeacherIdentity]:
     """The timm ViT of model.teacher with its configured weights."""
     return build_timm_teacher(cfg.name, cfg.weights, cfg.timm_kwargs, {"img_size": image_size, "num_classes": 0},
-                              load_weights)
+                              load_weights, sha256=cfg.sha256)
 
 
 def _source(weights: str) -> str:
@@ -115,14 +118,14 @@ def _source(weights: str) -> str:
 
 
 def _load_checkpoint(
-    name: str, timm_kwargs: dict[str, Any], create_kwargs: dict[str, Any], path: Path, key: str
+    name: str, timm_kwargs: dict[str, Any], create_kwargs: dict[str, Any], path: Path, key: str, pin: str | None
 ) -> tuple[nn.Module, TeacherIdentity]:
     if not path.is_file():
         raise TeacherLoadError(
             f"teacher checkpoint {path} does not exist ({key}). Give the path of a timm "
             "'.safetensors' (or Meta DINOv2 '.pth') file, 'hub' when online, or 'random' for tests."
         )
-    digest, state = _verified_state_dict(path)
+    digest, state = _verified_state_dict(path, pin, key.removesuffix(".weights") + ".sha256")
     try:  # timm's checkpoint filter converts Meta's layout and resamples pos_embed
         net = _create(name, timm_kwargs, create_kwargs, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
     except RuntimeError as exc:  # load_state_dict lists missing/unexpected/mismatched keys
@@ -135,17 +138,18 @@ def _load_checkpoint(
     return net, TeacherIdentity(name, str(path), "checkpoint", digest, timm_kwargs)
 
 
-def _verified_state_dict(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """(sha256, state dict) of a teacher checkpoint whose hash matches `<file>.sha256`."""
+def _verified_state_dict(path: Path, pin: str | None, pin_key: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(sha256, state dict) of a teacher checkpoint whose hash matches `pin` (the setting
+    `pin_key`), else the hash recorded in `<file>.sha256`."""
     sidecar = path.with_name(path.name + SHA256_SUFFIX)
-    expected = sidecar_sha256(path)
+    expected, recorded_in = (pin, pin_key) if pin else (sidecar_sha256(path), str(sidecar))
     if expected is None:
         raise TeacherLoadError(
-            f"teacher checkpoint {path} has no recorded sha256: expected {sidecar} beside it. Check the file "
-            f"against its publisher's hash, then record it: `sha256sum {path.name} > {sidecar.name}`"
+            f"teacher checkpoint {path} has no recorded sha256: set {pin_key}, or put {sidecar} beside it. "
+            f"Check the file against its publisher's hash, then record it: `sha256sum {path.name} > {sidecar.name}`"
         )
     try:
-        digest = verify_sha256(path, expected, str(sidecar))
+        digest = verify_sha256(path, expected, recorded_in)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from plantad.data.manifest import manifest_fingerprint
 
 
 def git_commit(project_root: Path) -> dict[str, str]:
@@ -21,12 +22,6 @@ def git_commit(project_root: Path) -> dict[str, str]:
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {}
     return {"git_commit": sha, "git_dirty": str(dirty).lower()}
-
-
-def manifest_fingerprint(manifest: pd.DataFrame) -> str:
-    """sha256 over the sorted (path, split, label, file sha256) rows: changes with any image."""
-    rows = manifest[["path", "split", "label", "sha256"]].astype(str).sort_values("path")
-    return hashlib.sha256("\n".join("|".join(r) for r in rows.itertuples(index=False)).encode()).hexdigest()
 
 
 def _dvc_file_md5(data_root: Path) -> str | None:

@@ -1,9 +1,11 @@
-"""Distributed training with Ray Train (TorchTrainer, DDP) over Ray Data shards.
+"""Distributed training with Ray Train (TorchTrainer, DDP) over the dataset's Parquet shards.
 
 The only module that touches `get_dataset_shard`, `prepare_model`, `report` and `TorchTrainer`.
-Workers run the same `fit`/`train_step` as `plantad train`; rank 0 checkpoints every epoch to the
-configured storage (local or s3://) and a restarted worker group resumes from the last one
-(`FailureConfig`). The driver then calibrates on held-out normal images and saves the model.
+Workers read images only from the shard set (a local folder or s3://, data/shards.py) and fetch a
+remote teacher into their node's cache, so no node needs the driver's files. Workers run the same
+`fit`/`train_step` as `plantad train`; rank 0 checkpoints every epoch to the configured storage
+(local or s3://) and a restarted worker group resumes from the last one (`FailureConfig`). The
+driver then calibrates on held-out normal images, read from the shards too, and saves the model.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plantad.config import RayConfig, Settings, settings_from_dict, settings_to_dict
+from plantad.config import RayConfig, S3Config, Settings, settings_from_dict, settings_to_dict
 from plantad.data.dataset import split_holdout
-from plantad.data.images import ImageTransform, load_rgb
+from plantad.data.images import ImageTransform, decode_image_bytes
+from plantad.data.shards import IMAGE_COLUMN, ShardSet, read_shard_images, require_match, shard_location, verified_image
 from plantad.models.checkpoint import save_model
 from plantad.models.factory import build_model
 from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
-from plantad.training.trainer import TrainResult, holdout_batches, image_loader, normal_train_rows, seed_everything
+from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
@@ -86,22 +89,43 @@ def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
     log.warning("%s (unless the cluster autoscales)", message)
 
 
-def decode_batch(batch: dict[str, np.ndarray], root: str, image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data map: relative paths -> normalised image arrays, with the training transform."""
+DECODE_ROWS = 16  # rows per Ray Data decoding task: a shard is split so that decoding runs in parallel
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, folder: str) -> dict[str, np.ndarray]:
+    """Ray Data map: shard rows (path, sha256, image bytes) -> normalised image arrays (B, 3, S, S)."""
     transform = ImageTransform(image_size)
-    images = [transform(load_rgb(Path(root) / p)).numpy() for p in batch["path"]]
+    images = [transform(decode_image_bytes(verified_image(p, h, b, folder), p)).numpy()
+              for p, h, b in zip(batch["path"], batch["sha256"], batch[IMAGE_COLUMN])]
+    if not images:
+        return {"image": np.zeros((0, 3, image_size, image_size), np.float32)}
     return {"image": np.stack(images).astype(np.float32)}
 
 
-def image_dataset(rows: pd.DataFrame, root: Path, image_size: int):
+def image_dataset(shards: ShardSet, s3: S3Config, rows: pd.DataFrame, image_size: int):
+    """The images of `rows`, read from the shard set by the Ray Data tasks of any node."""
     import ray.data
+    from ray.data.expressions import col
 
     # one bar per epoch per worker would bury the training log of a DVC stage
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_pandas(rows[["path"]].reset_index(drop=True))
-    # absolute: Ray Data tasks run in the cluster's working directory, not the driver's
-    fn_kwargs = {"root": str(Path(root).resolve()), "image_size": image_size}
-    return ds.map_batches(decode_batch, fn_kwargs=fn_kwargs, batch_size=16)
+    loc = shard_location(shards, s3)
+    ds = ray.data.read_parquet([loc.path(p.name) for p in shards.parts], filesystem=loc.fs,
+                               columns=["path", "sha256", IMAGE_COLUMN])
+    ds = ds.filter(expr=col("path").is_in(sorted(rows["path"].astype(str))))
+    ds = ds.repartition(target_num_rows_per_block=DECODE_ROWS)
+    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size, "folder": shards.folder},
+                          batch_size=DECODE_ROWS)
+
+
+def shard_holdout_batches(shards: ShardSet, settings: Settings, rows: pd.DataFrame) -> list[torch.Tensor]:
+    """The held-out normal images, from the shards, as scoring batches (B, 3, S, S) for calibration."""
+    paths = rows["path"].astype(str).tolist()
+    data = read_shard_images(shards, settings.s3, paths)
+    transform = ImageTransform(settings.data.image_size)
+    images = [transform(decode_image_bytes(data[p], p)) for p in paths]
+    size = settings.scoring.batch_size
+    return [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]
 
 
 def _endless_shard(shard, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -215,18 +239,23 @@ def _report_with_checkpoint(model, optimizer, scheduler, step: int, metrics: dic
 def run_ray_training(
     settings: Settings,
     manifest: pd.DataFrame,
-    root: Path,
+    shards: ShardSet,
     out_dir: Path,
     mlflow_run: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train on the cluster, calibrate on the driver, save the model to out_dir."""
+    """Train on the cluster from `shards` (the manifest's shard set), calibrate on the driver, save
+    the model to out_dir."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from plantad.tracking.s3 import resolve_storage
 
+    from plantad.tracking.store import resolve_tracking_uri
+    from plantad.tracking.teacher_weights import localize_teachers
+
+    require_match(shards, manifest, shards.folder)
     rcfg = settings.ray
     connect(rcfg)
     check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)), local=cluster_address(rcfg)[0] is None)
@@ -235,9 +264,13 @@ def run_ray_training(
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
     name = f"plantad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     resources = {"CPU": rcfg.cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1} if rcfg.use_gpu else {})}
+    # workers resolve an MLflow teacher URI against the driver's store, not their own working directory
+    uri = settings.mlflow.tracking_uri or resolve_tracking_uri(settings.mlflow, Path.cwd())
+    worker_settings = settings.model_copy(update={"mlflow": settings.mlflow.model_copy(update={"tracking_uri": uri})})
+    localize_teachers(worker_settings, uri)  # a wrong pin or source fails here, before any worker starts
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings_to_dict(settings), "mlflow": mlflow_run},
+        train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run},
         scaling_config=ScalingConfig(num_workers=rcfg.num_workers, use_gpu=rcfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
@@ -246,7 +279,7 @@ def run_ray_training(
             failure_config=FailureConfig(max_failures=rcfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=rcfg.keep_checkpoints),
         ),
-        datasets={"train": image_dataset(train_rows, root, settings.data.image_size)},
+        datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size)},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -255,10 +288,11 @@ def run_ray_training(
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     load_trainable_state(model, state["model"])
-    held = holdout_batches(image_loader(holdout_rows, root, settings, shuffle=False))
+    held = shard_holdout_batches(shards, settings, holdout_rows)
     calib = calibrate(model, held, settings.scoring, amp=settings.train.amp)
     meta = {"training": {"steps": int(state["step"]), "n_train": len(train_rows), "n_holdout": len(holdout_rows),
-                         "ray_run": name, "ray_checkpoint": result.checkpoint.path, "num_workers": rcfg.num_workers}}
+                         "ray_run": name, "ray_checkpoint": result.checkpoint.path, "num_workers": rcfg.num_workers,
+                         "shards": shards.folder, "manifest_fingerprint": shards.fingerprint}}
     path = save_model(model, settings, out_dir, {**meta, **(extra_meta or {})})
     frame = result.metrics_dataframe
     history = frame.to_dict("records") if frame is not None and not frame.empty else [dict(result.metrics or {})]

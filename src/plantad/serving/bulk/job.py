@@ -24,7 +24,7 @@ from plantad.serving.bulk.plan import (
     PARTS, Part, commit_part, done_parts, model_id, plan_parts, read_part, write_manifest,
 )
 from plantad.serving.bulk.scorer import BulkScorer, read_batch
-from plantad.serving.bulk.storage import TMP_PREFIX, Location, delete, list_images, list_names, open_location
+from plantad.storage import TMP_PREFIX, Location, delete, list_images, list_names, open_location
 from plantad.tracking.model_source import ModelRef, resolve_model
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from plantad.models.checkpoint import MODEL_FILE
-from plantad.serving.bulk.storage import Location, exists, list_names, read_bytes, write_atomic
+from plantad.storage import Location, exists, list_names, read_bytes, write_atomic
 from plantad.tracking.model_source import ModelRef
 
 PARTS = "parts"

@@ -18,7 +18,7 @@ import pyarrow as pa
 from plantad.config import BulkConfig
 from plantad.data.images import DecodedImage, ImageDecodeError, decode_untrusted
 from plantad.serving.bulk.plan import SCHEMA
-from plantad.serving.bulk.storage import Location, read_bytes, write_atomic
+from plantad.storage import Location, read_bytes, write_atomic
 from plantad.tracking.model_source import ModelRef
 
 log = logging.getLogger(__name__)

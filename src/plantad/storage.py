@@ -1,5 +1,5 @@
-"""Where bulk scoring reads and writes: a local folder or an s3:// prefix on the configured endpoint,
-both through one pyarrow filesystem so Ray tasks on any node read and write the same way.
+"""Where bulk scoring and the dataset shards live: a local folder or an s3:// prefix on the configured
+endpoint, both through one pyarrow filesystem so Ray tasks on any node read and write the same way.
 
 Writes are atomic for readers: a local file is written under a hidden temporary name and renamed;
 an S3 object appears only when its upload completes.
