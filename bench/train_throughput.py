@@ -1,5 +1,6 @@
-"""Training throughput: images/s of Ray Train (DDP over Ray Data shards) for 1 and 2 workers,
-against the raw `train_step` on in-memory tensors in this process, measured in one run.
+"""Training throughput: images/s of Ray Train (DDP, Ray Data reading the dataset's Parquet shards
+from a local folder) for 1 and 2 workers, against the raw `train_step` on in-memory tensors in this
+process, measured in one run.
 
 On CPU the workers split the same cores (`--cpus` in all, `cpus/n` torch threads each; Ray gets
 one logical CPU more for the data tasks), so the scaling ratio shows what DDP + Ray Data cost or
@@ -24,6 +25,7 @@ import torch
 from plantad.config import Settings, load_settings
 from plantad.data.demo import generate_demo
 from plantad.data.manifest import scan_dataset
+from plantad.data.shards import ShardSet, write_shards
 from plantad.models.factory import build_model
 from plantad.training.loop import build_optimizer, train_step
 from plantad.training.ray_train import run_ray_training
@@ -48,13 +50,13 @@ def raw_images_per_second(settings: Settings, steps: int, threads: int, device: 
 
 
 def ray_images_per_second(config: str, overrides: list[str], workers: int, cpus: float, gpu: bool,
-                          steps: int, data: Path, manifest: pd.DataFrame, work: Path) -> tuple[float, float]:
+                          steps: int, shards: ShardSet, manifest: pd.DataFrame, work: Path) -> tuple[float, float]:
     """Median and best per-epoch images/s reported by the workers of one Ray Train run."""
     settings = load_settings(config, [
         *overrides, f"ray.num_workers={workers}", f"ray.cpus_per_worker={cpus / workers if not gpu else 1}",
         f"ray.use_gpu={str(gpu).lower()}", f"train.steps={steps}", f"ray.storage_path={work / 'ray'}",
     ])
-    result = run_ray_training(settings, manifest, data, work / f"model-{workers}")
+    result = run_ray_training(settings, manifest, shards, work / f"model-{workers}")
     epochs = sorted((r for r in result.history if "images_per_second" in r), key=lambda r: r["epoch"])
     rates = [r["images_per_second"] for r in epochs[1:]] or [r["images_per_second"] for r in epochs]
     if not rates:
@@ -87,7 +89,8 @@ def main() -> None:
     device = torch.device("cuda" if args.gpu else "cpu")
     raw = raw_images_per_second(settings, 20, int(args.cpus), device)
     manifest = scan_dataset(data, settings.data.categories)
-    rows = [(n, *ray_images_per_second(args.config, overrides, n, args.cpus, args.gpu, args.steps, data, manifest, work))
+    shards = write_shards(manifest, data, str(work / "shards"), settings.s3, settings.data.shards.max_bytes)
+    rows = [(n, *ray_images_per_second(args.config, overrides, n, args.cpus, args.gpu, args.steps, shards, manifest, work))
             for n in args.workers]
     print(f"torch {torch.__version__}, image {settings.data.image_size} px, global batch {settings.train.batch_size}, "
           f"{'GPU ' + torch.cuda.get_device_name() if args.gpu else f'{args.cpus:g} CPUs in all'}")

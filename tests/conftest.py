@@ -41,6 +41,15 @@ def demo_manifest(demo_root):
 
 
 @pytest.fixture(scope="session")
+def demo_shards(demo_root, demo_manifest, tmp_path_factory):
+    """The demo dataset as Parquet shards in a local folder (what Ray Train workers read)."""
+    from plantad.config import S3Config
+    from plantad.data.shards import write_shards
+
+    return write_shards(demo_manifest, demo_root, str(tmp_path_factory.mktemp("shards")), S3Config(), 256_000_000)
+
+
+@pytest.fixture(scope="session")
 def trained_tiny(demo_root, demo_manifest, tmp_path_factory):
     """One tiny dual model trained on the demo data, shared by the tests that need a trained model."""
     from plantad.training.trainer import train_model

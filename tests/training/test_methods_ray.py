@@ -20,13 +20,14 @@ from tiny import tiny_method_settings
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", ["dual", "snl_rd", "snl_fd", "dual_snl"])
-def test_method_trains_under_ray_ddp_and_scores_alike_everywhere(method, ray_local, demo_root, demo_manifest, tmp_path):
+def test_method_trains_under_ray_ddp_and_scores_alike_everywhere(method, ray_local, demo_root, demo_manifest,
+                                                                 demo_shards, tmp_path):
     settings = tiny_method_settings(
         method, "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.steps_per_epoch=3", "ray.max_failures=0",
         "train.steps=6", f"ray.storage_path={tmp_path / 'ray'}",
     )
     # DDP without find_unused_parameters: a parameter that runs without a gradient fails step 2
-    result = run_ray_training(settings, demo_manifest, demo_root, tmp_path / "model")
+    result = run_ray_training(settings, demo_manifest, demo_shards, tmp_path / "model")
     assert result.steps == 6
     assert all(math.isfinite(r["loss"]) for r in result.history if "loss" in r)
 

@@ -1,4 +1,5 @@
-"""Ray Train on the session's local cluster: S3 checkpoints and recovery from a killed worker."""
+"""Ray Train on the session's local cluster (workers read the dataset's shards): S3 checkpoints and
+recovery from a killed worker."""
 
 import os
 import signal
@@ -8,6 +9,8 @@ import uuid
 
 import pytest
 
+from plantad.config import S3Config
+from plantad.data.shards import write_shards
 from plantad.models.checkpoint import load_model
 from plantad.tracking.s3 import s3_client
 from plantad.training.ray_train import check_cpu_budget, check_ray_address, run_ray_training
@@ -49,14 +52,14 @@ def _train_worker_pids() -> list[int]:
 
 
 @pytest.mark.e2e
-def test_training_survives_a_killed_worker_and_checkpoints_to_s3(ray_local, moto_s3, demo_root, demo_manifest, tmp_path):
+def test_training_survives_a_killed_worker_and_checkpoints_to_s3(ray_local, moto_s3, demo_shards, demo_manifest, tmp_path):
     prefix = f"ray-{uuid.uuid4().hex[:8]}"
     settings = _settings(moto_s3, prefix, "train.steps=40")
     out: dict = {}
 
     def train() -> None:
         try:
-            out["result"] = run_ray_training(settings, demo_manifest, demo_root, tmp_path / "model")
+            out["result"] = run_ray_training(settings, demo_manifest, demo_shards, tmp_path / "model")
         except BaseException as exc:  # surfaced by the assertions below
             out["error"] = exc
 
@@ -85,17 +88,18 @@ def test_training_survives_a_killed_worker_and_checkpoints_to_s3(ray_local, moto
 @pytest.mark.e2e
 def test_a_shard_smaller_than_the_batch_is_a_clear_error(ray_local, moto_s3, demo_root, demo_manifest, tmp_path):
     few = demo_manifest[(demo_manifest["split"] == "train")].groupby("category").head(4)
+    shards = write_shards(few, demo_root, str(tmp_path / "shards"), S3Config(), 256_000_000)
     settings = _settings(moto_s3, f"ray-{uuid.uuid4().hex[:8]}", "train.steps=5", "train.batch_size=16",
                          "ray.max_failures=0", "data.holdout_fraction=0.25")
     with pytest.raises(Exception, match="fewer than 8 images"):
-        run_ray_training(settings, few, demo_root, tmp_path / "model")
+        run_ray_training(settings, few, shards, tmp_path / "model")
 
 
 @pytest.mark.e2e
-def test_workers_holding_every_cpu_are_a_clear_error_not_a_hang(ray_local, moto_s3, demo_root, demo_manifest, tmp_path):
+def test_workers_holding_every_cpu_are_a_clear_error_not_a_hang(ray_local, moto_s3, demo_shards, demo_manifest, tmp_path):
     settings = _settings(moto_s3, f"ray-{uuid.uuid4().hex[:8]}", "ray.cpus_per_worker=1", "train.steps=5")
     with pytest.raises(ValueError, match=r"2 x 1 = 2 CPUs leaves none of the cluster's 2 CPUs"):
-        run_ray_training(settings, demo_manifest, demo_root, tmp_path / "model")
+        run_ray_training(settings, demo_manifest, demo_shards, tmp_path / "model")
     assert not (tmp_path / "model").exists()
 
 
@@ -144,7 +148,8 @@ def test_train_stage_refuses_an_unreachable_cluster_before_any_run(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     proc = subprocess.run(
         [sys.executable, str(repo / "pipelines" / "train.py"), "--params", str(repo / "params.yaml"),
-         "--data", "data", "--manifest", "m.parquet", "--validation", "v.json", "--out", str(tmp_path / "model")],
+         "--data", "data", "--manifest", "m.parquet", "--shards", "s.json", "--validation", "v.json",
+         "--out", str(tmp_path / "model")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]

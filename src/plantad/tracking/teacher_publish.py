@@ -101,7 +101,8 @@ def publish_to_mlflow(path: Path, tracking_uri: str, cfg: MlflowConfig, name: st
 
 
 def params_lines(which: str, weights: str, digest: str) -> str:
-    """The params.yaml lines that select and pin the published checkpoint."""
+    """The params.yaml lines that select and pin the published checkpoint (the hash quoted: YAML
+    would read an all-digit one as a number)."""
     if which == "cnn":
-        return (f"model:\n  snl:\n    cnn_teacher:\n      weights: {weights}\n      sha256: {digest}\n")
-    return f"model:\n  teacher:\n    weights: {weights}\n    sha256: {digest}\n"
+        return f'model:\n  snl:\n    cnn_teacher:\n      weights: {weights}\n      sha256: "{digest}"\n'
+    return f'model:\n  teacher:\n    weights: {weights}\n    sha256: "{digest}"\n'
