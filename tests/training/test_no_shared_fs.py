@@ -79,3 +79,24 @@ def test_training_refuses_shards_of_another_data_version_before_starting(demo_ma
     with pytest.raises(ShardError, match=rf"holds manifest fingerprint {demo_shards.fingerprint}, but the manifest's"):
         run_ray_training(tiny_settings("train.steps=2"), other, demo_shards, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_the_ray_cluster_manifest_mounts_no_volume():
+    """Data and weights come from S3 (data.shards.location, model.teacher.weights), never from a mount."""
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "raycluster.yaml").read_text())
+
+    def keys(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
+    found = set(keys(spec))
+    assert "containers" in found and not found & {"volumes", "volumeMounts", "hostPath", "persistentVolumeClaim"}
