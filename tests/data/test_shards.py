@@ -70,7 +70,8 @@ def test_shards_of_another_manifest_are_refused_naming_both_fingerprints(manifes
         open_shards(str(tmp_path / "s"), other, LOCAL)
     # a set copied under another version's folder: its index still names the data it holds
     shutil.copytree(tmp_path / "s" / theirs, tmp_path / "s" / ours)
-    with pytest.raises(ShardError, match=rf"holds manifest fingerprint {theirs}, but the manifest's fingerprint is {ours}"):
+    mismatch = rf"holds manifest fingerprint {theirs}, but the manifest's fingerprint is {ours}"
+    with pytest.raises(ShardError, match=mismatch):
         open_shards(str(tmp_path / "s"), other, LOCAL)
 
 

@@ -22,7 +22,7 @@ from plantad.tracking.s3 import s3_client, split_s3_uri
 from plantad.tracking.teacher_publish import PublishError, checked_checkpoint, publish_to_mlflow, publish_to_s3
 from plantad.tracking.teacher_weights import TeacherWeightsError
 from teacher_files import tiny_teacher_file
-from tiny import TINY_CNN, tiny_method_settings, tiny_settings
+from tiny import tiny_method_settings, tiny_settings
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -74,7 +74,8 @@ def test_the_cache_is_reused_and_a_damaged_copy_is_fetched_again(published, moto
 def test_a_mismatched_pin_is_refused_naming_both_hashes_and_nothing_is_cached(published, moto_s3, tmp_path):
     uri, digest, _ = published
     wrong = "ab" * 32
-    with pytest.raises(TeacherWeightsError, match=rf"{uri}: their sha256 is {digest} but model.teacher.sha256 pins {wrong}"):
+    both = rf"{uri}: their sha256 is {digest} but model.teacher.sha256 pins {wrong}"
+    with pytest.raises(TeacherWeightsError, match=both):
         build_model(remote(uri, wrong, tmp_path / "cache", endpoint(moto_s3)))
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
@@ -91,7 +92,8 @@ def test_a_local_checkpoint_follows_the_pin_instead_of_a_sidecar(tmp_path):
 
 def test_a_remote_teacher_without_a_pin_is_a_config_error_naming_the_key():
     for weights in ("s3://bucket/t.safetensors", "models:/teacher/1", "runs:/abc/teacher/t.pth"):
-        with pytest.raises(ConfigError, match=rf"model.teacher.sha256 is required when model.teacher.weights is remote \({weights}\)"):
+        required = rf"model.teacher.sha256 is required when model.teacher.weights is remote \({weights}\)"
+        with pytest.raises(ConfigError, match=required):
             tiny_settings(f"model.teacher.weights={weights}")
     with pytest.raises(ConfigError, match=r"model.snl.cnn_teacher.sha256 is required"):
         tiny_method_settings("snl_rd", "model.snl.cnn_teacher.weights=s3://bucket/r.safetensors")
@@ -106,9 +108,9 @@ def test_the_cnn_teacher_comes_from_s3_the_same_way(moto_s3, tmp_path):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     digest = checked_checkpoint(path)
     uri = publish_to_s3(path, f"s3://{moto_s3.bucket}/cnn-{uuid.uuid4().hex[:8]}", moto_s3, digest)
-    model = build_model(tiny_method_settings("snl_rd", *TINY_CNN, f"model.snl.cnn_teacher.weights={uri}",
-                                             f"model.snl.cnn_teacher.sha256={digest}",
-                                             f"model.snl.cnn_teacher.cache_dir={tmp_path / 'cache'}", endpoint(moto_s3)))
+    key = "model.snl.cnn_teacher"
+    model = build_model(tiny_method_settings("snl_rd", f"{key}.weights={uri}", f"{key}.sha256={digest}",
+                                             f"{key}.cache_dir={tmp_path / 'cache'}", endpoint(moto_s3)))
     assert (model.teacher.identity.weights, model.teacher.identity.sha256) == (uri, digest)
     assert torch.equal(model.teacher.net.conv1.weight, net.conv1.weight)
 
@@ -168,3 +170,22 @@ def test_a_teacher_published_to_mlflow_is_fetched_by_models_uri(mlflow_server, t
     model = build_model(settings)
     assert (model.teacher.identity.weights, model.teacher.identity.sha256) == (uri, digest)
     assert torch.equal(model.teacher.vit.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
+
+
+def test_concurrent_fetches_on_one_node_download_once(published, moto_s3, tmp_path, caplog):
+    """Two workers of one node start together: the lock makes one download and the other reuse it."""
+    import threading
+
+    from plantad.tracking.teacher_weights import fetch_teacher_file
+
+    uri, digest, _ = published
+    paths = []
+    with caplog.at_level(logging.INFO, logger="plantad.tracking.teacher_weights"):
+        threads = [threading.Thread(target=lambda: paths.append(
+            fetch_teacher_file(uri, digest, tmp_path / "cache", moto_s3, None))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert len(paths) == 2 and paths[0] == paths[1] and file_sha256(paths[0]) == digest
+    assert caplog.text.count("downloaded and verified") == 1 and caplog.text.count("using the cached copy") == 1

@@ -26,7 +26,8 @@ def test_workers_train_from_the_bucket_alone_and_the_model_is_registered(
     ray_local, moto_s3, mlflow_server, tmp_path, monkeypatch
 ):
     run = uuid.uuid4().hex[:8]
-    data = generate_demo(tmp_path / "data", DemoConfig(seed=3, image_size=64, n_train=12, n_test_good=2, n_test_defect=1))
+    small = DemoConfig(seed=3, image_size=64, n_train=12, n_test_good=2, n_test_defect=1)
+    data = generate_demo(tmp_path / "data", small)
     manifest = scan_dataset(data)
     location = f"s3://{moto_s3.bucket}/shards-{run}"
     write_shards(manifest, data, location, moto_s3, 40_000)

@@ -26,12 +26,12 @@ import torch
 from plantad.config import RayConfig, S3Config, Settings, settings_from_dict, settings_to_dict
 from plantad.data.dataset import split_holdout
 from plantad.data.images import ImageTransform, decode_image_bytes
-from plantad.data.shards import IMAGE_COLUMN, ShardSet, read_shard_images, require_match, shard_location, verified_image
+from plantad.data.shards import IMAGE_COLUMN, ShardSet, require_match, shard_location, verified_image
 from plantad.models.checkpoint import save_model
 from plantad.models.factory import build_model
 from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
-from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything
+from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything, shard_holdout_batches
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
@@ -116,16 +116,6 @@ def image_dataset(shards: ShardSet, s3: S3Config, rows: pd.DataFrame, image_size
     ds = ds.repartition(target_num_rows_per_block=DECODE_ROWS)
     return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size, "folder": shards.folder},
                           batch_size=DECODE_ROWS)
-
-
-def shard_holdout_batches(shards: ShardSet, settings: Settings, rows: pd.DataFrame) -> list[torch.Tensor]:
-    """The held-out normal images, from the shards, as scoring batches (B, 3, S, S) for calibration."""
-    paths = rows["path"].astype(str).tolist()
-    data = read_shard_images(shards, settings.s3, paths)
-    transform = ImageTransform(settings.data.image_size)
-    images = [transform(decode_image_bytes(data[p], p)) for p in paths]
-    size = settings.scoring.batch_size
-    return [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]
 
 
 def _endless_shard(shard, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -236,6 +226,19 @@ def _report_with_checkpoint(model, optimizer, scheduler, step: int, metrics: dic
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def settings_for_workers(settings: Settings) -> Settings:
+    """The settings the workers build from: an MLflow teacher URI resolves against the driver's
+    tracking store (not the worker's working directory), and a remote teacher is fetched here
+    first, so that a wrong pin or source fails before any worker starts."""
+    from plantad.tracking.store import resolve_tracking_uri
+    from plantad.tracking.teacher_weights import localize_teachers
+
+    uri = settings.mlflow.tracking_uri or resolve_tracking_uri(settings.mlflow, Path.cwd())
+    pinned = settings.model_copy(update={"mlflow": settings.mlflow.model_copy(update={"tracking_uri": uri})})
+    localize_teachers(pinned, uri)
+    return pinned
+
+
 def run_ray_training(
     settings: Settings,
     manifest: pd.DataFrame,
@@ -252,9 +255,6 @@ def run_ray_training(
 
     from plantad.tracking.s3 import resolve_storage
 
-    from plantad.tracking.store import resolve_tracking_uri
-    from plantad.tracking.teacher_weights import localize_teachers
-
     require_match(shards, manifest, shards.folder)
     rcfg = settings.ray
     connect(rcfg)
@@ -264,10 +264,7 @@ def run_ray_training(
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
     name = f"plantad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     resources = {"CPU": rcfg.cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1} if rcfg.use_gpu else {})}
-    # workers resolve an MLflow teacher URI against the driver's store, not their own working directory
-    uri = settings.mlflow.tracking_uri or resolve_tracking_uri(settings.mlflow, Path.cwd())
-    worker_settings = settings.model_copy(update={"mlflow": settings.mlflow.model_copy(update={"tracking_uri": uri})})
-    localize_teachers(worker_settings, uri)  # a wrong pin or source fails here, before any worker starts
+    worker_settings = settings_for_workers(settings)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run},

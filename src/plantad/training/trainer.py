@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 
 from plantad.config import Settings
 from plantad.data.dataset import ManifestDataset, split_holdout
+from plantad.data.images import ImageTransform, decode_image_bytes
+from plantad.data.shards import ShardSet, read_shard_images
 from plantad.models.checkpoint import save_model
 from plantad.models.device import resolve_device
 from plantad.models.factory import build_model
@@ -66,6 +68,15 @@ def endless_images(loader: DataLoader) -> Iterator[torch.Tensor]:
 
 def holdout_batches(loader: DataLoader) -> list[torch.Tensor]:
     return [batch["image"] for batch in loader]
+
+def shard_holdout_batches(shards: ShardSet, settings: Settings, rows: pd.DataFrame) -> list[torch.Tensor]:
+    """The held-out normal images, read from the shard set, as scoring batches (B, 3, S, S)."""
+    paths = rows["path"].astype(str).tolist()
+    data = read_shard_images(shards, settings.s3, paths)
+    transform = ImageTransform(settings.data.image_size)
+    images = [transform(decode_image_bytes(data[p], p)) for p in paths]
+    size = settings.scoring.batch_size
+    return [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]
 
 def train_model(
     settings: Settings,
