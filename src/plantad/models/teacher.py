@@ -101,7 +101,8 @@ def build_timm_teacher(
         except Exception as exc:  # network, hub or auth errors from timm/huggingface_hub
             raise TeacherLoadError(
                 f"could not download pretrained weights for teacher '{name}' from the hub ({exc}). "
-                f"Offline machines must set {key} to a local checkpoint path."
+                f"Offline machines must set {key} to a local checkpoint path, or to an s3:// or models:/ URI "
+                "with its sha256 (`plantad teacher publish`)."
             ) from exc
         return net, TeacherIdentity(name, weights, "hub", None, timm_kwargs)
     return _load_checkpoint(name, timm_kwargs, create_kwargs, Path(weights), key, sha256)

@@ -50,7 +50,7 @@ def publish_to_s3(path: Path, prefix: str, s3: S3Config, digest: str) -> str:
 
     from plantad.tracking.s3 import endpoint_name, s3_client, split_s3_uri
 
-    bucket, folder = split_s3_uri(prefix if prefix.startswith("s3://") else f"s3://{prefix}")
+    bucket, folder = split_s3_uri(prefix)
     key = f"{folder}/{path.name}" if folder else path.name
     uri = f"s3://{bucket}/{key}"
     client = s3_client(s3)
