@@ -11,11 +11,13 @@ from plantad.data.manifest import read_manifest
 from plantad.evaluation.evaluate import evaluate_model, evaluation_settings
 from plantad.evaluation.metrics import metrics_to_json
 from plantad.evaluation.report import metrics_table, write_plots
+from plantad.logs import quiet_library_logs
 from plantad.models.checkpoint import load_model
 from plantad.training.loop import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)

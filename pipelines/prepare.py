@@ -13,10 +13,12 @@ from pathlib import Path
 from plantad.config import load_settings
 from plantad.data.manifest import scan_dataset, write_manifest
 from plantad.data.shards import write_shards
+from plantad.logs import quiet_library_logs
 from plantad.tracking.s3 import storage_env
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, help="dataset root (MVTec layout)")

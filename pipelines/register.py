@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
+from plantad.logs import quiet_library_logs
 from plantad.tracking.experiment import log_evaluation
 from plantad.tracking.pyfunc import log_pyfunc_model
 from plantad.tracking.promotion import champion_rescorer
@@ -26,6 +27,7 @@ from plantad.tracking.store import TrackingStoreError, check_tracking_server, re
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     parser = argparse.ArgumentParser(description=__doc__)
     for flag in ("--model", "--data", "--manifest", "--metrics", "--plots", "--validation", "--out"):
         parser.add_argument(flag, required=True)

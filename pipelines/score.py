@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 from plantad.config import load_settings
+from plantad.logs import quiet_library_logs
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True, help="JSON record of what the stage did")

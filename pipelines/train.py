@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
 from plantad.data.shards import ShardError, open_shards, read_shard_record, require_match
+from plantad.logs import quiet_library_logs
 from plantad.tracking.experiment import start_training_run
 from plantad.tracking.lineage import data_version, git_commit
 from plantad.tracking.s3 import storage_env
@@ -22,6 +23,7 @@ from plantad.training.ray_train import connect, run_ray_training
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, help="dataset root (for its DVC version only)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from plantad.config import ConfigError, load_settings
+from plantad.logs import quiet_library_logs
 from plantad.validation import validate_manifest
 
 
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     args = parse_args(argv)
     # the handler filters, not the root logger: GX sets some of its loggers to INFO on import
     handler = logging.StreamHandler()

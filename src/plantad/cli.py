@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from plantad.config import ConfigError, Settings, load_settings, settings_to_dict
+from plantad.logs import quiet_library_logs
 
 log = logging.getLogger("plantad")
 
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

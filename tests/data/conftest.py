@@ -8,7 +8,7 @@ import pytest
 from data_helpers import SMALL
 
 from plantad.config import DemoConfig
-from plantad.data import generate_demo
+from plantad.data.demo import generate_demo
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,9 @@ from data_helpers import SMALL
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from plantad.data import (
-    ImageDecodeError,
-    ImageTransform,
-    ManifestDataset,
-    load_rgb,
-    scan_dataset,
-    split_holdout,
-)
+from plantad.data.dataset import ManifestDataset, split_holdout
+from plantad.data.images import ImageDecodeError, ImageTransform, load_rgb
+from plantad.data.manifest import scan_dataset
 
 
 def _fake_manifest(sizes: dict[str, int]) -> pd.DataFrame:

@@ -11,7 +11,8 @@ from PIL import Image
 from scipy.stats import rankdata
 
 from plantad.config import DemoConfig
-from plantad.data import DatasetLayoutError, add_normal, generate_demo
+from plantad.data.demo import add_normal, generate_demo
+from plantad.data.layout import DatasetLayoutError
 from plantad.data.demo import render_sample, sample_rng
 from plantad.data.demo_defects import DEFECTS, MAX_AREA, MIN_AREA, add_defect
 from plantad.data.demo_textures import render_normal

@@ -12,7 +12,7 @@ import torch
 from data_helpers import random_pixels, write_image
 from PIL import Image
 
-from plantad.data import (
+from plantad.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 from data_helpers import SMALL, random_pixels, sha256_of, write_image
 
-from plantad.data import (
+from plantad.data.layout import DatasetLayoutError
+from plantad.data.manifest import (
     MANIFEST_COLUMNS,
     CorruptImageError,
-    DatasetLayoutError,
     ManifestError,
     read_manifest,
     scan_dataset,

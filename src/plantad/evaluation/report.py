@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from plantad.data.images import load_rgb
-from plantad.evaluation.evaluate import Predictions
 from plantad.evaluation.metrics import METRIC_KEYS
 from plantad.evaluation.plots import plot_overlay_grid, plot_per_category, plot_pr, plot_roc, write_curve_csv
+
+if TYPE_CHECKING:  # `plantad metrics` reads a JSON file: it need not import torch
+    from plantad.evaluation.evaluate import Predictions
 
 
 def overlay_selection(pred: Predictions, per_category: int = 2) -> np.ndarray:
@@ -26,6 +27,8 @@ def overlay_selection(pred: Predictions, per_category: int = 2) -> np.ndarray:
 
 
 def _thumbnails(pred: Predictions, idx: np.ndarray, root: Path) -> np.ndarray:
+    from plantad.data.images import load_rgb
+
     size = pred.maps.shape[-1]
     return np.stack([np.asarray(load_rgb(root / pred.rows.at[i, "path"]).resize((size, size))) for i in idx])
 

@@ -6,10 +6,11 @@ optional `threshold` param overrides the stored decision threshold at inference 
 value, the signature's default, means "use the stored one").
 
 The model ships the plantad package itself (MLflow `code_paths`: the package folder is copied to
-the model's `code/` folder, which MLflow puts first on sys.path before it unpickles the model), and
+the model's `code/` folder, which MLflow puts first on sys.path before it loads the model), and
 its pip requirements are plantad's runtime dependencies and MLflow pinned to the versions installed
 when it was logged, all served by PyPI. So `mlflow models serve -m models:/<name>@champion` works in
-an environment that never installed plantad.
+an environment that never installed plantad. It is logged as "models from code"
+(pyfunc_model.py), not as a cloudpickled object.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def log_pyfunc_model(model_dir: Path, example_png: bytes, name: str = "model"):
                                 params={"threshold": -1.0})
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=PlantadPyfunc(),
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={"model_dir": str(model_dir)},
         input_example=example,
         signature=signature,

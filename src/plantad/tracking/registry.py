@@ -43,6 +43,10 @@ class Decision:
     mode: str
 
 
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -182,9 +186,9 @@ def promotion_decision(
         champ_value, champ_how = (score_champion or (lambda v: run_metric(client, v, metric)))(champion)
     promote, why = _decide(candidate, champion, cand_value, champ_value, metric, mode, higher_is_better,
                            allow_random_teacher)
-    champ_text = "none" if champion is None else f"v{champion.version} {metric}={champ_value}"
+    champ_text = "none" if champion is None else f"v{champion.version} {metric}={_shown(champ_value)}"
     champ_text += f", {champ_how}" if champ_how else ""
-    cand_text = f"v{candidate.version} {metric}={cand_value}" + (f", {cand_how}" if cand_value is None else "")
+    cand_text = f"v{candidate.version} {metric}={_shown(cand_value)}" + (f", {cand_how}" if cand_value is None else "")
     decision = Decision(promote, f"{why} (candidate {cand_text}; champion {champ_text})",
                         cand_value, champ_value, str(candidate.version),
                         None if champion is None else str(champion.version), metric, mode)

@@ -27,6 +27,7 @@ from plantad.config import RayConfig, S3Config, Settings, settings_from_dict, se
 from plantad.data.dataset import split_holdout
 from plantad.data.images import ImageTransform, decode_image_bytes
 from plantad.data.shards import IMAGE_COLUMN, ShardSet, require_match, shard_location, verified_image
+from plantad.logs import RAY_WORKER_ENV
 from plantad.models.checkpoint import save_model
 from plantad.models.factory import build_model
 from plantad.training.calibration import calibrate
@@ -73,7 +74,10 @@ def connect(cfg: RayConfig) -> None:
         check_ray_address(address, source)
     # a local cluster gets its dashboard (127.0.0.1:8265): Ray Train's placement-group cleaner
     # queries the state API through it, and warns every few seconds without it
-    ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=True)
+    # WARNING: Ray's INFO lines (cluster start, dashboard URL) would bury the stage's own output;
+    # the workers' env quiets Ray Data the same way (Ray's log files keep everything)
+    quiet = {"logging_level": logging.WARNING, "runtime_env": {"env_vars": dict(RAY_WORKER_ENV)}}
+    ray.init(address=address, log_to_driver=True, **quiet) if address else ray.init(include_dashboard=True, **quiet)
 
 
 def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
@@ -156,6 +160,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(rcfg.cpus_per_worker)))
     seed_everything(cfg.seed)
     ctx = ray.train.get_context()
+    # one progress line per epoch, from rank 0; the per-step losses go to MLflow, not the console
+    logging.getLogger("plantad.training.loop").setLevel(logging.WARNING)
+    if ctx.get_world_rank() != 0:  # rank 0 says it (the random-teacher warning too)
+        logging.getLogger("plantad").setLevel(logging.ERROR)
     model = build_model(settings)
     step = 0
     resume = ray.train.get_checkpoint()
@@ -193,7 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_with_checkpoint(model, optimizer, scheduler, step, metrics, ctx.get_world_rank())
         else:
             ray.train.report(metrics)
-        log.info("epoch done: steps %d-%d loss %.4f", epoch_start, step, metrics["loss"])
+        log.info("epoch %d/%d: steps %d-%d, loss %.4f, %.1f images/s", metrics["epoch"], -(-cfg.steps // spe),
+                 epoch_start, step, metrics["loss"], metrics["images_per_second"])
 
 
 def _collect(losses: list[float], then):
@@ -250,7 +259,7 @@ def run_ray_training(
     """Train on the cluster from `shards` (the manifest's shard set), calibrate on the driver, save
     the model to out_dir."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from plantad.tracking.s3 import resolve_storage
@@ -275,6 +284,8 @@ def run_ray_training(
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=rcfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=rcfg.keep_checkpoints),
+            # Ray Train's own INFO lines (worker group, process group, every report) stay in its log files
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size)},
     )
