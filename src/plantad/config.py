@@ -279,6 +279,9 @@ class RayConfig(_Section):
     checkpoint_every_epochs: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # newest N kept in storage; their metrics form the run history
     steps_per_epoch: int = Field(20, ge=1)
+    # read the training rows' image bytes from the shards once per run into Ray's object store
+    # (spilled to disk when larger); false: every pass over the data lists and reads the shards again
+    cache_images: bool = True
 
 
 class MlflowConfig(_Section):

@@ -106,8 +106,12 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, folder: str) -> 
     return {"image": np.stack(images).astype(np.float32)}
 
 
-def image_dataset(shards: ShardSet, s3: S3Config, rows: pd.DataFrame, image_size: int):
-    """The images of `rows`, read from the shard set by the Ray Data tasks of any node."""
+def image_dataset(shards: ShardSet, s3: S3Config, rows: pd.DataFrame, image_size: int, cache: bool = True):
+    """The images of `rows`, read from the shard set by the Ray Data tasks of any node.
+
+    Ray Train runs the whole pipeline again on every pass over the data; with `cache` the encoded
+    bytes are read once into the object store, so a pass only decodes.
+    """
     import ray.data
     from ray.data.expressions import col
 
@@ -118,6 +122,8 @@ def image_dataset(shards: ShardSet, s3: S3Config, rows: pd.DataFrame, image_size
                                columns=["path", "sha256", IMAGE_COLUMN])
     ds = ds.filter(expr=col("path").is_in(sorted(rows["path"].astype(str))))
     ds = ds.repartition(target_num_rows_per_block=DECODE_ROWS)
+    if cache:
+        ds = ds.materialize()
     return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size, "folder": shards.folder},
                           batch_size=DECODE_ROWS)
 
@@ -287,7 +293,8 @@ def run_ray_training(
             # Ray Train's own INFO lines (worker group, process group, every report) stay in its log files
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size)},
+        datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size,
+                                             rcfg.cache_images)},
     )
     result = trainer.fit()
     if result.checkpoint is None:
