@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from plantad.config import S3Config
+from plantad.cluster import start_local
+from plantad.config import RayConfig, S3Config
 from plantad.tracking.s3 import ensure_bucket, storage_env
 
 BUCKET = "plantad-test"
@@ -194,8 +195,9 @@ def ray_local(moto_s3: S3Config) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # the dashboard serves the state API that Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=2, include_dashboard=True)  # also sets RAY_AUTH_MODE=token in os.environ
+    # started as plantad starts a local cluster (every port on 127.0.0.1); the dashboard serves the
+    # state API that Ray Train's placement-group cleaner polls
+    start_local(RayConfig(), num_cpus=2, include_dashboard=True)  # also sets RAY_AUTH_MODE=token in os.environ
     try:
         yield
     finally:

@@ -9,7 +9,6 @@ configured storage (local or s3://) and a restarted worker group resumes from th
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 import uuid
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from plantad.cluster import check_ray_address, cluster_address, connect  # noqa: F401 (this module's API)
 from plantad.config import RayConfig, Settings, settings_from_dict, settings_to_dict
 from plantad.data.dataset import split_holdout
 from plantad.data.images import ImageTransform, load_rgb
@@ -32,45 +32,6 @@ from plantad.training.trainer import TrainResult, holdout_batches, image_loader,
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
-
-
-def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds on an unreachable head: `ray.init(address=...)` waits for it for minutes."""
-    import socket
-
-    target = address.removeprefix("ray://")
-    if target == "auto" or ":" not in target:
-        return  # Ray's own discovery of a local head
-    host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return
-    except ValueError as exc:
-        raise ValueError(f"{source}={address!r} is not host:port") from exc
-    except OSError as exc:
-        raise ConnectionError(f"Ray cluster at {address} (from {source}) is not reachable: {exc}. Start the head "
-                              "(`ray start --head`), fix the address, or unset it to start a local cluster") from exc
-
-
-def cluster_address(cfg: RayConfig) -> tuple[str | None, str]:
-    """The cluster to join and where that came from: ray.address, else RAY_ADDRESS, else none (local)."""
-    if cfg.address:
-        return cfg.address, "ray.address"
-    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
-
-
-def connect(cfg: RayConfig) -> None:
-    """Join the configured cluster, else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address, source = cluster_address(cfg)
-    if address:
-        check_ray_address(address, source)
-    # a local cluster gets its dashboard (127.0.0.1:8265): Ray Train's placement-group cleaner
-    # queries the state API through it, and warns every few seconds without it
-    ray.init(address=address, log_to_driver=True) if address else ray.init(include_dashboard=True)
 
 
 def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
