@@ -186,7 +186,7 @@ def run_ray_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from plantad.tracking.s3 import resolve_storage
+    from plantad.tracking.s3 import endpoint_name, resolve_storage
 
     rcfg = settings.ray
     connect(rcfg)
@@ -209,7 +209,11 @@ def run_ray_training(
         ),
         datasets={"train": image_dataset(train_rows, root, settings.data.image_size)},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray's error names neither the storage nor its endpoint
+        where = f" at S3 endpoint {endpoint_name(settings.s3)}" if filesystem is not None else ""
+        raise RuntimeError(f"Ray Train run {name} failed (checkpoints in {rcfg.storage_path}{where}): {exc}") from exc
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint (error: {result.error})")
     model = build_model(settings)
