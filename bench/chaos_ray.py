@@ -102,14 +102,15 @@ def kill_mid_checkpoint(storage: Path, rng: random.Random) -> dict:
     return {"registered": max(registered, default=0), "partial": size}
 
 
-def one_trial(work: Path, manifest, root: Path, killer, rng: random.Random) -> tuple[bool, bool, str]:
-    """(recovered, data lost, note) of one training run with one kill."""
+def one_trial(work: Path, manifest, root: Path, killer, rng: random.Random, steps: int = STEPS
+              ) -> tuple[bool, bool, str]:
+    """(recovered, data lost, note) of one training run of `steps` steps with one kill."""
     from plantad.models.checkpoint import load_model
     from plantad.training.ray_train import run_ray_training
 
     storage = work / "storage"
     settings = tiny_settings("ray.num_workers=2", "ray.cpus_per_worker=0.5", f"ray.steps_per_epoch={EVERY}",
-                             "ray.max_failures=2", "ray.keep_checkpoints=2", f"train.steps={STEPS}",
+                             "ray.max_failures=2", "ray.keep_checkpoints=2", f"train.steps={steps}",
                              f"ray.storage_path={storage}")
     out: dict = {}
 
@@ -128,7 +129,7 @@ def one_trial(work: Path, manifest, root: Path, killer, rng: random.Random) -> t
     result = out["result"]
     resumed = max(int(r.get("resumed_from", 0)) for r in result.history)
     load_model(result.model_path)  # sha256-checked
-    ok = result.steps == STEPS and resumed >= kill["registered"]
+    ok = result.steps == steps and resumed >= kill["registered"]
     partial = "" if kill["partial"] is None else f", newest checkpoint {kill['partial'] / 1e6:.1f} MB at the kill"
     return ok, resumed < kill["registered"], f"registered step {kill['registered']}, resumed {resumed}{partial}"
 

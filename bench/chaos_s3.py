@@ -199,7 +199,8 @@ def s3_fault_rows(work: Path, s3, tracking_uri: str, k: int, rng: random.Random)
     root = work / "data"
     generate_demo(root, DemoConfig(seed=0, image_size=64, n_train=24, n_test_good=2, n_test_defect=1))
     manifest = scan_dataset(root)
-    model = train_model(tiny_settings("train.steps=5"), manifest, root, work / "model", progress=False).model_path.parent
+    trained = train_model(tiny_settings("train.steps=5"), manifest, root, work / "model", progress=False)
+    model = trained.model_path.parent
     relpaths = sorted(manifest["path"])[:24]
     cases = {
         "DVC push + pull": lambda w, p: dvc_push_pull(w, s3, p, root / manifest.iloc[0]["category"]),
