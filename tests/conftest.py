@@ -7,12 +7,16 @@ import os
 import pytest
 import torch
 
+from plantad.cluster import LOOPBACK_ENV
 from plantad.config import Settings
 from tiny import tiny_settings
 
 # real S3 (moto server on 127.0.0.1), MLflow server, git+DVC repo and one Ray cluster per session
 from infra.fixtures import mlflow_server, moto_s3, ray_local, tmp_git_dvc_repo  # noqa: F401
 
+# the session's Ray cluster and every stage that joins it run on 127.0.0.1 only (see plantad.cluster);
+# set before any test module imports ray, which reads it once
+os.environ.update(LOOPBACK_ENV)
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -118,7 +118,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(json.dumps(settings_to_dict(_settings(args)), indent=2))
+    value = settings_to_dict(_settings(args))
+    for i, part in enumerate(args.get.split(".") if args.get else []):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"no setting '{'.'.join(args.get.split('.')[:i + 1])}' (from --get {args.get})")
+        value = value[part]
+    print(value if isinstance(value, str) else json.dumps(value, indent=2))
     return 0
 
 
@@ -255,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("config", help="print the resolved settings")
+    p.add_argument("--get", metavar="KEY", help="print one dotted key only (strings unquoted), e.g. mlflow.ui_host")
     _common(p)
     p.set_defaults(func=cmd_config)
 

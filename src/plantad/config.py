@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -270,6 +270,9 @@ class ValidationConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster
+    # node IP and dashboard host of a cluster plantad starts: 127.0.0.1 keeps every Ray port on loopback
+    # (a one-node cluster); this node's IP opens it to other nodes (Ray then listens on all interfaces)
+    host: str = "127.0.0.1"
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
@@ -283,9 +286,18 @@ class RayConfig(_Section):
     # (spilled to disk when larger); false: every pass over the data lists and reads the shards again
     cache_images: bool = True
 
+    @field_validator("host")
+    @classmethod
+    def _node_ip(cls, value: str) -> str:
+        if value.strip("[]") in ("0.0.0.0", "::", ""):
+            raise ValueError(f"ray.host {value!r} is not an address a Ray node can have: use 127.0.0.1 (loopback "
+                             "only) or this node's IP")
+        return value
+
 
 class MlflowConfig(_Section):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI if set, else the embedded store
+    ui_host: str = "127.0.0.1"  # bind address of mlflow/ui.sh; wider only with --app-name basic-auth
     experiment: str = "plantad"
     registered_model: str = "plantad-anomaly"
     promote: Literal["manual", "auto"] = "manual"

@@ -2,24 +2,34 @@
 endpoint, both through one pyarrow filesystem so Ray tasks on any node read and write the same way.
 
 Writes are atomic for readers: a local file is written under a hidden temporary name and renamed;
-an S3 object appears only when its upload completes.
+an S3 object appears only when its upload completes. S3 reads and writes are retried: pyarrow's
+client gives up on a dropped connection at once, and a transient fault must not become an image's
+`error` row in a committed part (chaos bench). One that persists raises StorageError naming the
+endpoint and the object, so the part stays uncommitted and a re-run resumes it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
 from plantad.config import S3Config
-from plantad.tracking.s3 import check_bucket, pyarrow_filesystem, split_s3_uri
+from plantad.tracking.s3 import StorageError, check_bucket, endpoint_name, pyarrow_filesystem, split_s3_uri
 
+log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"  # hidden temporary files of local atomic writes
+S3_ATTEMPTS = 4  # per S3 call; waits 0.5, 1 and 2 s between them
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,7 @@ class Location:
     fs: pafs.FileSystem
     base: str  # 'bucket/prefix' on S3, an absolute path locally
     uri: str  # 's3://bucket/prefix' or the absolute local path
+    endpoint: str = ""  # how errors name the S3 endpoint (empty locally)
 
     @property
     def is_s3(self) -> bool:
@@ -42,7 +53,7 @@ class Location:
         return posixpath.join(self.uri, rel) if self.is_s3 else str(Path(self.uri) / rel)
 
     def child(self, rel: str) -> Location:
-        return Location(self.fs, self.path(rel), self.display(rel))
+        return Location(self.fs, self.path(rel), self.display(rel), self.endpoint)
 
 
 def open_location(uri: str, s3: S3Config) -> Location:
@@ -51,7 +62,7 @@ def open_location(uri: str, s3: S3Config) -> Location:
         bucket, prefix = split_s3_uri(uri)
         check_bucket(s3, bucket)
         base = f"{bucket}/{prefix}" if prefix else bucket
-        return Location(pyarrow_filesystem(s3), base, f"s3://{base}")
+        return Location(pyarrow_filesystem(s3), base, f"s3://{base}", endpoint_name(s3))
     path = str(Path(uri).expanduser().resolve())
     return Location(pafs.LocalFileSystem(), path, path)
 
@@ -64,7 +75,8 @@ def list_images(loc: Location, extensions: list[str]) -> list[str]:
     wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     if not loc.is_s3 and not Path(loc.base).is_dir():
         raise FileNotFoundError(f"input folder {loc.uri} does not exist (bulk scoring --input)")
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.base, recursive=True, allow_not_found=True))
+    infos = _retried(loc, "", "list", lambda: loc.fs.get_file_info(
+        pafs.FileSelector(loc.base, recursive=True, allow_not_found=True)))
     prefix = loc.base.rstrip("/") + "/"
     found = sorted(
         info.path[len(prefix):] for info in infos
@@ -76,17 +88,41 @@ def list_images(loc: Location, extensions: list[str]) -> list[str]:
     return found
 
 
+def _retried(loc: Location, rel: str, what: str, action: Callable[[], T]) -> T:
+    """`action`, on S3 again after a failure; a missing object is not retried (FileNotFoundError)."""
+    if not loc.is_s3:
+        return action()
+    for attempt in range(S3_ATTEMPTS):
+        try:
+            return action()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == S3_ATTEMPTS - 1:
+                raise StorageError(f"cannot {what} {loc.display(rel)} at S3 endpoint {loc.endpoint} after "
+                                   f"{S3_ATTEMPTS} attempts: {exc}; re-run the same command to resume") from exc
+            log.warning("%s %s failed (%s), retrying", what, loc.display(rel), exc)
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def read_bytes(loc: Location, rel: str) -> bytes:
-    with loc.fs.open_input_stream(loc.path(rel)) as stream:
-        return stream.readall()
+    def read() -> bytes:
+        with loc.fs.open_input_stream(loc.path(rel)) as stream:
+            return stream.readall()
+
+    return _retried(loc, rel, "read", read)
 
 
 def write_atomic(loc: Location, rel: str, data: bytes) -> None:
     """Write `rel` so that readers see the whole file or nothing (also under SIGKILL)."""
     target = loc.path(rel)
     if loc.is_s3:  # an object is visible only once its upload has completed; S3 needs no folders
-        with loc.fs.open_output_stream(target) as out:
-            out.write(data)
+        def upload() -> None:
+            with loc.fs.open_output_stream(target) as out:
+                out.write(data)
+
+        _retried(loc, rel, "write", upload)
         return
     os.makedirs(posixpath.dirname(target), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(target), f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(target)}")
@@ -103,13 +139,18 @@ def write_atomic(loc: Location, rel: str, data: bytes) -> None:
 
 def list_names(loc: Location, rel: str) -> list[str]:
     """Names of the files directly in folder `rel` (none when it does not exist)."""
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path(rel), recursive=False, allow_not_found=True))
+    infos = _retried(loc, rel, "list", lambda: loc.fs.get_file_info(
+        pafs.FileSelector(loc.path(rel), recursive=False, allow_not_found=True)))
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
 
 
 def exists(loc: Location, rel: str) -> bool:
-    return loc.fs.get_file_info(loc.path(rel)).type == pafs.FileType.File
+    return _retried(loc, rel, "look up", lambda: loc.fs.get_file_info(loc.path(rel))).type == pafs.FileType.File
 
 
 def delete(loc: Location, rel: str) -> None:
-    loc.fs.delete_file(loc.path(rel))
+    """Remove `rel`; one already gone (a retried delete whose first answer was lost) is fine."""
+    try:
+        _retried(loc, rel, "delete", lambda: loc.fs.delete_file(loc.path(rel)))
+    except FileNotFoundError:
+        pass

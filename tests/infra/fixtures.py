@@ -17,11 +17,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from plantad.config import S3Config
+from plantad.cluster import start_local
+from plantad.config import RayConfig, S3Config
 from plantad.tracking.s3 import ensure_bucket, storage_env
 
 BUCKET = "plantad-test"
@@ -61,19 +63,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Config]:
+@contextmanager
+def moto_server(no_files: Path) -> Iterator[S3Config]:
     """moto's S3 server in a thread on 127.0.0.1:<free port>, bucket `plantad-test` created.
 
-    Sets fake AWS credentials in os.environ for the session (restored after) and hides ~/.aws,
-    but NOT the endpoint: code under test must pass it (S3Config / storage_env) itself.
+    Sets fake AWS credentials in os.environ (restored after) and points the AWS config files at
+    `no_files` (absent), but NOT the endpoint: code under test must pass it (S3Config / storage_env).
     """
     from moto.server import ThreadedMotoServer
 
     saved = {k: os.environ.get(k) for k in _AWS_VARS}
     for k in _AWS_VARS:
         os.environ.pop(k, None)
-    no_files = tmp_path_factory.mktemp("aws") / "absent"
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_CONFIG_FILE=str(no_files), AWS_SHARED_CREDENTIALS_FILE=str(no_files))
     werkzeug_log = logging.getLogger("werkzeug")  # moto logs every request at INFO
@@ -94,6 +95,13 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Config]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Config]:
+    """moto_server for the session; ~/.aws hidden."""
+    with moto_server(tmp_path_factory.mktemp("aws") / "absent") as cfg:
+        yield cfg
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log_file: Path, timeout: float) -> None:
@@ -135,24 +143,30 @@ def start_mlflow_server(args: list[str], env: dict[str, str], log_file: Path, po
     return proc
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(moto_s3: S3Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` (SQLite in tmp) proxying artifacts to s3://<bucket>/mlflow on moto; its URI.
+@contextmanager
+def mlflow_server_process(s3: S3Config, root: Path) -> Iterator[str]:
+    """`mlflow server` (SQLite in `root`) proxying artifacts to s3://<bucket>/mlflow; its URI.
 
     With --artifacts-destination, clients upload through the server (mlflow-artifacts:/ URIs), so
     only the server needs the S3 endpoint and credentials.
     """
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     args = [tool("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{moto_s3.bucket}/{MLFLOW_PREFIX}",
+            "--artifacts-destination", f"s3://{s3.bucket}/{MLFLOW_PREFIX}",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, **storage_env(moto_s3), **MLFLOW_SERVER_ENV}
+    env = {**os.environ, **storage_env(s3), **MLFLOW_SERVER_ENV}
     proc = start_mlflow_server(args, env, root / "server.log", port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_s3: S3Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """mlflow_server_process for the session."""
+    with mlflow_server_process(moto_s3, tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
 
 
 @pytest.fixture
@@ -191,11 +205,21 @@ def ray_local(moto_s3: S3Config) -> Iterator[None]:
             raise RuntimeError("Ray was started before moto_s3 set the AWS credentials; start it after")
         yield
         return
+    with local_ray():
+        yield
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """A local Ray cluster of 2 CPUs with its dashboard, started as plantad starts one (every port
+    on 127.0.0.1), with a per-use RAY_AUTH_TOKEN in os.environ; the dashboard serves the state API
+    that Ray Train's placement-group cleaner polls."""
+    import ray
+
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # the dashboard serves the state API that Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=2, include_dashboard=True)  # also sets RAY_AUTH_MODE=token in os.environ
+    start_local(RayConfig(), num_cpus=2, include_dashboard=True)  # also sets RAY_AUTH_MODE=token in os.environ
     try:
         yield
     finally:

@@ -7,49 +7,17 @@ server (SQLite + artifacts proxied to moto's S3).
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from pipeline_project import DATA, STAGES, TINY_PARAMS, Project, copy_project, create_project, merged
-
-
-def stage_env(home: Path) -> dict[str, str]:
-    """os.environ for the stage subprocesses: venv first on PATH, git/DVC config and caches in tmp."""
-    (home / "gitconfig").write_text("[user]\n\tname = plantad e2e\n\temail = e2e@plantad.invalid\n")
-    # bytecode on, as for a user: __pycache__ in src/ must not make DVC see changed code
-    dropped = ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        GX_ANALYTICS_ENABLED="false",
-        MLFLOW_ENABLE_ASYNC_LOGGING="false",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_DATA_DISABLE_PROGRESS_BARS="1",
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(home / "dvc-site-cache"),
-        DVC_GLOBAL_CONFIG_DIR=str(home / "dvc-global"),
-        DVC_SYSTEM_CONFIG_DIR=str(home / "dvc-system"),
-        GIT_CONFIG_GLOBAL=str(home / "gitconfig"),
-        GIT_CONFIG_NOSYSTEM="1",
-    )
-    return env
+from pipeline_project import DATA, STAGES, TINY_PARAMS, Project, copy_project, create_project, joined_stage_env, merged
 
 
 @pytest.fixture(scope="session")
 def pipeline_env(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Stage environment joined to the session's Ray cluster (no cluster of its own per stage)."""
-    import ray
-
-    env = stage_env(tmp_path_factory.mktemp("pipeline-home"))
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    # ray_local put a per-session RAY_AUTH_TOKEN in os.environ and ray.init() set RAY_AUTH_MODE=token;
-    # a driver joining the cluster needs both (without them it is refused)
-    if env.get("RAY_AUTH_MODE") == "token" and not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
-        pytest.fail("the session's Ray cluster uses token auth but no RAY_AUTH_TOKEN is set for its drivers")
-    return env
+    return joined_stage_env(tmp_path_factory.mktemp("pipeline-home"))
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +51,7 @@ def baseline(
     if project.status():
         pytest.fail(f"the baseline is not up to date after `dvc repro`: {project.status()}\n{repro.tail()}")
     project.commit("baseline run")
+    project.stage_seconds = repro.durations()  # where tests/pipeline/test_chaos.py aims its kills
     return project
 
 

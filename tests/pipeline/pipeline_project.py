@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
-from dataclasses import dataclass
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = "data/plant"  # the user's dataset in the baseline project, tracked with `dvc add`
 STAGES = ["demo_data", "prepare", "validate", "train", "evaluate", "register", "score"]  # dvc.yaml's, in order
 TAIL = 6000  # characters of command output quoted in a failure message
+RUNNING = re.compile(r"^Running stage '([\w-]+)':", flags=re.M)
 
 # tests/conftest.py's TINY list as params.yaml keys, plus the pipeline's own tiny knobs
 TINY_PARAMS: dict[str, Any] = {
@@ -44,6 +50,42 @@ TINY_PARAMS: dict[str, Any] = {
 }
 
 
+def stage_env(home: Path) -> dict[str, str]:
+    """os.environ for the stage subprocesses: venv first on PATH, git/DVC config and caches in tmp."""
+    (home / "gitconfig").write_text("[user]\n\tname = plantad e2e\n\temail = e2e@plantad.invalid\n")
+    # bytecode on, as for a user: __pycache__ in src/ must not make DVC see changed code
+    dropped = ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        GX_ANALYTICS_ENABLED="false",
+        MLFLOW_ENABLE_ASYNC_LOGGING="false",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DATA_DISABLE_PROGRESS_BARS="1",
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(home / "dvc-site-cache"),
+        DVC_GLOBAL_CONFIG_DIR=str(home / "dvc-global"),
+        DVC_SYSTEM_CONFIG_DIR=str(home / "dvc-system"),
+        GIT_CONFIG_GLOBAL=str(home / "gitconfig"),
+        GIT_CONFIG_NOSYSTEM="1",
+    )
+    return env
+
+
+
+def joined_stage_env(home: Path) -> dict[str, str]:
+    """stage_env joined to this process's Ray cluster: RAY_ADDRESS and the cluster's auth token."""
+    import ray
+
+    env = stage_env(home)
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # the local cluster's RAY_AUTH_TOKEN is in os.environ and ray.init() set RAY_AUTH_MODE=token;
+    # a driver joining the cluster needs both (without them it is refused)
+    if env.get("RAY_AUTH_MODE") == "token" and not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
+        raise RuntimeError("the Ray cluster uses token auth but no RAY_AUTH_TOKEN is set for its drivers")
+    return env
+
+
 def merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of `base` with `update`'s keys set (nested dicts merged, other values replaced)."""
     out = copy.deepcopy(base)
@@ -63,6 +105,7 @@ def tail(proc: subprocess.CompletedProcess[str]) -> str:
 class Project:
     root: Path
     env: dict[str, str]
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # of the run that made it (baseline)
 
     def run(self, *args: str | Path, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a command in the project; with check, a non-zero exit fails with the output's tail."""
@@ -72,8 +115,41 @@ class Project:
             raise AssertionError(f"command failed:\n{tail(proc)}")
         return proc
 
-    def repro(self, timeout: float = 300, check: bool = True) -> Repro:
-        return Repro(self.run("dvc", "repro", timeout=timeout, check=check))
+    def repro(self, timeout: float = 300, check: bool = True, kill_stage: str | None = None,
+              kill_after: float = 0.0) -> Repro:
+        """`dvc repro`, timing each stage; with kill_stage, SIGKILLed (the whole process group, as a
+        crash ends it) `kill_after` seconds after that stage starts, if it is still running then."""
+        proc = subprocess.Popen(["dvc", "repro"], cwd=self.root, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        started: dict[str, float] = {}
+        killed: list[str] = []
+
+        def kill() -> None:
+            if proc.poll() is None:
+                killed.append(list(started)[-1])
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        assert proc.stdout is not None
+        lines, kill_timer = [], None
+        for line in proc.stdout:
+            lines.append(line)
+            match = RUNNING.match(line)
+            if match:
+                started[match.group(1)] = time.monotonic()
+                if match.group(1) == kill_stage and kill_timer is None:
+                    kill_timer = threading.Timer(kill_after, kill)
+                    kill_timer.start()
+        returncode = proc.wait()
+        for t in (timer, kill_timer):
+            if t is not None:
+                t.cancel()
+        result = Repro(subprocess.CompletedProcess(["dvc", "repro"], returncode, "".join(lines), ""), started,
+                       time.monotonic(), killed[0] if killed else None)
+        if check and returncode != 0:
+            raise AssertionError(f"command failed:\n{result.tail()}")
+        return result
 
     def status(self) -> dict[str, Any]:
         """`dvc status --json`: changed stages and .dvc files; {} when everything is up to date."""
@@ -105,9 +181,18 @@ class Project:
 
 @dataclass
 class Repro:
-    """One `dvc repro`: its process and the stages DVC says it ran or skipped."""
+    """One `dvc repro`: its process, the stages DVC says it ran or skipped, when each started."""
 
     proc: subprocess.CompletedProcess[str]
+    started: dict[str, float] = field(default_factory=dict)  # time.monotonic() at "Running stage"
+    ended: float = 0.0
+    killed_in: str | None = None  # the stage running when kill_stage's timer fired
+
+    def durations(self) -> dict[str, float]:
+        """Seconds from each stage's start to the next one's (or the end), DVC's commit included."""
+        order = list(self.started)
+        ends = [self.started[s] for s in order[1:]] + [self.ended]
+        return {s: end - self.started[s] for s, end in zip(order, ends)}
 
     @property
     def output(self) -> str:
@@ -115,7 +200,7 @@ class Repro:
 
     @property
     def ran(self) -> list[str]:
-        return re.findall(r"^Running stage '([\w-]+)':", self.output, flags=re.M)
+        return RUNNING.findall(self.output)
 
     @property
     def skipped(self) -> list[str]:
@@ -155,7 +240,7 @@ def copy_project(src: Project, dest: Path) -> Project:
     (and git-ignored), so DVC must not count it in the src/ deps.
     """
     shutil.copytree(src.root, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    return Project(dest, {**src.env, "PYTHONPATH": str(dest / "src")})
+    return Project(dest, {**src.env, "PYTHONPATH": str(dest / "src")}, dict(src.stage_seconds))
 
 
 def registry_state(client: Any, name: str) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from plantad.cluster import check_ray_address, cluster_address, head_env, head_start_args, join, start_local
 from plantad.config import RayConfig, ServeConfig
-from plantad.training.ray_train import check_ray_address, cluster_address
 
 
 def _ray_executable() -> str:
@@ -28,23 +28,21 @@ def _ray_executable() -> str:
 
 
 def connect_for_serving(cfg: RayConfig, detach: bool) -> str:
-    """Connect to ray.address / RAY_ADDRESS, else a new local cluster; returns a description."""
-    import ray
-
+    """Connect to ray.address / RAY_ADDRESS, else a new local cluster on ray.host; returns a description."""
     address, source = cluster_address(cfg)
     if address:
         check_ray_address(address, source)
-        ray.init(address=address)
+        join(cfg, address)
         return f"Ray cluster at {address} (from {source})"
     if not detach:
-        ray.init()
-        return "a local Ray cluster of this process (stops with it)"
-    started = subprocess.run([_ray_executable(), "start", "--head", "--disable-usage-stats"],
-                             capture_output=True, text=True)
+        start_local(cfg)
+        return f"a local Ray cluster of this process on {cfg.host} (stops with it)"
+    ray = _ray_executable()
+    started = subprocess.run(head_start_args(cfg, ray), env=head_env(cfg, ray), capture_output=True, text=True)
     if started.returncode != 0 and "already" not in (started.stdout + started.stderr):
         raise RuntimeError(f"`ray start --head` failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
-    ray.init(address="auto")
-    return "the local Ray cluster started by `ray start --head` (stop it with `ray stop`)"
+    join(cfg, "auto")
+    return f"the local Ray cluster started by `ray start --head` on {cfg.host} (stop it with `ray stop`)"
 
 
 def base_url(cfg: ServeConfig) -> str:
@@ -69,13 +67,20 @@ def wait_ready(url: str, api_key: str | None, timeout_s: float = 300.0) -> dict:
     raise RuntimeError(f"{url}/readyz not ready after {timeout_s:.0f} s (last: {last})")
 
 
+def start_http(cfg: ServeConfig) -> None:
+    """Serve's HTTP proxy on serve.host:serve.port (127.0.0.1 unless configured otherwise)."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+
+
 def deploy(cfg: ServeConfig) -> str:
-    """Start Serve's HTTP proxy on serve.host:serve.port and run the app; returns its base URL."""
+    """Start Serve's HTTP proxy and run the app; returns its base URL."""
     from ray import serve
 
     from plantad.serving.app import build_app
 
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    start_http(cfg)
     serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.app_name, route_prefix=cfg.route_prefix,
               blocking=False)
     url = base_url(cfg)
@@ -84,10 +89,9 @@ def deploy(cfg: ServeConfig) -> str:
 
 
 def stop(ray_cfg: RayConfig, cfg: ServeConfig) -> str:
-    import ray
     from ray import serve
 
     address, _ = cluster_address(ray_cfg)
-    ray.init(address=address or "auto")
+    join(ray_cfg, address or "auto")
     serve.delete(cfg.app_name)
     return f"deleted Serve app '{cfg.app_name}'; the Ray cluster keeps running (`ray stop` stops a local one)"

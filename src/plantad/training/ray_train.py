@@ -11,7 +11,6 @@ driver then calibrates on held-out normal images, read from the shards too, and 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 import uuid
@@ -23,11 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from plantad.cluster import check_ray_address, cluster_address, connect  # noqa: F401 (this module's API)
 from plantad.config import RayConfig, S3Config, Settings, settings_from_dict, settings_to_dict
 from plantad.data.dataset import split_holdout
 from plantad.data.images import ImageTransform, decode_image_bytes
 from plantad.data.shards import IMAGE_COLUMN, ShardSet, require_match, shard_location, verified_image
-from plantad.logs import RAY_WORKER_ENV
 from plantad.models.checkpoint import save_model
 from plantad.models.factory import build_model
 from plantad.training.calibration import calibrate
@@ -36,48 +35,6 @@ from plantad.training.trainer import TrainResult, normal_train_rows, seed_everyt
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
-
-
-def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds on an unreachable head: `ray.init(address=...)` waits for it for minutes."""
-    import socket
-
-    target = address.removeprefix("ray://")
-    if target == "auto" or ":" not in target:
-        return  # Ray's own discovery of a local head
-    host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return
-    except ValueError as exc:
-        raise ValueError(f"{source}={address!r} is not host:port") from exc
-    except OSError as exc:
-        raise ConnectionError(f"Ray cluster at {address} (from {source}) is not reachable: {exc}. Start the head "
-                              "(`ray start --head`), fix the address, or unset it to start a local cluster") from exc
-
-
-def cluster_address(cfg: RayConfig) -> tuple[str | None, str]:
-    """The cluster to join and where that came from: ray.address, else RAY_ADDRESS, else none (local)."""
-    if cfg.address:
-        return cfg.address, "ray.address"
-    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
-
-
-def connect(cfg: RayConfig) -> None:
-    """Join the configured cluster, else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address, source = cluster_address(cfg)
-    if address:
-        check_ray_address(address, source)
-    # a local cluster gets its dashboard (127.0.0.1:8265): Ray Train's placement-group cleaner
-    # queries the state API through it, and warns every few seconds without it
-    # WARNING: Ray's INFO lines (cluster start, dashboard URL) would bury the stage's own output;
-    # the workers' env quiets Ray Data the same way (Ray's log files keep everything)
-    quiet = {"logging_level": logging.WARNING, "runtime_env": {"env_vars": dict(RAY_WORKER_ENV)}}
-    ray.init(address=address, log_to_driver=True, **quiet) if address else ray.init(include_dashboard=True, **quiet)
 
 
 def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
@@ -268,7 +225,7 @@ def run_ray_training(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from plantad.tracking.s3 import resolve_storage
+    from plantad.tracking.s3 import endpoint_name, resolve_storage
 
     require_match(shards, manifest, shards.folder)
     rcfg = settings.ray
@@ -296,7 +253,11 @@ def run_ray_training(
         datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size,
                                              rcfg.cache_images)},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray's error names neither the storage nor its endpoint
+        where = f" at S3 endpoint {endpoint_name(settings.s3)}" if filesystem is not None else ""
+        raise RuntimeError(f"Ray Train run {name} failed (checkpoints in {rcfg.storage_path}{where}): {exc}") from exc
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint (error: {result.error})")
     model = build_model(settings)

@@ -86,7 +86,7 @@ def check_bulk_budget(bulk: BulkConfig, cpus: float, gpus: float, local: bool) -
 def start_ray(settings: Settings) -> None:
     import ray
 
-    from plantad.training.ray_train import cluster_address, connect
+    from plantad.cluster import cluster_address, connect
 
     connect(settings.ray)
     res = ray.cluster_resources()

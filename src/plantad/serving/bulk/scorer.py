@@ -26,7 +26,10 @@ SCORE_FIELDS = ["probability", "is_anomalous", "p_local", "p_semantic", "local_s
 
 
 def read_batch(batch: pd.DataFrame, src: Location) -> pd.DataFrame:
-    """Ray Data map: relative paths -> their bytes (empty, with `read_error` set, when unreadable)."""
+    """Ray Data map: relative paths -> their bytes (empty, with `read_error` set, when unreadable or gone).
+
+    A storage fault that outlasts read_bytes' retries raises StorageError: the task fails rather than
+    committing a false error row."""
     data, errors = [], []
     for rel in batch["relpath"]:
         try:

@@ -1,0 +1,149 @@
+"""Chaos, part (a): SIGKILL `dvc repro` at random points of each stage, re-run it, check what is left.
+
+A trial is one SIGKILL of the whole process group of `dvc repro` (DVC and the stage's command, as a
+crash or an OOM kill would end them) at a uniform random moment inside a stage, the moment drawn
+from that stage's duration in an uninterrupted run. After each kill: dvc.lock parses, no stage that
+had finished is out of date, and every registered model version downloads and loads (sha256 checked).
+At the end the pipeline must complete, `dvc status` be clean, and dvc.lock match the uninterrupted
+run for the deterministic stages.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import yaml
+from chaos_common import Row
+from pipeline_project import DATA, STAGES, TINY_PARAMS, Project, Repro, create_project, merged
+
+DETERMINISTIC = ["demo_data", "prepare"]  # validate records its time; score depends on registration.json
+
+
+def version_problems(tracking_uri: str, name: str, scratch: Path) -> list[str]:
+    """What is wrong with each registered version of `name`: not READY, not downloadable, not loadable."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from plantad.models.checkpoint import load_model
+    from plantad.tracking.model_source import download_model, find_model_dir, resolve_model
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    problems = []
+    for v in versions:
+        if v.status != "READY":
+            problems.append(f"v{v.version} is {v.status}")
+            continue
+        try:
+            ref = resolve_model(f"models:/{name}/{v.version}", client)
+            root = download_model(ref, tracking_uri, cache_dir=Path(tempfile.mkdtemp(dir=scratch)))
+            load_model(find_model_dir(root))
+        except Exception as exc:  # any failure here is what the check reports
+            problems.append(f"v{v.version}: {type(exc).__name__}: {exc}")
+    return problems
+
+
+def after_kill_problems(project: Project, run: Repro, tracking_uri: str, name: str, scratch: Path) -> list[str]:
+    """Damage a kill left: an unreadable dvc.lock, a finished stage out of date, a broken version."""
+    problems = []
+    try:
+        yaml.safe_load((project.root / "dvc.lock").read_text()) if (project.root / "dvc.lock").exists() else None
+    except yaml.YAMLError as exc:
+        problems.append(f"dvc.lock does not parse: {exc}")
+    hit = STAGES.index(run.killed_in) if run.killed_in in STAGES else 0
+    status = project.run("dvc", "status", "--json", check=False)
+    finished = set(STAGES[:hit])
+    if status.returncode != 0:
+        problems.append(f"dvc status failed: {status.stdout[-500:]}{status.stderr[-500:]}")
+    else:
+        stale = finished & set(json.loads(status.stdout or "{}"))
+        problems += [f"stage {s} finished before the kill but is now out of date" for s in sorted(stale)]
+    return problems + version_problems(tracking_uri, name, scratch)
+
+
+def new_project(root: Path, env: dict[str, str], tracking_uri: str, names: dict[str, str]) -> Project:
+    """The baseline project of tests/pipeline: tiny params, the user's dataset tracked with `dvc add`."""
+    params = merged(TINY_PARAMS, {"data": {"source": "path", "root": DATA},
+                                  "mlflow": {"tracking_uri": tracking_uri, "promote": "manual", **names}})
+    project = create_project(root, env, params)
+    project.run("plantad", "demo-data", DATA, "--seed", "1")
+    project.run("dvc", "add", DATA)
+    project.commit("track the plant dataset")
+    return project
+
+
+def lock_entries(project: Project, stages: list[str]) -> dict[str, object]:
+    locked = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
+    return {s: locked.get(s) for s in stages}
+
+
+def kill_sequence(project: Project, targets: list[str], seconds: dict[str, float], k: int, rng: random.Random,
+                  tracking_uri: str, name: str, scratch: Path) -> tuple[dict[str, list[tuple[bool, float]]], list[str]]:
+    """K kills per target stage, in order, each at U(0, 0.9 x its duration) after it starts.
+
+    Returns per stage hit: (no damage after the kill, seconds into the stage), and the damage found."""
+    hits: dict[str, list[tuple[bool, float]]] = {s: [] for s in targets}
+    damage: list[str] = []
+    for stage in targets:
+        for _ in range(k):
+            run = project.repro(timeout=900, check=False, kill_stage=stage,
+                                kill_after=rng.uniform(0.0, 0.9 * seconds[stage]))
+            if run.killed_in is None:
+                return hits, damage  # the whole pipeline finished before the kill
+            found = after_kill_problems(project, run, tracking_uri, name, scratch)
+            hits.setdefault(run.killed_in, []).append((not found, run.ended - run.started[run.killed_in]))
+            damage += [f"kill in {run.killed_in}: {p}" for p in found]
+    return hits, damage
+
+
+def kill_rows(project: Project, reference: Project, targets: list[str], k: int, rng: random.Random,
+              tracking_uri: str, scratch: Path) -> list[Row]:
+    """Kill `targets` K times each, then complete the pipeline and compare it with `reference`."""
+    name = project.params["mlflow"]["registered_model"]
+    seconds = reference.stage_seconds
+    hits, damage = kill_sequence(project, targets, seconds, k, rng, tracking_uri, name, scratch)
+    final = project.repro(timeout=900, check=False)
+    end = final_problems(project, final, reference, tracking_uri, name, scratch)
+    rows = [Row(f"SIGKILL `dvc repro` in {s}", len(v), 0 if end else sum(ok for ok, _ in v),
+                sum(not ok for ok, _ in v), f"killed at {', '.join(f'{t:.1f}' for _, t in v)} s of a "
+                f"{seconds.get(s, 0):.0f} s stage") for s, v in hits.items()]
+    versions = registered_versions(tracking_uri, name)
+    rows.append(Row("`dvc repro` after all kills", 1, int(not end), int(bool(end)),
+                    "; ".join(end + damage)[:300] or f"complete; {versions} registered versions, all loadable"))
+    return rows
+
+
+def dvc_kill_rows(work: Path, env: dict[str, str], tracking_uri: str, k: int, rng: random.Random) -> list[Row]:
+    """K SIGKILLs in every stage of one pipeline run from scratch, against an uninterrupted run."""
+    suffix = f"{rng.getrandbits(32):08x}"
+    ref = new_project(work / "reference", env, tracking_uri,
+                      {"experiment": f"chaos-ref-{suffix}", "registered_model": f"chaos-ref-{suffix}"})
+    reference = ref.repro(timeout=900, check=False)
+    if reference.proc.returncode != 0:
+        raise RuntimeError(f"the uninterrupted `dvc repro` failed:\n{reference.tail()}")
+    ref.stage_seconds = reference.durations()
+    project = new_project(work / "chaos", env, tracking_uri,
+                          {"experiment": f"chaos-{suffix}", "registered_model": f"chaos-{suffix}"})
+    return kill_rows(project, ref, STAGES, k, rng, tracking_uri, work)
+
+
+def registered_versions(tracking_uri: str, name: str) -> int:
+    from mlflow import MlflowClient
+
+    return len(MlflowClient(tracking_uri, registry_uri=tracking_uri).search_model_versions(f"name = '{name}'"))
+
+
+def final_problems(project: Project, final: Repro, ref: Project, tracking_uri: str, name: str,
+                   scratch: Path) -> list[str]:
+    if final.proc.returncode != 0:
+        return [f"the last `dvc repro` failed: {final.tail()[-1500:]}"]
+    problems = [f"dvc status not clean: {project.status()}"] if project.status() else []
+    want, got = lock_entries(ref, DETERMINISTIC), lock_entries(project, DETERMINISTIC)
+    problems += [f"dvc.lock of {s} differs from the uninterrupted run" for s in DETERMINISTIC if want[s] != got[s]]
+    return problems + version_problems(tracking_uri, name, scratch)

@@ -1,0 +1,140 @@
+"""Join the configured Ray cluster, or start a local one whose ports listen on `ray.host` only.
+
+Ray 2.60 turns a node IP of 127.0.0.1 into the machine's routed address
+(`ray._private.services.resolve_ip_for_localhost`) and then listens on every interface. It keeps the
+loopback address only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its one-node mode, which also
+refuses other nodes). So with `ray.host: 127.0.0.1` every Ray process of this machine that starts or
+joins the local cluster gets that variable before `ray` is imported, and the node IP is checked after
+`ray.init`. Token authentication (Ray 2.59+) stays on: `ray.init` enables it for a local cluster, and
+`ray start --head` is given a token (see `head_env`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Mapping
+
+from plantad.config import RayConfig
+from plantad.logs import RAY_WORKER_ENV
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cluster_address(cfg: RayConfig) -> tuple[str | None, str]:
+    """The cluster to join and where that came from: ray.address, else RAY_ADDRESS, else none (local)."""
+    if cfg.address:
+        return cfg.address, "ray.address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+
+
+def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an unreachable head: `ray.init(address=...)` waits for it for minutes."""
+    target = address.removeprefix("ray://")
+    if target == "auto" or ":" not in target:
+        return  # Ray's own discovery of a local head
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except ValueError as exc:
+        raise ValueError(f"{source}={address!r} is not host:port") from exc
+    except OSError as exc:
+        raise ConnectionError(f"Ray cluster at {address} (from {source}) is not reachable: {exc}. Start the head "
+                              "(`ray start --head`), fix the address, or unset it to start a local cluster") from exc
+
+
+def loopback_node(cfg: RayConfig, address: str | None) -> bool:
+    """True when this process's Ray node must be 127.0.0.1: ray.host is loopback and the cluster is
+    started here or joined at a loopback address (or `auto`, the local head)."""
+    if not is_loopback(cfg.host):
+        return False
+    target = (address or "auto").removeprefix("ray://")
+    return target == "auto" or is_loopback(target.rpartition(":")[0] or target)
+
+
+def _check_node_ip(cfg: RayConfig) -> None:
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    if not is_loopback(ip):
+        ray.shutdown()
+        raise RuntimeError(f"ray.host is {cfg.host} but this process's Ray node IP is {ip}: `ray` was imported "
+                           f"before plantad could set {' '.join(f'{k}={v}' for k, v in LOOPBACK_ENV.items())}; "
+                           "set it in the environment, or set ray.host to this node's IP")
+
+
+def start_local(cfg: RayConfig, **init_kwargs) -> None:
+    """`ray.init` of a cluster that lives in this process; GCS, raylet, workers and dashboard on ray.host."""
+    loopback = is_loopback(cfg.host)
+    if loopback:
+        os.environ.update(LOOPBACK_ENV)
+    import ray
+
+    ray.init(dashboard_host=cfg.host, **({} if loopback else {"_node_ip_address": cfg.host}), **init_kwargs)
+    if loopback:
+        _check_node_ip(cfg)
+
+
+def join(cfg: RayConfig, address: str, **init_kwargs) -> None:
+    """`ray.init(address=...)` of a running cluster (the token comes from RAY_AUTH_TOKEN / ~/.ray/auth_token)."""
+    loopback = loopback_node(cfg, address)
+    if loopback:
+        os.environ.update(LOOPBACK_ENV)
+    import ray
+
+    ray.init(address=address, **init_kwargs)
+    if loopback:
+        _check_node_ip(cfg)
+
+
+def connect(cfg: RayConfig) -> None:
+    """Join the configured cluster, else start a local one with its dashboard on ray.host.
+
+    The dashboard serves the state API that Ray Train's placement-group cleaner polls (it warns every
+    few seconds without it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address, source = cluster_address(cfg)
+    # WARNING: Ray's INFO lines (cluster start, dashboard URL) would bury the stage's own output;
+    # the workers' env quiets Ray Data the same way (Ray's log files keep everything)
+    quiet = {"logging_level": logging.WARNING, "runtime_env": {"env_vars": dict(RAY_WORKER_ENV)}}
+    if address:
+        check_ray_address(address, source)
+        join(cfg, address, log_to_driver=True, **quiet)
+    else:
+        start_local(cfg, include_dashboard=True, **quiet)
+
+
+def head_start_args(cfg: RayConfig, ray_executable: str) -> list[str]:
+    """`ray start --head` with every port on ray.host (run it with `head_env`)."""
+    node = [] if is_loopback(cfg.host) else ["--node-ip-address", cfg.host]
+    return [ray_executable, "start", "--head", "--disable-usage-stats", "--dashboard-host", cfg.host, *node]
+
+
+def head_env(cfg: RayConfig, ray_executable: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment (`base`, default os.environ) for `ray start --head`: loopback mode when ray.host
+    is, and token auth always.
+
+    `ray start` (unlike `ray.init`) leaves auth off when it finds no token, so one is made first in
+    ~/.ray/auth_token unless RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH provides it."""
+    env = {**(os.environ if base is None else base), **(LOOPBACK_ENV if is_loopback(cfg.host) else {}),
+           "RAY_AUTH_MODE": "token"}
+    made = subprocess.run([ray_executable, "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
+    if made.returncode != 0:
+        raise RuntimeError(f"`ray get-auth-token --generate` failed ({made.returncode}): {made.stderr[-2000:]}")
+    return env

@@ -1,0 +1,226 @@
+"""Closed by default: every server plantad starts listens on loopback, and each credential check holds.
+
+Servers are started the way the project starts them: a Ray head with `plantad serve --detach`'s
+`ray start --head` arguments and environment, the session's local cluster through
+`plantad.cluster.start_local`, Serve's proxy through `launch.start_http`, and `mlflow/ui.sh` (here
+with MLflow's basic-auth app). Serve's API keys are tested in tests/serving/test_app.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from infra.fixtures import MLFLOW_SERVER_ENV, free_port, start_mlflow_server, stop_process_group, tool
+from plantad.cluster import LOOPBACK_ENV, head_env, head_start_args
+from plantad.config import RayConfig, ServeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def listening(root: psutil.Process) -> list[tuple[str, str, int]]:
+    """(process name, ip, port) of every listening TCP socket of `root` and its descendants."""
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections("inet")
+            name = " ".join(proc.cmdline()) or proc.name()
+        except psutil.Error:  # exited meanwhile
+            continue
+        found += [(name, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def not_loopback(sockets: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        mapped = getattr(addr, "ipv4_mapped", None)
+        return (mapped or addr).is_loopback
+
+    return [(name[:80], ip, port) for name, ip, port in sockets if not loopback(ip)]
+
+
+def wait_until(check, timeout: float, what) -> None:
+    """Poll `check` until true; `what` (a string, or a callable for a message built at the end) says what."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not after {timeout:.0f} s: {what() if callable(what) else what}")
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@dataclass
+class Head:
+    proc: subprocess.Popen
+    address: str
+    dashboard: str
+    token_file: Path
+    env: dict[str, str]  # a clean environment: no Ray token, no loopback variable, an empty HOME
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[Head]:
+    """`ray start --head` as `plantad serve --detach` runs it, plus --block and free ports.
+
+    HOME is a fresh folder, so the token that head_env makes lands in <HOME>/.ray/auth_token.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's socket paths must stay short
+    home = tmp / "home"
+    home.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k not in LOOPBACK_ENV}
+    clean.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    ray = tool("ray")
+    port, dash = free_port(), free_port()
+    args = [*head_start_args(RayConfig(), ray), "--block", "--num-cpus", "1", "--temp-dir", str(tmp / "ray"),
+            "--port", str(port), "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port())]
+    with open(tmp / "head.log", "w") as log:
+        proc = subprocess.Popen(args, env=head_env(RayConfig(), ray, clean), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        dashboard = f"http://127.0.0.1:{dash}"
+        wait_until(lambda: proc.poll() is None and http_status(f"{dashboard}/api/version") in (200, 401), 180,
+                   lambda: f"the Ray head's dashboard at {dashboard}:\n{(tmp / 'head.log').read_text()[-3000:]}")
+        yield Head(proc, f"127.0.0.1:{port}", dashboard, home / ".ray" / "auth_token", clean)
+    finally:
+        stop_process_group(proc, timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+HEAD_SERVERS = ("gcs_server", "raylet", "dashboard.py", "DashboardAgent", "RuntimeEnvAgent", "ray.util.client.server")
+
+
+def test_a_ray_head_started_like_plantad_serve_listens_on_loopback_only(ray_head: Head) -> None:
+    head = psutil.Process(ray_head.proc.pid)
+
+    def missing() -> list[str]:
+        names = " ".join(name for name, _, _ in listening(head))
+        return [server for server in HEAD_SERVERS if server not in names]
+
+    wait_until(lambda: not missing(), 120, lambda: f"every server of the head listening (missing: {missing()})")
+    sockets = listening(head)
+    ports = {port for _, _, port in sockets}
+    assert int(ray_head.address.rsplit(":", 1)[1]) in ports and int(ray_head.dashboard.rsplit(":", 1)[1]) in ports
+    assert not not_loopback(sockets), not_loopback(sockets)
+
+
+JOIN = """
+import sys
+from plantad.cluster import join
+from plantad.config import RayConfig
+join(RayConfig(), sys.argv[1])
+import ray
+print("answer", ray.get(ray.remote(lambda: 42).remote()))
+"""
+
+
+def _driver(head: Head, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A process joining the head the way plantad's stages do (plantad.cluster.join)."""
+    return subprocess.run([sys.executable, "-c", JOIN, head.address], env={**head.env, **env}, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_joining_the_ray_head_or_its_dashboard_needs_the_token(ray_head: Head) -> None:
+    token = ray_head.token_file.read_text().strip()  # ray start found no token, so head_env made one here
+    assert len(token) >= 32
+    refused = _driver(ray_head, {})
+    assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, refused.stderr[-3000:]
+    wrong = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * len(token)})
+    assert wrong.returncode != 0 and "InvalidAuthToken" in wrong.stderr, wrong.stderr[-3000:]
+    joined = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    assert joined.returncode == 0 and "answer 42" in joined.stdout, joined.stderr[-3000:]
+    assert http_status(f"{ray_head.dashboard}/api/version") == 401
+    assert http_status(f"{ray_head.dashboard}/api/version", {"Authorization": f"Bearer {token}"}) == 200
+
+
+def test_the_session_cluster_and_serves_proxy_listen_on_loopback_only(ray_local) -> None:
+    from ray import serve
+
+    from plantad.serving.launch import start_http
+
+    port = free_port()
+    start_http(ServeConfig(port=port))  # serve.host's default
+    try:
+        me = psutil.Process()
+        wait_until(lambda: any(p == port for _, _, p in listening(me)), 120, f"Serve's proxy listening on {port}")
+        sockets = listening(me)  # pytest, moto's thread, and the processes of the session's Ray cluster
+        assert any("gcs_server" in name for name, _, _ in sockets), sockets
+        assert not not_loopback(sockets), not_loopback(sockets)
+    finally:
+        serve.shutdown()
+
+
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{db}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen, str]]:
+    """mlflow/ui.sh of a copy of the project, with `--app-name basic-auth`; (URL, process, admin password)."""
+    root = tmp_path_factory.mktemp("ui-project")
+    (root / "mlflow").mkdir()
+    shutil.copy2(REPO / "mlflow" / "ui.sh", root / "mlflow" / "ui.sh")
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    (root / "auth.ini").write_text(AUTH_INI.format(db=root / "auth.db"))
+    password = "pw-" + os.urandom(8).hex()
+    port = free_port()
+    env = {**os.environ, **MLFLOW_SERVER_ENV, "PORT": str(port), "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = start_mlflow_server(["bash", str(root / "mlflow" / "ui.sh"), "--app-name", "basic-auth"], env,
+                               root / "ui.log", port)
+    try:
+        yield f"http://127.0.0.1:{port}", proc, password
+    finally:
+        stop_process_group(proc)
+
+
+def test_mlflow_ui_listens_on_loopback_only(mlflow_ui) -> None:
+    url, proc, _ = mlflow_ui
+    sockets = listening(psutil.Process(proc.pid))
+    assert any(port == int(url.rsplit(":", 1)[1]) for _, _, port in sockets), sockets
+    assert not not_loopback(sockets), not_loopback(sockets)
+
+
+def test_mlflow_basic_auth_refuses_without_credentials_and_works_with_them(mlflow_ui, monkeypatch) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    url, _, password = mlflow_ui
+    assert http_status(f"{url}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-" + password)
+    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+        MlflowClient(url).search_experiments(max_results=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    client = MlflowClient(url)
+    run = client.create_run(client.create_experiment("closed-by-default"))
+    client.log_metric(run.info.run_id, "image_auroc", 0.5)
+    assert client.get_run(run.info.run_id).data.metrics == {"image_auroc": 0.5}
