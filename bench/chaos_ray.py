@@ -102,6 +102,14 @@ def kill_mid_checkpoint(storage: Path, rng: random.Random) -> dict:
     return {"registered": max(registered, default=0), "partial": size}
 
 
+def local_shards(manifest, root: Path, work: Path):
+    """The dataset as Parquet shards in a local folder: what Ray Train workers read."""
+    from plantad.config import S3Config
+    from plantad.data.shards import write_shards
+
+    return write_shards(manifest, root, str(work / "shards"), S3Config(), 256_000_000)
+
+
 def one_trial(work: Path, manifest, root: Path, killer, rng: random.Random, steps: int = STEPS
               ) -> tuple[bool, bool, str]:
     """(recovered, data lost, note) of one training run of `steps` steps with one kill."""
@@ -116,7 +124,7 @@ def one_trial(work: Path, manifest, root: Path, killer, rng: random.Random, step
 
     def train() -> None:
         try:
-            out["result"] = run_ray_training(settings, manifest, root, work / "model")
+            out["result"] = run_ray_training(settings, manifest, local_shards(manifest, root, work), work / "model")
         except Exception as exc:  # reported in the row's note
             out["error"] = exc
 

@@ -132,6 +132,7 @@ def checkpointing(work: Path, s3, proxy: FlakyProxy, manifest, root: Path) -> Ou
 
     import torch
 
+    from plantad.data.shards import write_shards
     from plantad.models.checkpoint import load_model
     from plantad.training.ray_train import run_ray_training
 
@@ -139,7 +140,10 @@ def checkpointing(work: Path, s3, proxy: FlakyProxy, manifest, root: Path) -> Ou
     settings = tiny_settings("ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.steps_per_epoch=5",
                              "ray.max_failures=2", "train.steps=20", f"ray.storage_path=s3://{s3.bucket}/{prefix}",
                              f"s3.endpoint_url={proxy.url}", f"s3.bucket={s3.bucket}")
-    result, failures = attempts(lambda: run_ray_training(settings, manifest, root, work / "model"))
+    # shards written straight to moto; the workers read them through the proxy
+    direct = settings.s3.model_copy(update={"endpoint_url": s3.endpoint_url})
+    shards = write_shards(manifest, root, f"s3://{s3.bucket}/{prefix}/shards", direct, 256_000_000)
+    result, failures = attempts(lambda: run_ray_training(settings, manifest, shards, work / "model"))
     torn = []
     for key, body in s3_objects(s3, prefix).items():
         if key.endswith(".pt"):
@@ -155,7 +159,7 @@ def scoring(work: Path, s3, proxy: FlakyProxy, model_dir: Path, root: Path, relp
     """`plantad score` from s3:// to s3:// through the proxy: one row per image, right bytes, no error rows."""
     from plantad.serving.bulk import run_bulk
     from plantad.serving.bulk.plan import read_results
-    from plantad.serving.bulk.storage import open_location
+    from plantad.storage import open_location
     from plantad.tracking.s3 import s3_client
 
     prefix = f"chaos-score-{uuid.uuid4().hex[:8]}"

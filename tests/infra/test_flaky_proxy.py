@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from infra.flaky_proxy import FlakyProxy
-from plantad.serving.bulk.storage import open_location, read_bytes, write_atomic
+from plantad.storage import open_location, read_bytes, write_atomic
 from plantad.tracking.s3 import StorageError
 
 
 def test_bulk_storage_rides_out_dropped_requests_and_names_the_endpoint_when_s3_stays_down(moto_s3, monkeypatch):
-    monkeypatch.setattr("plantad.serving.bulk.storage.S3_ATTEMPTS", 2)  # each attempt is pyarrow's 3 tries
+    monkeypatch.setattr("plantad.storage.S3_ATTEMPTS", 2)  # each attempt is pyarrow's 3 tries
     with FlakyProxy(moto_s3.endpoint_url, seed=3) as proxy:
         loc = open_location(f"s3://{moto_s3.bucket}/flaky-proxy-test", moto_s3.model_copy(
             update={"endpoint_url": proxy.url}))
