@@ -70,7 +70,7 @@ def score_batch(
         raise ValueError(f"images are {tuple(images.shape[-2:])} but the model expects {size}x{size}")
     model.eval()
     device = model_device(model)
-    with autocast(device, amp):
+    with autocast(device, amp, cfg.cpu_amp):
         raw = model(images.to(device, non_blocking=True))
     if raw.patch_distance is not None:
         amap = gaussian_blur(upsample(raw.patch_distance.float(), size), cfg.gaussian_sigma)
