@@ -62,7 +62,8 @@ def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
 def score_batch(
     model: AnomalyModel, images: torch.Tensor, cfg: ScoringConfig, threshold: float | None = None, amp: bool = True
 ) -> ScoreOutput:
-    """Score normalised images (B, 3, S, S). `threshold` overrides the model's stored threshold."""
+    """Score normalised images (B, 3, S, S). `threshold` overrides the model's stored threshold; the model
+    runs under bf16 autocast on CUDA when `amp` (train.amp) and on CPU when `cfg.cpu_amp`."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, S, S), got {tuple(images.shape)}")
     size = model.image_size
