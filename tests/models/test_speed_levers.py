@@ -3,6 +3,8 @@
 - One teacher forward serves both students, and the teacher stops at the deepest block anything
   needs: scores are bit-identical to running all of its blocks.
 - S_D's input is built without copying every layer back together: bit-identical values.
+- The map's upsampling and blur run as two small matrix products (`smooth_map`): equal to blurring
+  the upsampled map within 1e-5 of the map's maximum.
 - bf16 autocast on CPU (`scoring.cpu_amp`): on the demo data, probabilities within 0.01 of float32,
   maps within 1% of the map's maximum, the same decision for every image whose float32 probability
   is more than 0.01 from the threshold.
@@ -23,7 +25,7 @@ from plantad.evaluation.evaluate import test_rows as split_test_rows
 from plantad.models.checkpoint import META_FILE, MODEL_FILE, SHA256_KEY, load_model, save_model
 from plantad.models.factory import build_model
 from plantad.models.safe_load import file_sha256
-from plantad.scoring import score_batch
+from plantad.scoring import gaussian_blur, score_batch, smooth_map, top_k_mean, upsample
 from plantad.training.loop import build_optimizer, train_step
 from tiny import tiny_settings
 
@@ -75,6 +77,18 @@ def test_decoder_input_equals_the_mean_of_the_full_token_tensors():
     model.decoder(feats.layers, feats.prefix)
     reference = torch.stack([torch.cat([c, p], dim=1) for p, c in zip(feats.layers, feats.prefix)]).mean(dim=0)
     assert torch.equal(captured[0], reference)
+
+
+@pytest.mark.parametrize("h, w, size, sigma", [(28, 28, 392, 4.0), (7, 7, 56, 1.0), (3, 3, 16, 4.0), (5, 7, 40, 2.0),
+                                                (6, 6, 48, 0.0)])
+def test_smoothing_as_matrix_products_equals_upsample_then_blur(h, w, size, sigma):
+    """Covers reflect padding, replicate padding (map side <= kernel radius), non-square and no blur."""
+    patch = torch.rand(4, h, w)
+    reference = gaussian_blur(upsample(patch, size), sigma)
+    fast = smooth_map(patch, size, sigma)
+    assert fast.shape == reference.shape == (4, size, size)
+    assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert torch.allclose(top_k_mean(fast, 0.01), top_k_mean(reference, 0.01), rtol=1e-5, atol=0)
 
 
 def test_cpu_bf16_scores_match_float32_on_the_demo_data(trained_tiny, demo_root, demo_manifest):
