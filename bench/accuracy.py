@@ -8,6 +8,7 @@ branch scores next to the same student trained alone: what the joint objective c
 
 Usage: python bench/accuracy.py [--config params.yaml] [--set key=value ...] [--work DIR]
        [--datasets demo,semantic] [--variants sd,se,se_patch,dual,dual_patch] [--json rows.json]
+       python bench/accuracy.py --variants se,se_shared,dual,dual_shared  (the lighter S_E)
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (table label, override
     "se_patch": ("S_E alone, + patch mean", ["model.branches=semantic", "model.encoder.distill_patch_mean=true"]),
     "dual": ("dual, S_E class token", ["model.branches=dual", "model.encoder.distill_patch_mean=false"]),
     "dual_patch": ("dual, S_E + patch mean", ["model.branches=dual", "model.encoder.distill_patch_mean=true"]),
+    # the lighter S_E [reconstructed]: it shares the teacher's first 4 of the demo's 6 blocks (production:
+    # 8 of 12) and trains the remaining 2 from scratch; the rows above are the paper's S_E
+    "se_shared": ("S_E alone, on teacher blocks 0-3", [
+        "model.branches=semantic", "model.encoder.distill_patch_mean=false", "model.encoder.shared_blocks=4",
+        "model.encoder.depth=null"]),
+    "dual_shared": ("dual, S_E on teacher blocks 0-3", [
+        "model.branches=dual", "model.encoder.distill_patch_mean=false", "model.encoder.shared_blocks=4",
+        "model.encoder.depth=null"]),
     # every other model.method, and SNL's ablations on the RD student; "no structural losses" keeps
     # only the channel-wise distillation (the RD/FD baselines' loss)
     "snl_rd": ("SNL, RD student", ["model.method=snl_rd"]),

@@ -1,13 +1,19 @@
 """plantad against anomalib's Dinomaly on the same machine, input size and batch, in one run.
 
-Scoring: images/s of plantad's `score_batch` (dual and local-only) and of Dinomaly's eval forward
-(it includes its own maps, blur and top-1% score), beside the bare teacher forward as the
-reference. Training: one optimisation step (forward, backward, AdamW with the same lr for both;
-Dinomaly's own optimiser is StableAdamW) on a fixed in-memory batch. A per-stage breakdown of
-plantad's scoring shows where the time goes. All models have random weights (this machine cannot
-download DINOv2; speed does not depend on the weights). Timings are interleaved, best and median
-of `--rounds`. anomalib is an optional extra: `pip install -e ".[bench]"`.
+Scoring: images/s of plantad's `score_batch` in several variants (the speed levers of
+configs/production.yaml on and off) and of Dinomaly's eval forward (its own maps, blur and top-1%
+score) in float32, as anomalib runs it on a CPU, and under the same bf16 autocast as plantad's
+`scoring.cpu_amp`; beside them the bare teacher forward (all blocks, and stopped at the deepest
+tapped layer) as the reference. Training: one optimisation step (forward, backward, AdamW with the
+same lr for both; Dinomaly's own optimiser is StableAdamW) on a fixed in-memory batch. A per-stage
+breakdown (teacher, S_D, S_E, maps) shows where each plantad variant spends its time. All models
+have random weights (this machine cannot download DINOv2; speed does not depend on the weights).
+Timings are interleaved round-robin, best and median of `--rounds`. On a machine shared with other
+jobs, `--clock cpu --threads 1` times the CPU seconds this process spends instead of wall-clock
+seconds, which other jobs' load disturbs far less. anomalib is an optional extra:
+`pip install -e ".[bench]"`.
 Usage: python bench/vs_anomalib.py [--size 392] [--batch 8] [--rounds 5] [--devices cpu cuda]
+       [--clock wall|cpu] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,11 +27,33 @@ from collections.abc import Callable, Iterator
 import torch
 
 from plantad.config import Settings, load_settings
-from plantad.scoring import gaussian_blur, score_batch, top_k_mean, upsample
+from plantad.models.device import autocast
 from plantad.models.factory import build_model
+from plantad.scoring import score_batch, smooth_map
 from plantad.training.loop import build_optimizer, train_step
 
 Timed = dict[str, Callable[[], object]]
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # set from --clock in main()
+unit = "img/s"  # "img per CPU-s" with --clock cpu
+TODAY = ["model.encoder.shared_blocks=0", "scoring.cpu_amp=false", "train.cpu_amp=false"]
+# label -> (model.branches, overrides on configs/production.yaml); the production rows use its defaults
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "plantad dual, paper S_E, fp32 (before)": ("dual", TODAY),
+    "plantad dual, shared S_E, fp32": ("dual", ["scoring.cpu_amp=false", "train.cpu_amp=false"]),
+    "plantad dual, production": ("dual", []),
+    "plantad local, fp32": ("local", ["scoring.cpu_amp=false", "train.cpu_amp=false"]),
+    "plantad local, production": ("local", []),
+}
+TARGETS = [  # (what, row, reference as anomalib / timm run it on a CPU, the same under bf16, at least)
+    ("dual scoring vs Dinomaly", "plantad dual, production", "Dinomaly forward, fp32", "Dinomaly forward, bf16", 1.0),
+    ("local scoring vs Dinomaly", "plantad local, production", "Dinomaly forward, fp32", "Dinomaly forward, bf16",
+     1.5),
+    ("local scoring vs bare teacher", "plantad local, production", "teacher forward, all blocks",
+     "teacher forward, all blocks, bf16", 0.6),
+    ("dual train step vs Dinomaly", "plantad dual, production", "Dinomaly train step, fp32",
+     "Dinomaly train step, bf16", 0.9),
+]
 
 
 @contextlib.contextmanager
@@ -53,12 +81,18 @@ def dinomaly(teacher: str, device: torch.device) -> torch.nn.Module:
         return torch_model.DinomalyModel(encoder_name=teacher, decoder_depth=8, bottleneck_dropout=0.2).to(device)
 
 
-def plantad(config: str, size: int, branches: str, device: torch.device) -> tuple[Settings, torch.nn.Module]:
+def plantad(config: str, size: int, branches: str, device: torch.device, overrides: list[str] = ()
+            ) -> tuple[Settings, torch.nn.Module]:
     settings = load_settings(config, ["model.teacher.weights=random", f"data.image_size={size}",
-                                      f"model.branches={branches}"])
+                                      f"model.branches={branches}", *overrides])
     model = build_model(settings).to(device)
     model.noisy_or.threshold.fill_(0.5)
     return settings, model
+
+
+def bf16(device: torch.device, on: bool = True) -> contextlib.AbstractContextManager:
+    """The autocast plantad uses (train.amp on CUDA, cpu_amp on CPU), for the peer as well."""
+    return autocast(device, on, on)
 
 
 def interleaved(fns: Timed, rounds: int, sync: Callable[[], None]) -> dict[str, list[float]]:
@@ -69,88 +103,134 @@ def interleaved(fns: Timed, rounds: int, sync: Callable[[], None]) -> dict[str, 
     for _ in range(rounds):
         for name, fn in fns.items():
             sync()
-            t = time.perf_counter()
+            t = clock()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return times
-
-
-def scoring_fns(args, device: torch.device) -> Timed:
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    dual_settings, dual = plantad(args.config, args.size, "dual", device)
-    local_settings, local = plantad(args.config, args.size, "local", device)
-    peer = dinomaly(dual_settings.model.teacher.name, device).eval()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def peer_forward():
-        with amp:
-            return peer(x)
-
-    @torch.no_grad()
-    def stages():  # plantad dual, one stage at a time (for the breakdown)
-        with amp:
-            feats = dual.teacher(x)
-            t0 = _now(device)
-            targets, preds = dual._local_pairs(feats)
-            t1 = _now(device)
-            dual._semantic(x, feats)
-            t2 = _now(device)
-        amap = gaussian_blur(upsample(torch.zeros(x.shape[0], *dual.teacher.grid, device=device), args.size),
-                             dual_settings.scoring.gaussian_sigma)
-        top_k_mean(amap, dual_settings.scoring.top_k_fraction)
-        t3 = _now(device)
-        return t1 - t0, t2 - t1, t3 - t2
-
-    return {
-        "teacher forward": lambda: torch.no_grad()(dual.teacher)(x),
-        "Dinomaly forward": peer_forward,
-        "plantad dual score_batch": lambda: score_batch(dual, x, dual_settings.scoring),
-        "plantad local score_batch": lambda: score_batch(local, x, local_settings.scoring),
-        "_stages": stages,
-    }
 
 
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter()
+    return clock()
+
+
+def stage_times(model: torch.nn.Module, settings: Settings, x: torch.Tensor) -> list[float]:
+    """Seconds of teacher, S_D (bottleneck, decoder, distance), S_E and maps for one batch."""
+    device, size = x.device, settings.data.image_size
+    t = [_now(device)]
+    with torch.no_grad(), autocast(device, settings.train.amp, settings.scoring.cpu_amp):
+        feats = model.teacher(x)
+        t.append(_now(device))
+        patch = model._local_map(*model._local_pairs(feats)) if model.decoder is not None else None
+        t.append(_now(device))
+        if model.encoder is not None:
+            model._semantic(x, feats)
+        t.append(_now(device))
+    if patch is not None:
+        amap = smooth_map(patch.float().reshape(x.shape[0], *model.teacher.grid), size, settings.scoring.gaussian_sigma)
+        model.image_score(amap, settings.scoring)
+    t.append(_now(device))
+    return [b - a for a, b in zip(t, t[1:])]
+
+
+def scoring_fns(args, device: torch.device) -> tuple[Timed, dict[str, Callable[[], list[float]]]]:
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    models = {label: plantad(args.config, args.size, br, device, ov) for label, (br, ov) in VARIANTS.items()}
+    teacher_name = models["plantad dual, production"][0].model.teacher.name
+    peer = dinomaly(teacher_name, device).eval()
+    full_teacher = models["plantad dual, paper S_E, fp32 (before)"][1].teacher
+    early_teacher = models["plantad local, fp32"][1].teacher
+
+    def peer_forward(on: bool):
+        with torch.no_grad(), bf16(device, on):
+            return peer(x)
+
+    def teacher_bf16():
+        with bf16(device):
+            return full_teacher(x)
+
+    fns: Timed = {
+        "teacher forward, all blocks": lambda: full_teacher(x),
+        "teacher forward, all blocks, bf16": teacher_bf16,
+        f"teacher forward, {early_teacher.blocks_run} blocks": lambda: early_teacher(x),
+        "Dinomaly forward, fp32": lambda: peer_forward(False),
+        "Dinomaly forward, bf16": lambda: peer_forward(True),
+    }
+    for label, (settings, model) in models.items():
+        fns[label] = lambda s=settings, m=model: score_batch(m, x, s.scoring)
+    stages = {label: (lambda s=settings, m=model: stage_times(m, s, x)) for label, (settings, model) in models.items()}
+    report_agreement(*models["plantad dual, production"], x)
+    return fns, stages
 
 
 def training_fns(args, device: torch.device) -> Timed:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     fns: Timed = {}
-    for branches in ("dual", "local"):
-        settings, model = plantad(args.config, args.size, branches, device)
+    for label, (branches, overrides) in VARIANTS.items():
+        settings, model = plantad(args.config, args.size, branches, device, overrides)
         opt, sched = build_optimizer(model, settings.train)
         counter = iter(range(10**9))
-        fns[f"plantad {branches} train step"] = (
-            lambda m=model, o=opt, s=sched, c=counter, st=settings: train_step(m, x, o, s, next(c), st.train))
+        fns[label] = lambda m=model, o=opt, s=sched, c=counter, st=settings: train_step(m, x, o, s, next(c), st.train)
     peer = dinomaly(settings.model.teacher.name, device).train()
     peer_opt = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=settings.train.lr)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     steps = iter(range(10**9))
 
-    def peer_step():
-        with amp:
+    def peer_step(on: bool) -> None:
+        with bf16(device, on):
             loss = peer(x, global_step=next(steps))
         peer_opt.zero_grad(set_to_none=True)
         loss.backward()
         peer_opt.step()
 
-    fns["Dinomaly train step"] = peer_step
+    fns["Dinomaly train step, fp32"] = lambda: peer_step(False)
+    fns["Dinomaly train step, bf16"] = lambda: peer_step(True)
     return fns
 
 
-def report(title: str, times: dict[str, list[float]], batch: int, reference: str) -> None:
+def report(title: str, times: dict[str, list[float]], batch: int, references: list[str]) -> dict[str, float]:
+    """Print the table; returns best images/s per row."""
+    best = {name: batch / min(t) for name, t in times.items()}
     print(f"\n{title}")
-    print(f"| model | best img/s | median img/s | vs {reference} (best) |")
-    print("|---|---|---|---|")
-    ref = batch / min(times[reference])
+    print(f"| model | best {unit} | median {unit} | " + " | ".join(f"vs {r}" for r in references) + " |")
+    print("|---|---|---|" + "---|" * len(references))
     for name, t in times.items():
-        best, med = batch / min(t), batch / statistics.median(t)
-        print(f"| {name} | {best:.2f} | {med:.2f} | {best / ref:.2f} |", flush=True)
+        ratios = " | ".join(f"{best[name] / best[r]:.2f}" for r in references)
+        print(f"| {name} | {best[name]:.2f} | {batch / statistics.median(t):.2f} | {ratios} |", flush=True)
+    return best
+
+
+def report_stages(stages: dict[str, Callable[[], list[float]]], rounds: int, batch: int, device: str) -> None:
+    runs: dict[str, list[list[float]]] = {k: [] for k in stages}
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            runs[name].append(fn())
+    print(f"\nwhere the time goes, {'CPU ' if unit != 'img/s' else ''}seconds per batch of {batch} on {device} (best of {rounds}, interleaved)")
+    print("| model | teacher | S_D | S_E | maps, blur, top-k |\n|---|---|---|---|---|")
+    for name, split in runs.items():
+        print(f"| {name} | " + " | ".join(f"{min(s[i] for s in split):.3f}" for i in range(4)) + " |", flush=True)
+
+
+def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor) -> None:
+    """bf16 against float32 on the same model and batch (raw scores: random weights, no calibration)."""
+    if not settings.scoring.cpu_amp or x.device.type != "cpu":
+        return
+    ref = score_batch(model, x, settings.scoring.model_copy(update={"cpu_amp": False}))
+    low = score_batch(model, x, settings.scoring)
+    pairs = {"map": (low.anomaly_map, ref.anomaly_map), "S_D score": (low.local_score, ref.local_score),
+             "S_E score": (low.semantic_score, ref.semantic_score)}
+    print("\nbf16 against fp32, production dual model, same weights and batch (max |difference| / max |fp32 value|): "
+          + ", ".join(f"{k} {float((a - b).abs().max()):.2e} / {float(b.abs().max()):.2e}" for k, (a, b) in pairs.items()))
+
+
+def report_targets(score: dict[str, float], train: dict[str, float]) -> None:
+    print("\ntargets of issue 10 (ratios of best throughput; production rows use bf16 on CPU)")
+    for what, row, ref, ref_bf16, goal in TARGETS:
+        table = train if "train" in ref else score
+        ratio, same = table[row] / table[ref], table[row] / table[ref_bf16]
+        print(f"- {what}: {ratio:.2f} against its fp32 run (target >= {goal}: {'met' if ratio >= goal else 'NOT met'}); "
+              f"{same:.2f} against its bf16 run ({'met' if same >= goal else 'NOT met'})")
 
 
 def main() -> None:
@@ -160,24 +240,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} px, batch {args.batch}, "
-          f"{args.rounds} interleaved rounds" + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    global clock, unit
+    clock = CLOCKS[args.clock]
+    unit = "img/s" if args.clock == "wall" else "img per CPU-s"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {args.size} px, "
+          f"batch {args.batch}, {args.rounds} interleaved rounds" + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    refs = ["Dinomaly forward, fp32", "teacher forward, all blocks"]
     for name in args.devices:
         device = torch.device(name)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        fns = scoring_fns(args, device)
-        stages = fns.pop("_stages")
-        times = interleaved(fns, args.rounds, sync)
-        report(f"Scoring on {name} (ratios against Dinomaly's forward)", times, args.batch, "Dinomaly forward")
-        split = [stages() for _ in range(args.rounds)]
-        parts = ("S_D bottleneck + decoder", "S_E encoder", "maps, blur, top-k")
-        teacher_s = min(times["teacher forward"])
-        print(f"\nplantad dual per batch of {args.batch} on {name} (best of {args.rounds}): teacher {teacher_s:.3f} s, "
-              + ", ".join(f"{p} {min(s[i] for s in split):.3f} s" for i, p in enumerate(parts)))
-        del fns, times
+        fns, stages = scoring_fns(args, device)
+        with torch.no_grad():
+            score = report(f"Scoring on {name}", interleaved(fns, args.rounds, sync), args.batch, refs)
+        report_stages(stages, args.rounds, args.batch, name)
+        del fns, stages
         train_times = interleaved(training_fns(args, device), max(2, args.rounds // 2), sync)
-        report(f"Training step on {name} (ratios against Dinomaly's step)", train_times, args.batch, "Dinomaly train step")
+        train = report(f"Training step on {name}", train_times, args.batch, ["Dinomaly train step, fp32"])
+        report_targets(score, train)
 
 
 if __name__ == "__main__":

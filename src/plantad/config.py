@@ -115,7 +115,13 @@ class DecoderConfig(_Section):
 
 
 class EncoderConfig(_Section):
-    depth: int | None = None  # None: the teacher's depth (same architecture, from scratch)
+    # trainable blocks of S_E; None: the teacher's depth (paper-faithful S_E), or the teacher's depth
+    # minus shared_blocks when S_E shares the teacher's lower blocks
+    depth: int | None = Field(None, ge=1)
+    # [reconstructed, a speed lever] 0: the paper's S_E, a whole ViT trained from scratch on the image;
+    # k > 0: S_E starts from the teacher's tokens after its first k blocks (frozen patch embedding and
+    # blocks, taken from the one teacher forward) and trains only its own upper blocks from scratch
+    shared_blocks: int = Field(0, ge=0)
     # [read] S_E distils the class token only (no identity mapping); True adds the mean patch token
     # [reconstructed], an ablation measured in bench/accuracy.py
     distill_patch_mean: bool = False
@@ -241,6 +247,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    cpu_amp: bool = False  # bf16 autocast on CPU (fast with AVX512-BF16/AMX, slow without)
 
 
 class ScoringConfig(_Section):
@@ -249,6 +256,9 @@ class ScoringConfig(_Section):
     # decision threshold on the final probability: this quantile of held-out normal images
     threshold_quantile: float = Field(0.99, gt=0.0, le=1.0)
     batch_size: int = Field(32, ge=1)
+    # bf16 autocast when scoring on CPU: probabilities within 0.02 of fp32 (tests/test_speed.py); fast
+    # with AVX512-BF16/AMX (Xeon Sapphire Rapids and later), slower than fp32 without
+    cpu_amp: bool = False
 
 
 class EvaluateConfig(_Section):

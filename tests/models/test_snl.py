@@ -17,6 +17,7 @@ from tiny import tiny_method_settings, tiny_settings
 # (method, extra settings): the SNL methods on both of their teachers
 VARIANTS = [
     ("dual", ()),
+    ("dual", ("model.encoder.shared_blocks=2",)),  # the lighter S_E on the teacher's first blocks
     ("dual_snl", ()),
     ("snl_rd", ()),
     ("snl_fd", ()),

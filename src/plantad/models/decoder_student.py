@@ -110,8 +110,9 @@ class DecoderStudent(nn.Module):
         self.apply(init_linear)
 
     def forward(self, layers: list[torch.Tensor], prefix: list[torch.Tensor]) -> list[torch.Tensor]:
-        tokens = [torch.cat([c, p], dim=1) for p, c in zip(layers, prefix)]  # (B, P+N, C) each
-        x = self.bottleneck(torch.stack(tokens).mean(dim=0))
+        # mean over layers of prefix and patch tokens apart, then one cat: the same values as the
+        # mean of full token tensors without copying every layer back together first
+        x = self.bottleneck(torch.cat([torch.stack(prefix).mean(dim=0), torch.stack(layers).mean(dim=0)], dim=1))
         outputs = []
         for block in self.blocks:
             x = block(x)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
+from functools import cache
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,10 +21,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
-    """bf16 autocast on CUDA when `amp` (train.amp); a no-op on CPU."""
+@cache
+def cpu_has_native_bf16() -> bool | None:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 / AMX); None when torch cannot tell."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return None if probe is None else bool(probe())
+
+
+@cache
+def _warn_slow_bf16() -> None:
+    log.warning("cpu_amp is on but this CPU has no native bf16 (AVX512-BF16/AMX): bf16 runs slower than "
+                "float32 here; set train.cpu_amp and scoring.cpu_amp to false")
+
+
+def autocast(device: torch.device, amp: bool, cpu_amp: bool = False) -> AbstractContextManager:
+    """bf16 autocast on CUDA when `amp` (train.amp), on CPU when `cpu_amp` (train.cpu_amp /
+    scoring.cpu_amp); otherwise a no-op. Weights stay float32 either way."""
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cpu_amp and device.type == "cpu":
+        if cpu_has_native_bf16() is False:
+            _warn_slow_bf16()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 

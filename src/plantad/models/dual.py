@@ -14,7 +14,7 @@ from torch import nn
 
 from plantad.config import ModelConfig, ScoringConfig
 from plantad.models.decoder_student import DecoderStudent, group_teacher_layers
-from plantad.models.encoder_student import EncoderStudent
+from plantad.models.encoder_student import EncoderStudent, SharedEncoderStudent
 from plantad.models.interface import LossTerms, RawScores
 from plantad.models.losses import global_cosine_hard_mining, local_distance_map, semantic_distance
 from plantad.models.noisy_or import NoisyOr
@@ -28,16 +28,20 @@ class DualStudentModel(nn.Module):
             raise ValueError(f"DualStudentModel cannot build model.method={cfg.method!r}")
         self.cfg = cfg
         self.image_size = image_size
-        self.teacher = Teacher(cfg.teacher, image_size, load_teacher_weights)
+        semantic = cfg.branches in ("dual", "semantic")
+        shared = cfg.encoder.shared_blocks if semantic else 0
+        # one teacher forward serves both students; it runs to the end only when S_E needs its class token
+        self.teacher = Teacher(cfg.teacher, image_size, load_teacher_weights, final=semantic, share_blocks=shared)
         t = self.teacher
         self.decoder: DecoderStudent | None = None
-        self.encoder: EncoderStudent | None = None
+        self.encoder: EncoderStudent | SharedEncoderStudent | None = None
         if cfg.branches in ("dual", "local"):
             self.decoder = DecoderStudent(
                 cfg.decoder, t.embed_dim, len(t.layers), cfg.teacher.groups, t.num_heads, t.num_prefix_tokens
             )
-        if cfg.branches in ("dual", "semantic"):
-            self.encoder = EncoderStudent(cfg.encoder, cfg.teacher, image_size)
+        if semantic:
+            self.encoder = (SharedEncoderStudent(cfg.encoder, cfg.teacher, image_size, len(t.vit.blocks)) if shared
+                            else EncoderStudent(cfg.encoder, cfg.teacher, image_size))
         self.noisy_or = NoisyOr(cfg.noisy_or)
 
     def student_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -70,12 +74,18 @@ class DualStudentModel(nn.Module):
         return top_k_mean(anomaly_map, cfg.top_k_fraction)
 
     def describe(self) -> dict[str, Any]:
-        return {"map": "per-patch cosine distance, mean over groups",
-                "image_score": "mean of the top scoring.top_k_fraction of the smoothed map"}
+        facts = {"map": "per-patch cosine distance, mean over groups",
+                 "image_score": "mean of the top scoring.top_k_fraction of the smoothed map"}
+        if self.encoder is not None:
+            k = self.cfg.encoder.shared_blocks
+            facts["semantic_student"] = (f"shares the teacher's patch embedding and first {k} blocks, trains "
+                                         f"{len(self.encoder.blocks)} blocks [reconstructed]" if k else
+                                         "a whole ViT from scratch on the image (the paper's S_E)")
+        return facts
 
     def _semantic(self, x: torch.Tensor, feats: TeacherFeatures) -> torch.Tensor:
         assert self.encoder is not None
-        out = self.encoder(x)
+        out = self.encoder(x if feats.shared is None else feats.shared)
         if self.cfg.encoder.distill_patch_mean:
             return semantic_distance(feats.cls, out.cls, feats.patch_mean, out.patch_mean)
         return semantic_distance(feats.cls, out.cls)

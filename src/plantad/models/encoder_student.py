@@ -2,11 +2,19 @@
 class token [read]. Distilling only the class token is sparse supervision, so the student cannot
 learn an identity map of the image; optionally the mean patch token is regressed too
 [reconstructed, `model.encoder.distill_patch_mean`].
+
+Two forms, chosen by `model.encoder.shared_blocks`:
+- 0, `EncoderStudent`: the paper's S_E, a whole ViT of the teacher's architecture on the image.
+- k > 0, `SharedEncoderStudent` [reconstructed, a speed lever]: S_E reads the teacher's tokens after
+  its first k blocks (frozen patch embedding and blocks, from the teacher forward that runs anyway)
+  and trains only its own upper blocks from scratch. It still learns the path to the class token
+  from normal images only, which is what makes it fail on unseen semantics; it costs
+  `depth` blocks instead of a whole second ViT.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -20,17 +28,42 @@ class EncoderOutput(NamedTuple):
     patch_mean: torch.Tensor  # (B, C)
 
 
+def _vit(teacher_cfg: TeacherConfig, image_size: int, depth: int | None) -> nn.Module:
+    kwargs: dict[str, Any] = dict(teacher_cfg.timm_kwargs)
+    if depth is not None:
+        kwargs["depth"] = depth
+    return timm.create_model(teacher_cfg.name, pretrained=False, img_size=image_size, num_classes=0, **kwargs)
+
+
 class EncoderStudent(nn.Module):
-    """Same timm architecture as the teacher (depth overridable), random init, own weights."""
+    """The paper's S_E: same timm architecture as the teacher (depth overridable), random init, own
+    weights, run on the image."""
 
     def __init__(self, cfg: EncoderConfig, teacher_cfg: TeacherConfig, image_size: int) -> None:
         super().__init__()
-        kwargs = dict(teacher_cfg.timm_kwargs)
-        if cfg.depth is not None:
-            kwargs["depth"] = cfg.depth
-        self.vit = timm.create_model(teacher_cfg.name, pretrained=False, img_size=image_size, num_classes=0, **kwargs)
+        self.vit = _vit(teacher_cfg, image_size, cfg.depth)
         self.num_prefix_tokens: int = self.vit.num_prefix_tokens
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         tokens = self.vit.forward_features(x)  # (B, P+N, C), normalised like the teacher's output
         return EncoderOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1))
+
+
+class SharedEncoderStudent(nn.Module):
+    """S_E on the teacher's tokens after its first `shared_blocks` blocks: the teacher's block type,
+    `depth` of them (default: the teacher's remaining blocks) and a final norm, from scratch."""
+
+    def __init__(self, cfg: EncoderConfig, teacher_cfg: TeacherConfig, image_size: int, teacher_depth: int) -> None:
+        super().__init__()
+        depth = cfg.depth if cfg.depth is not None else teacher_depth - cfg.shared_blocks
+        if depth < 1:
+            raise ValueError(f"model.encoder.shared_blocks={cfg.shared_blocks} leaves S_E no block of its own "
+                             f"(teacher depth {teacher_depth}); lower it or set model.encoder.depth")
+        vit = _vit(teacher_cfg, image_size, depth)  # only its blocks and final norm are kept
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        self.num_prefix_tokens: int = vit.num_prefix_tokens
+
+    def forward(self, tokens: torch.Tensor) -> EncoderOutput:
+        x = self.norm(self.blocks(tokens))  # (B, P+N, C)
+        return EncoderOutput(x[:, 0], x[:, self.num_prefix_tokens :].mean(dim=1))

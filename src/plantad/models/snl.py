@@ -79,7 +79,7 @@ class ViTRDStudent(nn.Module):
 def build_snl_teacher(cfg: ModelConfig, image_size: int, load_weights: bool) -> nn.Module:
     if cfg.snl.teacher == "cnn":
         return CNNTeacher(cfg.snl.cnn_teacher, load_weights)
-    return Teacher(cfg.teacher, image_size, load_weights)
+    return Teacher(cfg.teacher, image_size, load_weights, final=False)  # SNL compares layers only
 
 
 def build_snl_student(cfg: ModelConfig, teacher: nn.Module, image_size: int) -> nn.Module:

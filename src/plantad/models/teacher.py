@@ -48,8 +48,9 @@ class TeacherLoadError(RuntimeError):
 class TeacherFeatures(NamedTuple):
     layers: list[torch.Tensor]  # per configured layer: raw block output, patch tokens (B, N, C)
     prefix: list[torch.Tensor]  # per configured layer: class/register tokens (B, P, C)
-    cls: torch.Tensor  # final normalised class token (B, C)
-    patch_mean: torch.Tensor  # mean of the final normalised patch tokens (B, C)
+    cls: torch.Tensor | None  # final normalised class token (B, C); None when the teacher stops early
+    patch_mean: torch.Tensor | None  # mean of the final normalised patch tokens (B, C); None likewise
+    shared: torch.Tensor | None = None  # all tokens after block `share_blocks - 1` (B, P+N, C): S_E's input
 
 
 @dataclass(frozen=True)
@@ -170,23 +171,40 @@ def _verified_state_dict(path: Path, pin: str | None, pin_key: str) -> tuple[str
 
 
 class Teacher(nn.Module):
-    """Frozen ViT; `forward` returns the configured layers' raw tokens and the final class token."""
+    """Frozen ViT run once per batch for every branch: the configured layers' raw tokens, the final
+    class token (only with `final`; without it the teacher stops at the deepest block anything
+    needs) and, with `share_blocks` k > 0, all tokens after block k-1 for an S_E that shares them."""
 
-    def __init__(self, cfg: TeacherConfig, image_size: int, load_weights: bool = True) -> None:
+    def __init__(
+        self, cfg: TeacherConfig, image_size: int, load_weights: bool = True, final: bool = True,
+        share_blocks: int = 0,
+    ) -> None:
         super().__init__()
         self.vit, self.identity = build_vit(cfg, image_size, load_weights)
         depth = len(self.vit.blocks)
         bad = [i for i in cfg.layers if not 0 <= i < depth]
         if bad:
             raise ValueError(f"model.teacher.layers {bad} outside the teacher's {depth} blocks")
+        if not 0 <= share_blocks < depth:
+            raise ValueError(f"model.encoder.shared_blocks={share_blocks} must be below the teacher's depth "
+                             f"({depth} blocks): S_E needs at least one block of its own")
         self.layers = list(cfg.layers)
+        self.final = final
+        self.share_blocks = share_blocks
         self.embed_dim: int = self.vit.embed_dim
         self.num_heads: int = self.vit.blocks[0].attn.num_heads
         self.num_prefix_tokens: int = self.vit.num_prefix_tokens
         self.grid: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
+        # blocks whose outputs are read, in block order (forward_intermediates returns them so)
+        self._taps = sorted(set(self.layers) | ({share_blocks - 1} if share_blocks else set()))
         for p in self.vit.parameters():
             p.requires_grad_(False)
         self.vit.eval()
+
+    @property
+    def blocks_run(self) -> int:
+        """How many blocks one forward runs: all of them when the final output is needed."""
+        return len(self.vit.blocks) if self.final else self._taps[-1] + 1
 
     def train(self, mode: bool = True) -> Teacher:
         """The teacher stays in eval mode whatever its parent does."""
@@ -195,10 +213,19 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> TeacherFeatures:
-        final, inter = self.vit.forward_intermediates(
-            x, indices=self.layers, return_prefix_tokens=True, norm=False, output_fmt="NLC"
-        )
-        patches = [p for p, _ in inter]
-        prefix = [c for _, c in inter]
+        kw = dict(indices=self._taps, return_prefix_tokens=True, norm=False, output_fmt="NLC")
+        if self.final:
+            final, inter = self.vit.forward_intermediates(x, **kw)
+        else:  # nothing needs the last blocks or the final norm
+            final, inter = None, self.vit.forward_intermediates(x, stop_early=True, intermediates_only=True, **kw)
+        taps = dict(zip(self._taps, inter))  # block index -> (patch tokens, prefix tokens)
+        patches = [taps[i][0] for i in self.layers]
+        prefix = [taps[i][1] for i in self.layers]
+        shared = None
+        if self.share_blocks:
+            patch, pre = taps[self.share_blocks - 1]
+            shared = torch.cat([pre, patch], dim=1)
+        if final is None:
+            return TeacherFeatures(patches, prefix, None, None, shared)
         final_patch = final[:, self.num_prefix_tokens :]
-        return TeacherFeatures(patches, prefix, final[:, 0], final_patch.mean(dim=1))
+        return TeacherFeatures(patches, prefix, final[:, 0], final_patch.mean(dim=1), shared)

@@ -73,7 +73,7 @@ def train_step(
     model.train()
     device = images.device
     frac = easy_fraction(step, cfg.hard_mining)
-    with autocast(device, cfg.amp):
+    with autocast(device, cfg.amp, cfg.cpu_amp):
         terms: LossTerms = model(images, frac, cfg.hard_mining.factor)
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
