@@ -206,7 +206,8 @@ def report_stages(stages: dict[str, Callable[[], list[float]]], rounds: int, bat
     for _ in range(rounds):
         for name, fn in stages.items():
             runs[name].append(fn())
-    print(f"\nwhere the time goes, {'CPU ' if unit != 'img/s' else ''}seconds per batch of {batch} on {device} (best of {rounds}, interleaved)")
+    clock_name = "CPU seconds" if unit != "img/s" else "seconds"
+    print(f"\nwhere the time goes, {clock_name} per batch of {batch} on {device} (best of {rounds}, interleaved)")
     print("| model | teacher | S_D | S_E | maps, blur, top-k |\n|---|---|---|---|---|")
     for name, split in runs.items():
         print(f"| {name} | " + " | ".join(f"{min(s[i] for s in split):.3f}" for i in range(4)) + " |", flush=True)
@@ -221,7 +222,8 @@ def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor
     pairs = {"map": (low.anomaly_map, ref.anomaly_map), "S_D score": (low.local_score, ref.local_score),
              "S_E score": (low.semantic_score, ref.semantic_score)}
     print("\nbf16 against fp32, production dual model, same weights and batch (max |difference| / max |fp32 value|): "
-          + ", ".join(f"{k} {float((a - b).abs().max()):.2e} / {float(b.abs().max()):.2e}" for k, (a, b) in pairs.items()))
+          + ", ".join(f"{k} {float((a - b).abs().max()):.2e} / {float(b.abs().max()):.2e}"
+                      for k, (a, b) in pairs.items()))
 
 
 def report_targets(score: dict[str, float], train: dict[str, float]) -> None:
@@ -229,8 +231,9 @@ def report_targets(score: dict[str, float], train: dict[str, float]) -> None:
     for what, row, ref, ref_bf16, goal in TARGETS:
         table = train if "train" in ref else score
         ratio, same = table[row] / table[ref], table[row] / table[ref_bf16]
-        print(f"- {what}: {ratio:.2f} against its fp32 run (target >= {goal}: {'met' if ratio >= goal else 'NOT met'}); "
-              f"{same:.2f} against its bf16 run ({'met' if same >= goal else 'NOT met'})")
+        verdict = {True: "met", False: "NOT met"}
+        print(f"- {what}: {ratio:.2f} against its fp32 run (target >= {goal}: {verdict[ratio >= goal]}); "
+              f"{same:.2f} against its bf16 run ({verdict[same >= goal]})")
 
 
 def main() -> None:
@@ -249,7 +252,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {args.size} px, "
-          f"batch {args.batch}, {args.rounds} interleaved rounds" + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+          f"batch {args.batch}, {args.rounds} interleaved rounds"
+          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     refs = ["Dinomaly forward, fp32", "teacher forward, all blocks"]
     for name in args.devices:
         device = torch.device(name)

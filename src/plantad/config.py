@@ -256,8 +256,8 @@ class ScoringConfig(_Section):
     # decision threshold on the final probability: this quantile of held-out normal images
     threshold_quantile: float = Field(0.99, gt=0.0, le=1.0)
     batch_size: int = Field(32, ge=1)
-    # bf16 autocast when scoring on CPU: probabilities within 0.02 of fp32 (tests/test_speed.py); fast
-    # with AVX512-BF16/AMX (Xeon Sapphire Rapids and later), slower than fp32 without
+    # bf16 autocast when scoring on CPU: probabilities within 0.01 of fp32 on the demo data
+    # (tests/models/test_speed_levers.py); fast with AVX512-BF16/AMX, slower than fp32 without
     cpu_amp: bool = False
 
 
@@ -407,7 +407,7 @@ class BulkConfig(_Section):
     cpus_per_actor: float = Field(1.0, gt=0.0)  # also the actor's torch threads (rounded, at least 1)
     gpus_per_actor: float = Field(0.0, ge=0.0)
     read_cpus: float = Field(0.25, gt=0.0)  # CPUs reserved by each Ray Data reading task
-    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA when the model's train.amp)
+    device: str = "auto"  # auto | cpu | cuda (bf16 autocast: CUDA with the model's train.amp, CPU with scoring.cpu_amp)
     max_image_bytes: int = Field(50_000_000, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)  # checked on the header before decoding
     stage: BulkStageConfig = BulkStageConfig()

@@ -2,7 +2,8 @@
 
 Evaluation, batch scoring, the HTTP server and calibration all call `score_batch`, so a score
 means the same thing everywhere. Map: per-patch distance, bilinear up to the input size, Gaussian
-smoothing (one linear operator, `smooth_map`); image (local) score: the model's `image_score` (Dinomaly's top-k% mean; SNL's maximum) [read].
+smoothing (one linear operator, `smooth_map`); image (local) score: the model's `image_score`
+(Dinomaly's top-k% mean; SNL's maximum) [read].
 """
 
 from __future__ import annotations
