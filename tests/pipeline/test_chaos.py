@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,9 @@ def assert_all_recovered(rows: list[Row]) -> None:
 @pytest.mark.e2e
 def test_a_killed_register_stage_recovers_and_leaves_every_version_loadable(project, baseline, mlflow_server,
                                                                            tmp_path) -> None:
-    project.set_params({"mlflow": {"promotion_metric": "image_ap"}})  # re-runs register (and score) only
+    # re-runs register (and score) only; its own registered model, so that the session's shared one
+    # (whose versions and aliases the retraining tests check) is left as the baseline made it
+    project.set_params({"mlflow": {"promotion_metric": "image_ap", "registered_model": f"chaos-{uuid.uuid4().hex[:8]}"}})
     rows = kill_rows(project, baseline, ["register"], 1, random.Random(0), mlflow_server, tmp_path)
     assert_all_recovered(rows)
 
