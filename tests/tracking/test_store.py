@@ -98,6 +98,7 @@ def test_embedded_store_and_ui_script(tmp_path: Path, monkeypatch: pytest.Monkey
     project = tmp_path / "project"
     (project / "mlflow").mkdir(parents=True)
     shutil.copy(REPO / "mlflow" / "ui.sh", project / "mlflow" / "ui.sh")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")  # ui.sh reads mlflow.ui_host there
     uri = resolve_tracking_uri(MlflowConfig(), project)
     assert uri == embedded_store_uri(project)
     client = MlflowClient(uri)
@@ -140,7 +141,7 @@ def test_train_stage_refuses_an_unreachable_server_before_training(tmp_path: Pat
     proc = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "train.py"), "--params", str(REPO / "params.yaml"),
          "--data", str(tmp_path / "data"), "--manifest", str(tmp_path / "manifest.parquet"),
-         "--validation", str(tmp_path / "validation.json"), "--out", str(out)],
+         "--shards", str(tmp_path / "shards"), "--validation", str(tmp_path / "validation.json"), "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
