@@ -37,7 +37,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set from --clock in main()
 unit = "img/s"  # "img per CPU-s" with --clock cpu
 TODAY = ["model.encoder.shared_blocks=0", "scoring.cpu_amp=false", "train.cpu_amp=false"]
-# label -> (model.branches, overrides on configs/production.yaml); the production rows use its defaults
+# label -> (model.branches, overrides on configs/production.yaml); the production rows use its defaults.
+# "fp32" holds on CPU only: on CUDA every plantad row runs under bf16 autocast (train.amp)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad dual, paper S_E, fp32 (before)": ("dual", TODAY),
     "plantad dual, shared S_E, fp32": ("dual", ["scoring.cpu_amp=false", "train.cpu_amp=false"]),
