@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from plantad.config import load_settings
+from plantad.config import load_settings, settings_from_dict
 from plantad.data.images import ImageTransform
 from plantad.models.checkpoint import save_model
 from plantad.scoring import score_batch
@@ -56,7 +56,8 @@ class RawScorer:
         from plantad.models.checkpoint import load_model
 
         self.model, meta = load_model(model_dir, device=resolve_device(device))
-        self.settings = load_settings(None, [f"data.image_size={meta['settings']['data']['image_size']}"])
+        # the model's own settings, as the replica's Predictor reads them (scoring.cpu_amp included)
+        self.settings = settings_from_dict(meta["settings"], source=str(model_dir))
         transform = ImageTransform(self.settings.data.image_size)
         x = torch.stack([transform(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[:batch]])
         self.x = x.to(next(self.model.parameters()).device)
@@ -67,7 +68,7 @@ class RawScorer:
         times = []
         for _ in range(iters):
             t = time.perf_counter()
-            score_batch(self.model, self.x, self.settings.scoring)
+            score_batch(self.model, self.x, self.settings.scoring, amp=self.settings.train.amp)
             if self.x.is_cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -103,6 +104,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROLES = {"proxy": "ray::ProxyActor", "replica": "ray::ServeReplica"}
+
+
+def role_pids() -> dict[str, list[int]]:
+    """Serve's proxy and replica processes, by the titles Ray gives its actors."""
+    import psutil
+
+    found: dict[str, list[int]] = {role: [] for role in ROLES}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        for role, title in ROLES.items():
+            if cmd.startswith(title):
+                found[role].append(proc.info["pid"])
+    return found
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) so far of this process (the client) and of Serve's."""
+    import psutil
+
+    def total(pid: int) -> float:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+
+    out = {"client": total(os.getpid())}
+    out.update({role: sum(total(p) for p in ps) for role, ps in pids.items()})
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,16 +177,32 @@ def main() -> None:
           f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
           f"raw = score_batch at batch {args.batch}, measured "
           "right before and after each level while Serve is idle (their mean)")
+    pids = role_pids()
+    cpu0 = time.process_time()
+    raw_scorer.images_per_s(args.iters)
+    raw_cpu_ms = (time.process_time() - cpu0) / (args.iters * args.batch) * 1000.0
     print("| concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | served/raw |")
     print("|---|---|---|---|---|---|---|---|---|")
+    spent: dict[int, dict[str, float]] = {}
     try:
         for c in args.concurrency:
             before = raw_scorer.images_per_s(args.iters)
+            cpu_before = cpu_seconds(pids)
             lat, wall = asyncio.run(load_test(url, pngs, c, args.requests))
+            cpu_after = cpu_seconds(pids)
+            spent[c] = {k: (cpu_after[k] - cpu_before[k]) / args.requests * 1000.0 for k in cpu_after}
             raw = (before + raw_scorer.images_per_s(args.iters)) / 2
             served = args.requests / wall
             print(f"| {c} | {args.requests} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | {pct(lat, 99):.0f} | "
                   f"{pct(lat, 99) / pct(lat, 50):.2f} | {served:.2f} | {raw:.2f} | {served / raw:.2f} |", flush=True)
+        # where the CPU goes: on a machine where client, proxy and replica share the cores, every
+        # CPU-ms spent outside the model is taken from it
+        print(f"\nCPU ms per request (user + system, all threads); raw score_batch: {raw_cpu_ms:.0f} CPU ms per image")
+        print("| concurrency | client | Serve proxy | replica | replica minus raw model |")
+        print("|---|---|---|---|---|")
+        for c, ms in spent.items():
+            print(f"| {c} | {ms['client']:.0f} | {ms['proxy']:.0f} | {ms['replica']:.0f} | "
+                  f"{ms['replica'] - raw_cpu_ms:.0f} |")
     finally:
         serve.shutdown()
         ray.shutdown()

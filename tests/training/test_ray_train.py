@@ -86,13 +86,14 @@ def test_training_survives_a_killed_worker_and_checkpoints_to_s3(ray_local, moto
 
 
 @pytest.mark.e2e
-def test_a_shard_smaller_than_the_batch_is_a_clear_error(ray_local, moto_s3, demo_root, demo_manifest, tmp_path):
+def test_a_shard_smaller_than_the_batch_is_a_clear_error(moto_s3, demo_root, demo_manifest, tmp_path):
     few = demo_manifest[(demo_manifest["split"] == "train")].groupby("category").head(4)
     shards = write_shards(few, demo_root, str(tmp_path / "shards"), S3Config(), 256_000_000)
     settings = _settings(moto_s3, f"ray-{uuid.uuid4().hex[:8]}", "train.steps=5", "train.batch_size=16",
                          "ray.max_failures=0", "data.holdout_fraction=0.25")
-    with pytest.raises(Exception, match="fewer than 8 images"):
+    with pytest.raises(ValueError, match=r"give each worker \d+, fewer than 8 images .*train.batch_size=16"):
         run_ray_training(settings, few, shards, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.e2e

@@ -50,6 +50,16 @@ def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
     log.warning("%s (unless the cluster autoscales)", message)
 
 
+def check_shard_size(n_train: int, num_workers: int, batch_size: int) -> None:
+    """Each worker reads about n_train / num_workers rows; fewer than its batch would only surface on
+    the workers, after the cluster has started them."""
+    per_worker = max(1, batch_size // num_workers)
+    if n_train // num_workers < per_worker:
+        raise ValueError(f"{n_train} training images over ray.num_workers={num_workers} give each worker "
+                         f"{n_train // num_workers}, fewer than {per_worker} images (its part of "
+                         f"train.batch_size={batch_size}): lower ray.num_workers or train.batch_size")
+
+
 DECODE_ROWS = 16  # rows per Ray Data decoding task: a shard is split so that decoding runs in parallel
 
 
@@ -229,10 +239,11 @@ def run_ray_training(
 
     require_match(shards, manifest, shards.folder)
     rcfg = settings.ray
-    connect(rcfg)
-    check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)), local=cluster_address(rcfg)[0] is None)
     seed_everything(settings.train.seed)
     train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed)
+    check_shard_size(len(train_rows), rcfg.num_workers, settings.train.batch_size)
+    connect(rcfg)
+    check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)), local=cluster_address(rcfg)[0] is None)
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
     name = f"plantad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     resources = {"CPU": rcfg.cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1} if rcfg.use_gpu else {})}
