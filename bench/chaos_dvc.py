@@ -85,20 +85,35 @@ def lock_entries(project: Project, stages: list[str]) -> dict[str, object]:
 
 def kill_sequence(project: Project, targets: list[str], seconds: dict[str, float], k: int, rng: random.Random,
                   tracking_uri: str, name: str, scratch: Path) -> tuple[dict[str, list[tuple[bool, float]]], list[str]]:
-    """K kills per target stage, in order, each at U(0, 0.9 x its duration) after it starts.
+    """K kills per target stage, each at U(0, 0.9 x its duration) after it starts.
 
-    Returns per stage hit: (no damage after the kill, seconds into the stage), and the damage found."""
+    A trial is `dvc repro --force --single-item <stage>` once every stage before it is complete, so
+    that each of the K kills lands in that stage even after an earlier trial let it finish (a plain
+    `dvc repro` would skip a finished stage, or carry the kill into the next one). A trial whose stage
+    ended before its kill moment is drawn again, up to 3 times.
+    Returns per stage: (no damage after the kill, seconds into the stage), and the damage found."""
     hits: dict[str, list[tuple[bool, float]]] = {s: [] for s in targets}
     damage: list[str] = []
     for stage in targets:
+        before = STAGES[:STAGES.index(stage)]
+        if before:
+            done = project.repro(timeout=900, check=False, args=(before[-1],))
+            if done.proc.returncode != 0:
+                damage.append(f"`dvc repro {before[-1]}` before the kills in {stage} failed: {done.tail()[-300:]}")
+                continue
         for _ in range(k):
-            run = project.repro(timeout=900, check=False, kill_stage=stage,
-                                kill_after=rng.uniform(0.0, 0.9 * seconds[stage]))
-            if run.killed_in is None:
-                return hits, damage  # the whole pipeline finished before the kill
+            for _attempt in range(3):
+                run = project.repro(timeout=900, check=False, kill_stage=stage,
+                                    kill_after=rng.uniform(0.0, 0.9 * seconds[stage]),
+                                    args=("--force", "--single-item", stage))
+                if run.killed_in is not None:
+                    break
+            else:
+                damage.append(f"{stage} ended before each of 3 kill moments")
+                continue
             found = after_kill_problems(project, run, tracking_uri, name, scratch)
-            hits.setdefault(run.killed_in, []).append((not found, run.ended - run.started[run.killed_in]))
-            damage += [f"kill in {run.killed_in}: {p}" for p in found]
+            hits[stage].append((not found, run.ended - run.started[stage]))
+            damage += [f"kill in {stage}: {p}" for p in found]
     return hits, damage
 
 

@@ -37,3 +37,6 @@ def quiet_library_logs() -> None:
         os.environ.setdefault(key, value)
     # mlflow may be imported already, its level then set from the environment of that moment
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    # plantad turns Ray's token auth on itself (plantad.cluster) and the README documents it; Ray's
+    # "set RAY_AUTH_MODE=disabled to opt out" notice at every ray.init reads like a problem
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

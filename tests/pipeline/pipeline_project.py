@@ -116,10 +116,10 @@ class Project:
         return proc
 
     def repro(self, timeout: float = 300, check: bool = True, kill_stage: str | None = None,
-              kill_after: float = 0.0) -> Repro:
-        """`dvc repro`, timing each stage; with kill_stage, SIGKILLed (the whole process group, as a
-        crash ends it) `kill_after` seconds after that stage starts, if it is still running then."""
-        proc = subprocess.Popen(["dvc", "repro"], cwd=self.root, env=self.env, stdout=subprocess.PIPE,
+              kill_after: float = 0.0, args: tuple[str, ...] = ()) -> Repro:
+        """`dvc repro [args]`, timing each stage; with kill_stage, SIGKILLed (the whole process group,
+        as a crash ends it) `kill_after` seconds after that stage starts, if it is still running then."""
+        proc = subprocess.Popen(["dvc", "repro", *args], cwd=self.root, env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
         timer.start()
@@ -145,7 +145,7 @@ class Project:
         for t in (timer, kill_timer):
             if t is not None:
                 t.cancel()
-        result = Repro(subprocess.CompletedProcess(["dvc", "repro"], returncode, "".join(lines), ""), started,
+        result = Repro(subprocess.CompletedProcess(["dvc", "repro", *args], returncode, "".join(lines), ""), started,
                        time.monotonic(), killed[0] if killed else None)
         if check and returncode != 0:
             raise AssertionError(f"command failed:\n{result.tail()}")
