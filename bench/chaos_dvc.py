@@ -108,6 +108,8 @@ def kill_sequence(project: Project, targets: list[str], seconds: dict[str, float
                                     args=("--force", "--single-item", stage))
                 if run.killed_in is not None:
                     break
+                if run.proc.returncode != 0:  # it ended before the kill moment, but failed on its own
+                    damage.append(f"{stage} failed before the kill: {run.tail()[-300:]}")
             else:
                 damage.append(f"{stage} ended before each of 3 kill moments")
                 continue
@@ -129,7 +131,7 @@ def kill_rows(project: Project, reference: Project, targets: list[str], k: int, 
                 sum(not ok for ok, _ in v), f"killed at {', '.join(f'{t:.1f}' for _, t in v)} s of a "
                 f"{seconds.get(s, 0):.0f} s stage") for s, v in hits.items()]
     versions = registered_versions(tracking_uri, name)
-    rows.append(Row("`dvc repro` after all kills", 1, int(not end), int(bool(end)),
+    rows.append(Row("`dvc repro` after all kills", 1, int(not end and not damage), int(bool(end)),
                     "; ".join(end + damage)[:300] or f"complete; {versions} registered versions, all loadable"))
     return rows
 
