@@ -51,11 +51,14 @@ def version_problems(tracking_uri: str, name: str, scratch: Path) -> list[str]:
 
 def after_kill_problems(project: Project, run: Repro, tracking_uri: str, name: str, scratch: Path) -> list[str]:
     """Damage a kill left: an unreadable dvc.lock, a finished stage out of date, a broken version."""
+    from plantad.dvc_lock import check_lock
+
     problems = []
-    try:
-        yaml.safe_load((project.root / "dvc.lock").read_text()) if (project.root / "dvc.lock").exists() else None
-    except yaml.YAMLError as exc:
-        problems.append(f"dvc.lock does not parse: {exc}")
+    # DVC rewrites dvc.lock in place: a kill during that write damages it. Counted as damage, then
+    # repaired as `plantad lock --repair` would, so that the next trials and the final run go on
+    report = check_lock(project.root, repair=True)
+    if report.problem:
+        problems.append(f"dvc.lock damaged ({report.problem[:120]}); repaired from {report.repaired_from}")
     hit = STAGES.index(run.killed_in) if run.killed_in in STAGES else 0
     status = project.run("dvc", "status", "--json", check=False)
     finished = set(STAGES[:hit])

@@ -9,6 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH" GX_ANALYTICS_ENABLED=false RAY_USAGE_STATS_EN
 if [ ! -d .dvc ]; then
   dvc init --quiet $( [ -d .git ] || echo --no-scm )
 fi
+plantad lock --repair --quiet  # a crash while DVC rewrote dvc.lock leaves it unreadable to DVC
 dvc repro "$@"
 echo
 echo "== metrics (outputs/metrics.json; dvc metrics show / dvc metrics diff for all of them)"

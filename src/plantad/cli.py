@@ -92,6 +92,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    from plantad.dvc_lock import check_lock
+
+    report = check_lock(Path(args.project), repair=args.repair)
+    if report.problem is None:
+        if not args.quiet:
+            print(f"{report.path}: DVC can read it" if report.path.exists() else f"{report.path}: none yet")
+        return 0
+    if report.repaired_from is None:
+        print(f"error: {report.path} is damaged: {report.problem}. `plantad lock --repair` restores it "
+              "(git's committed copy, else its valid stage entries) and keeps the damaged file", file=sys.stderr)
+        return 1
+    print(f"{report.path} was damaged ({report.problem}); restored from {report.repaired_from}, the damaged "
+          f"file kept as {report.kept}. `dvc repro` reruns the stages whose outputs no longer match.")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from plantad.evaluation.report import metrics_table
 
@@ -289,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="registered model name with --to mlflow (default: teacher-<architecture>)")
     _common(p)
     p.set_defaults(func=cmd_teacher_publish)
+
+    p = sub.add_parser("lock", help="check the project's dvc.lock (a crash during DVC's write can damage it)")
+    p.add_argument("--project", default=".", help="the DVC project folder")
+    p.add_argument("--repair", action="store_true",
+                   help="replace a damaged dvc.lock by git's committed one, else by its valid stage entries")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when DVC can read it")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("metrics", help="print a metrics.json of `plantad evaluate` as a table")
     p.add_argument("file")
