@@ -105,11 +105,13 @@ def connect(cfg: RayConfig) -> None:
 
     The dashboard serves the state API that Ray Train's placement-group cleaner polls (it warns every
     few seconds without it)."""
+    address, source = cluster_address(cfg)
+    if loopback_node(cfg, address):
+        os.environ.update(LOOPBACK_ENV)  # Ray reads it when it is imported: before the import below
     import ray
 
     if ray.is_initialized():
         return
-    address, source = cluster_address(cfg)
     # WARNING: Ray's INFO lines (cluster start, dashboard URL) would bury the stage's own output;
     # the workers' env quiets Ray Data the same way (Ray's log files keep everything)
     quiet = {"logging_level": logging.WARNING, "runtime_env": {"env_vars": dict(RAY_WORKER_ENV)}}

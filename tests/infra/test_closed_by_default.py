@@ -224,3 +224,15 @@ def test_mlflow_basic_auth_refuses_without_credentials_and_works_with_them(mlflo
     run = client.create_run(client.create_experiment("closed-by-default"))
     client.log_metric(run.info.run_id, "image_auroc", 0.5)
     assert client.get_run(run.info.run_id).data.metrics == {"image_auroc": 0.5}
+
+
+def test_a_stage_process_that_connects_from_a_clean_environment_gets_a_loopback_node(tmp_path: Path) -> None:
+    """What `dvc repro`'s train stage does in the main job: `plantad.cluster.connect` in a fresh
+    process whose environment has none of plantad's Ray variables (the test session's has them)."""
+    env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV and not k.startswith("RAY_")}
+    code = ("from plantad.cluster import connect; from plantad.config import RayConfig; connect(RayConfig()); "
+            "import ray; print('node', ray.util.get_node_ip_address()); ray.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "node 127.0.0.1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
