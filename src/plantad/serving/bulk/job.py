@@ -84,11 +84,11 @@ def check_bulk_budget(bulk: BulkConfig, cpus: float, gpus: float, local: bool) -
 
 
 def start_ray(settings: Settings) -> None:
-    import ray
-
     from plantad.cluster import cluster_address, connect
 
-    connect(settings.ray)
+    connect(settings.ray)  # before `import ray`: it sets the environment Ray reads on import
+    import ray
+
     res = ray.cluster_resources()
     check_bulk_budget(settings.bulk, float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)),
                       local=cluster_address(settings.ray)[0] is None)
