@@ -26,6 +26,9 @@ DEFAULTS = {
     "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_LINES_TO_SKIP,  # read when ray is imported
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is imported
+    # the driver's own Ray Data lines (a dataset's start, plan and end when the train stage caches
+    # the shards); read when ray.data configures its loggers
+    "RAY_DATA_LOG_LEVEL": "WARNING",
 }
 
 # applied in every Ray worker of our jobs (runtime_env): Ray Data's per-epoch execution notices
@@ -40,3 +43,5 @@ def quiet_library_logs() -> None:
     # plantad turns Ray's token auth on itself (plantad.cluster) and the README documents it; Ray's
     # "set RAY_AUTH_MODE=disabled to opt out" notice at every ray.init reads like a problem
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # we turn Ray Data's progress bars off on purpose; its warning saying so reads like a problem
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
