@@ -236,3 +236,13 @@ def test_a_stage_process_that_connects_from_a_clean_environment_gets_a_loopback_
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "node 127.0.0.1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_plantad_serve_stop_from_a_clean_environment_returns(ray_head: Head) -> None:
+    """`plantad serve --stop`, as the main job prints it, joins the head it started and returns
+    (it imported Ray before setting the loopback variable, and then hung joining from another IP)."""
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.address, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(ray_head.token_file)}
+    proc = subprocess.run([tool("plantad"), "serve", "--stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to stop: There is no Serve instance running on this Ray cluster" in proc.stdout

@@ -89,9 +89,13 @@ def deploy(cfg: ServeConfig) -> str:
 
 
 def stop(ray_cfg: RayConfig, cfg: ServeConfig) -> str:
-    from ray import serve
-
     address, _ = cluster_address(ray_cfg)
-    join(ray_cfg, address or "auto")
-    serve.delete(cfg.app_name)
+    join(ray_cfg, address or "auto")  # before `import ray`: it sets the environment Ray reads on import
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.delete(cfg.app_name)
+    except RayServeException as exc:  # no Serve on this cluster: nothing to stop
+        return f"nothing to stop: {exc}"
     return f"deleted Serve app '{cfg.app_name}'; the Ray cluster keeps running (`ray stop` stops a local one)"
