@@ -10,9 +10,7 @@ still pass DVC's schema, so DVC reruns only the others.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +18,10 @@ from typing import Any
 
 import yaml
 
+from plantad.config import S3Config
+from plantad.storage import open_location, write_atomic
+
 LOCK_FILE = "dvc.lock"
-
-
-class LockError(RuntimeError):
-    """dvc.lock is damaged and was not repaired."""
 
 
 @dataclass(frozen=True)
@@ -74,26 +71,13 @@ def _valid_entries(text: str) -> str:
         data = None
     stages = data.get("stages") if isinstance(data, dict) else None
     kept: dict[str, Any] = {}
-    for name, entry in (stages or {}).items() if isinstance(stages, dict) else []:
+    for name, entry in (stages if isinstance(stages, dict) else {}).items():
         try:
             COMPILED_LOCK_FILE_STAGE_SCHEMA(entry)
         except vol.Invalid:
             continue
         kept[name] = entry
     return yaml.safe_dump({"schema": "2.0", "stages": kept}, sort_keys=False)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_lock(project: Path, repair: bool = False) -> LockReport:
@@ -112,5 +96,5 @@ def check_lock(project: Path, repair: bool = False) -> LockReport:
         new, source = _valid_entries(text), "the valid stage entries"
     kept = path.with_name(f"{LOCK_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
     kept.write_text(text, encoding="utf-8")
-    _atomic_write(path, new)
+    write_atomic(open_location(str(project), S3Config()), LOCK_FILE, new.encode("utf-8"))
     return LockReport(path, problem, source, kept)
