@@ -50,10 +50,15 @@ def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
     log.warning("%s (unless the cluster autoscales)", message)
 
 
+def worker_batch(batch_size: int, world_size: int) -> int:
+    """Each DDP worker's share of train.batch_size."""
+    return max(1, batch_size // world_size)
+
+
 def check_shard_size(n_train: int, num_workers: int, batch_size: int) -> None:
     """Each worker reads about n_train / num_workers rows; fewer than its batch would only surface on
     the workers, after the cluster has started them."""
-    per_worker = max(1, batch_size // num_workers)
+    per_worker = worker_batch(batch_size, num_workers)
     if n_train // num_workers < per_worker:
         raise ValueError(f"{n_train} training images over ray.num_workers={num_workers} give each worker "
                          f"{n_train // num_workers}, fewer than {per_worker} images (its part of "
@@ -152,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     device = ray.train.torch.get_device()
-    per_worker = max(1, cfg.batch_size // ctx.get_world_size())
+    per_worker = worker_batch(cfg.batch_size, ctx.get_world_size())
     batches = _endless_shard(ray.train.get_dataset_shard("train"), per_worker, cfg.seed + ctx.get_world_rank())
     step_logger = _step_logger(config.get("mlflow")) if ctx.get_world_rank() == 0 else None
     spe = rcfg.steps_per_epoch
@@ -231,9 +236,6 @@ def run_ray_training(
 ) -> TrainResult:
     """Train on the cluster from `shards` (the manifest's shard set), calibrate on the driver, save
     the model to out_dir."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from plantad.tracking.s3 import endpoint_name, resolve_storage
 
@@ -242,7 +244,11 @@ def run_ray_training(
     seed_everything(settings.train.seed)
     train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed)
     check_shard_size(len(train_rows), rcfg.num_workers, settings.train.batch_size)
-    connect(rcfg)
+    connect(rcfg)  # before `import ray`: it sets the environment Ray reads on import
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)), local=cluster_address(rcfg)[0] is None)
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
     name = f"plantad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
