@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,27 @@ def test_loss_decreases_on_demo_data(demo_root, demo_manifest):
     batches = endless_images(image_loader(normal_train_rows(demo_manifest), demo_root, settings, shuffle=True))
     losses = [train_step(model, next(batches), opt, sched, s, settings.train)["loss_local"] for s in range(40)]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_fused_optimiser_takes_the_same_steps_as_the_per_tensor_loop(demo_root, demo_manifest):
+    settings = tiny_settings("model.branches=dual")
+    images = next(iter(image_loader(demo_manifest.head(8), demo_root, settings, shuffle=False)))["image"]
+    torch.manual_seed(0)
+    fused_model = build_model(settings)
+    loop_model = copy.deepcopy(fused_model)
+    start = [p.detach().clone() for p in fused_model.parameters()]
+    fused, fused_sched = build_optimizer(fused_model, settings.train)
+    loop, loop_sched = build_optimizer(loop_model, settings.train)
+    assert all(g["fused"] for g in fused.param_groups)
+    for group in loop.param_groups:  # the same AdamW, run as torch's per-tensor loop
+        group["fused"] = False
+    for step in range(5):
+        for model, opt, sched in ((fused_model, fused, fused_sched), (loop_model, loop, loop_sched)):
+            torch.manual_seed(step)  # the same dropout masks for both
+            train_step(model, images, opt, sched, step, settings.train)
+    moved = max(float((p - s).abs().max()) for p, s in zip(fused_model.parameters(), start))
+    gap = max(float((p - q).abs().max()) for p, q in zip(fused_model.parameters(), loop_model.parameters()))
+    assert moved > 1e-3 and gap < 1e-5, (moved, gap)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():

@@ -51,7 +51,10 @@ def easy_fraction(step: int, cfg: HardMiningConfig) -> float:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     groups = unwrap(model).student_parameter_groups()
     params = [{"params": ps, "name": name} for name, ps in groups.items()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # the fused kernel: the same update as the per-tensor loop, about 3x faster on a CPU for the
+    # dual model's 158 tensors (bench/vs_anomalib.py, "optimiser"); CPU and CUDA only
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for ps in groups.values() for p in ps)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
 
