@@ -362,6 +362,7 @@ class ServeConfig(_Section):
     max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it: 503 (-1: unbounded, not advised)
     max_batch_size: int = Field(16, ge=1)  # requests per @serve.batch call
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_concurrent_batches: int = Field(1, ge=1)  # batches a replica scores at once (overlaps decoding and answers)
     alias_poll_s: float = Field(5.0, gt=0.0)
     max_image_bytes: int = Field(20_000_000, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -375,8 +376,9 @@ class ServeConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ServeConfig:
-        if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError(f"serve.max_batch_size ({self.max_batch_size}) is above serve.max_ongoing_requests "
+        if self.max_batch_size * self.max_concurrent_batches > self.max_ongoing_requests:
+            raise ValueError(f"serve.max_batch_size ({self.max_batch_size}) x serve.max_concurrent_batches "
+                             f"({self.max_concurrent_batches}) is above serve.max_ongoing_requests "
                              f"({self.max_ongoing_requests}): batches could never fill")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")

@@ -1,7 +1,8 @@
 """A registry with two good versions and a broken one, and the scoring app on the session's Ray
 cluster, started from deploy/serve_config.yaml, with HTTP on 127.0.0.1 and a free port.
 
-Two apps: `main` at / (champion, polled every 0.5 s, tight image limits for the malformed corpus)
+Two apps: `main` at / (champion, polled every 0.5 s, tight image limits for the malformed corpus,
+two batches at once)
 and `strict` at /strict (alias `staging`, polled hourly so only a webhook moves it, API keys, a
 one-request queue for the overload test).
 """
@@ -93,7 +94,8 @@ def served(ray_local, registry, tmp_path_factory) -> Served:
     port = free_port()
     common = {"model_name": MODEL, "tracking_uri": registry.uri, "ray_actor_options": {"num_cpus": 0.5}}
     main = {**config_file_args(), **common, "alias_poll_s": 0.5, "max_image_bytes": MAX_IMAGE_BYTES,
-            "max_image_pixels": MAX_IMAGE_PIXELS, "max_request_bytes": 2_000_000, "port": port}
+            "max_image_pixels": MAX_IMAGE_PIXELS, "max_request_bytes": 2_000_000, "max_concurrent_batches": 2,
+            "port": port}
     strict = {**config_file_args(), **common, "app_name": "strict", "route_prefix": "/strict",
               "model_alias": "staging", "alias_poll_s": 3600.0, "api_keys_file": str(secrets_dir / "keys"),
               "webhook_secret_file": str(secrets_dir / "webhook"), "max_ongoing_requests": 1,

@@ -34,8 +34,13 @@ def test_serve_config_file_params_and_defaults_agree():
 def test_serve_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="unknown key 'serve.max_batch'"):
         serve_config_from_dict({"max_batch": 4}, "args")
-    with pytest.raises(ConfigError, match=r"serve.max_batch_size \(64\) is above serve.max_ongoing_requests \(8\)"):
+    with pytest.raises(ConfigError, match=r"serve.max_batch_size \(64\) x serve.max_concurrent_batches \(1\) "
+                                          r"is above serve.max_ongoing_requests \(8\)"):
         serve_config_from_dict({"max_batch_size": 64, "max_ongoing_requests": 8}, "args")
+    with pytest.raises(ConfigError, match=r"max_concurrent_batches \(3\) is above serve.max_ongoing_requests \(32\)"):
+        serve_config_from_dict({"max_batch_size": 16, "max_concurrent_batches": 3}, "args")
+    with pytest.raises(ConfigError, match="max_concurrent_batches"):
+        serve_config_from_dict({"max_concurrent_batches": 0}, "args")
     with pytest.raises(ConfigError, match="min_replicas"):
         serve_config_from_dict({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "args")
 

@@ -57,16 +57,18 @@ class ScoringServer:
         self.metrics = ServeMetrics()
         self.holder = ModelHolder(self.cfg.model_uri, self.cfg.tracking_uri, self.cfg.device, self.cfg.alias_poll_s,
                                   golden_image(self.cfg.golden_image))
-        self.batched_score.set_max_batch_size(self.cfg.max_batch_size)
-        self.batched_score.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
+        # batch queue is made, and only the config knows it
+        self.batched_score = serve.batch(max_batch_size=self.cfg.max_batch_size,
+                                         batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                                         max_concurrent_batches=self.cfg.max_concurrent_batches)(self._score_batch)
 
     def __del__(self) -> None:
         holder = getattr(self, "holder", None)
         if holder is not None:
             holder.stop()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def batched_score(self, jobs: list[ScoreJob]) -> list[ScoredJob]:
+    async def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoredJob]:
         predictor = self.holder.current  # read once: the whole batch is scored by one version
         self.metrics.version(predictor.ref.name, predictor.ref.version)
         self.metrics.batch_requests.observe(len(jobs))
