@@ -5,7 +5,8 @@ saved as a model folder and served by the real app (`build_app`, model_dir). Cli
 per request over HTTP at each concurrency; the raw figure is `score_batch` on a tensor batch of
 serve.max_batch_size images in this process, measured in the same run (the ratio is what counts
 on a shared machine).
-Usage: python bench/serve_latency.py [--size 224] [--batch 16] [--requests 64] [--concurrency 1 8 32]
+Usage: python bench/serve_latency.py [--size 224] [--batch 16] [--concurrent-batches 1] [--requests 64]
+       [--concurrency 1 8 32]
 """
 
 from __future__ import annotations
@@ -53,14 +54,18 @@ class RawScorer:
     """score_batch on decoded, transformed batches in this process (no HTTP, no Serve)."""
 
     def __init__(self, model_dir: Path, pngs: list[bytes], batch: int, device: str) -> None:
-        from plantad.models.checkpoint import load_model
+        from plantad.models.checkpoint import META_FILE, load_model, recorded_sha256
+        from plantad.models.exported import for_scoring
 
-        self.model, meta = load_model(model_dir, device=resolve_device(device))
-        # the model's own settings, as the replica's Predictor reads them (scoring.cpu_amp included)
+        model, meta = load_model(model_dir, device=resolve_device(device))
+        # the model's own settings, as the replica's Predictor reads them (scoring.cpu_amp and
+        # scoring.runtime included: the same graph from the same cache)
         self.settings = settings_from_dict(meta["settings"], source=str(model_dir))
+        self.model = for_scoring(model, self.settings.scoring, recorded_sha256(model_dir / META_FILE))
+        self.runtime = getattr(self.model, "runtime", "torch")
         transform = ImageTransform(self.settings.data.image_size)
         x = torch.stack([transform(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[:batch]])
-        self.x = x.to(next(self.model.parameters()).device)
+        self.x = x.to(next(model.parameters()).device)
         self.images_per_s(1)  # warm-up
 
     def images_per_s(self, iters: int) -> float:
@@ -144,6 +149,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/production.yaml")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16, help="serve.max_batch_size and the raw batch")
+    parser.add_argument("--concurrent-batches", type=int, default=1, help="serve.max_concurrent_batches")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--iters", type=int, default=3)
@@ -164,18 +170,21 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model_dir": str(model_dir), "device": args.device, "max_batch_size": args.batch,
-                     "max_ongoing_requests": max(64, args.batch), "max_queued_requests": 1024,
+                     "max_concurrent_batches": args.concurrent_batches,
+                     "max_ongoing_requests": max(64, args.batch * args.concurrent_batches), "max_queued_requests": 1024,
                      "batch_wait_timeout_s": 0.01, "port": port,
                      "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}})
     serve.run(app, name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
-    threads = httpx.get(f"{url}/model", timeout=60).json()["torch_threads"]
+    served_model = httpx.get(f"{url}/model", timeout=60).json()
+    threads = served_model["torch_threads"]
     torch.set_num_threads(threads)  # the raw figure uses the replica's intra-op threads
     raw_scorer = RawScorer(model_dir, pngs, args.batch, args.device)
     print(f"torch {torch.__version__}, {cpus} CPUs{', GPU ' + torch.cuda.get_device_name() if gpu else ''}; "
           f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
-          f"raw = score_batch at batch {args.batch}, measured "
+          f"runtime {served_model['runtime']} served, {raw_scorer.runtime} raw; "
+          f"serve.max_concurrent_batches {args.concurrent_batches}; raw = score_batch at batch {args.batch}, measured "
           "right before and after each level while Serve is idle (their mean)")
     pids = role_pids()
     cpu0 = time.process_time()

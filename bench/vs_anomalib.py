@@ -6,7 +6,11 @@ score) in float32, as anomalib runs it on a CPU, and under the same bf16 autocas
 `scoring.cpu_amp`; beside them the bare teacher forward (all blocks, and stopped at the deepest
 tapped layer) as the reference. Training: one optimisation step (forward, backward, AdamW with the
 same lr for both; Dinomaly's own optimiser is StableAdamW) on a fixed in-memory batch. A per-stage
-breakdown (teacher, S_D, S_E, maps) shows where each plantad variant spends its time. All models
+breakdown (teacher, S_D, S_E, maps) shows where each plantad variant spends its time in scoring
+(not for the OpenVINO rows: their network runs as one graph), and
+one for the training step (teacher, each student's forward with its loss and its backward, the
+optimiser step) beside Dinomaly's (its frozen encoder timed alone; its decoder forward and loss is
+the rest of its forward). All models
 have random weights (this machine cannot download DINOv2; speed does not depend on the weights).
 Timings are interleaved round-robin, best and median of `--rounds`. On a machine shared with other
 jobs, `--clock cpu --threads 1` times the CPU seconds this process spends instead of wall-clock
@@ -28,22 +32,27 @@ import torch
 
 from plantad.config import Settings, load_settings
 from plantad.models.device import autocast
+from plantad.models.exported import for_scoring
 from plantad.models.factory import build_model
 from plantad.scoring import score_batch, smooth_map
-from plantad.training.loop import build_optimizer, train_step
+from plantad.training.loop import build_optimizer, easy_fraction, train_step
 
 Timed = dict[str, Callable[[], object]]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set from --clock in main()
 unit = "img/s"  # "img per CPU-s" with --clock cpu
-TODAY = ["model.encoder.shared_blocks=0", "scoring.cpu_amp=false", "train.cpu_amp=false"]
-# label -> (model.branches, overrides on configs/production.yaml); the production rows use its defaults.
-# "fp32" holds on CPU only: on CUDA every plantad row runs under bf16 autocast (train.amp)
+TODAY = ["model.encoder.shared_blocks=0", "scoring.cpu_amp=false", "train.cpu_amp=false", "scoring.runtime=torch"]
+FP32 = ["scoring.cpu_amp=false", "train.cpu_amp=false", "scoring.runtime=torch"]
+# label -> (model.branches, overrides on configs/production.yaml); the production rows use its defaults
+# (scoring.runtime: openvino, so their scoring runs the exported graph; "in torch" runs it eagerly).
+# "fp32" holds on CPU only: on CUDA every plantad row runs under bf16 autocast (train.amp), in torch
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad dual, paper S_E, fp32 (before)": ("dual", TODAY),
-    "plantad dual, shared S_E, fp32": ("dual", ["scoring.cpu_amp=false", "train.cpu_amp=false"]),
+    "plantad dual, shared S_E, fp32": ("dual", FP32),
+    "plantad dual, production in torch": ("dual", ["scoring.runtime=torch"]),
     "plantad dual, production": ("dual", []),
-    "plantad local, fp32": ("local", ["scoring.cpu_amp=false", "train.cpu_amp=false"]),
+    "plantad local, fp32": ("local", FP32),
+    "plantad local, production in torch": ("local", ["scoring.runtime=torch"]),
     "plantad local, production": ("local", []),
 }
 TARGETS = [  # (what, row, reference as anomalib / timm run it on a CPU, the same under bf16, at least)
@@ -159,35 +168,95 @@ def scoring_fns(args, device: torch.device) -> tuple[Timed, dict[str, Callable[[
         "Dinomaly forward, fp32": lambda: peer_forward(False),
         "Dinomaly forward, bf16": lambda: peer_forward(True),
     }
-    for label, (settings, model) in models.items():
-        fns[label] = lambda s=settings, m=model: score_batch(m, x, s.scoring)
-    stages = {label: (lambda s=settings, m=model: stage_times(m, s, x)) for label, (settings, model) in models.items()}
+    for label, (settings, model) in models.items():  # scoring.runtime as serving would run it
+        fns[label] = lambda s=settings, m=for_scoring(model, settings.scoring, None): score_batch(m, x, s.scoring)
+    # torch.compile (inductor) of the production dual model in torch, as a lever beside the graph;
+    # its compilation happens in the untimed warm-up call
+    settings, model = models["plantad dual, production"]
+    compiled = torch.compile(model)
+    fns["plantad dual, production in torch, torch.compile"] = lambda: score_batch(
+        compiled, x, settings.scoring.model_copy(update={"runtime": "torch"}))
+    stages = {label: (lambda s=settings, m=model: stage_times(m, s, x)) for label, (settings, model) in models.items()
+              if settings.scoring.runtime == "torch"}  # an OpenVINO graph has no stages to time
     report_agreement(*models["plantad dual, production"], x)
     return fns, stages
 
 
-def training_fns(args, device: torch.device) -> Timed:
+TRAIN_STAGES = ["teacher / encoder", "S_D fwd + loss", "S_E fwd + loss", "S_D bwd", "S_E bwd", "optimiser"]
+
+
+def train_stage_times(model: torch.nn.Module, settings: Settings, x: torch.Tensor, opt: torch.optim.Optimizer,
+                      step: int) -> list[float]:
+    """Seconds per stage of one training step, as train_step runs it; each student's loss is
+    back-propagated on its own (their graphs share nothing trainable, so the gradients are the same)."""
+    device, cfg = x.device, settings.train
+    model.train()
+    frac = easy_fraction(step, cfg.hard_mining)
+    t = [_now(device)]
+    with autocast(device, cfg.amp, cfg.cpu_amp):
+        feats = model.teacher(x)
+        t.append(_now(device))
+        local = semantic = None
+        if model.decoder is not None:
+            local = model._local_loss(*model._local_pairs(feats), frac, cfg.hard_mining.factor)
+        t.append(_now(device))
+        if model.encoder is not None:
+            semantic = model._semantic(x, feats).mean()
+        t.append(_now(device))
+        w_local, w_sem = model.noisy_or.training_weights(local, semantic)
+    opt.zero_grad(set_to_none=True)
+    for w, loss in ((w_local, local), (w_sem, semantic)):
+        if loss is not None:
+            (w * loss).backward()
+        t.append(_now(device))
+    if cfg.grad_clip:
+        for group in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], cfg.grad_clip)
+    opt.step()
+    t.append(_now(device))
+    return [b - a for a, b in zip(t, t[1:])]
+
+
+def training_fns(args, device: torch.device) -> tuple[Timed, dict[str, Callable[[], list[float]]]]:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     fns: Timed = {}
+    stages: dict[str, Callable[[], list[float]]] = {}
     for label, (branches, overrides) in VARIANTS.items():
+        if label.endswith("production in torch"):
+            continue  # the runtime is scoring's only: these train like the production row
         settings, model = plantad(args.config, args.size, branches, device, overrides)
         opt, sched = build_optimizer(model, settings.train)
         counter = iter(range(10**9))
         fns[label] = lambda m=model, o=opt, s=sched, c=counter, st=settings: train_step(m, x, o, s, next(c), st.train)
+        stages[label] = lambda m=model, o=opt, c=counter, st=settings: train_stage_times(m, st, x, o, next(c))
     peer = dinomaly(settings.model.teacher.name, device).train()
     peer_opt = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=settings.train.lr)
     steps = iter(range(10**9))
 
-    def peer_step(on: bool) -> None:
+    def peer_step(on: bool, split: bool = False) -> list[float]:
+        t = [_now(device)]
+        if split:  # the frozen encoder alone (Dinomaly runs it under no_grad)
+            with torch.no_grad(), bf16(device, on):
+                peer.encoder(x)
+            t.append(_now(device))
         with bf16(device, on):
             loss = peer(x, global_step=next(steps))
+        t.append(_now(device))
         peer_opt.zero_grad(set_to_none=True)
         loss.backward()
+        t.append(_now(device))
         peer_opt.step()
+        t.append(_now(device))
+        if not split:
+            return []
+        encoder, forward, backward, step = [b - a for a, b in zip(t, t[1:])]
+        return [encoder, max(forward - encoder, 0.0), 0.0, backward, 0.0, step]
 
     fns["Dinomaly train step, fp32"] = lambda: peer_step(False)
     fns["Dinomaly train step, bf16"] = lambda: peer_step(True)
-    return fns
+    stages["Dinomaly train step, fp32"] = lambda: peer_step(False, split=True)
+    stages["Dinomaly train step, bf16"] = lambda: peer_step(True, split=True)
+    return fns, stages
 
 
 def report(title: str, times: dict[str, list[float]], batch: int, references: list[str]) -> dict[str, float]:
@@ -202,16 +271,21 @@ def report(title: str, times: dict[str, list[float]], batch: int, references: li
     return best
 
 
-def report_stages(stages: dict[str, Callable[[], list[float]]], rounds: int, batch: int, device: str) -> None:
+def report_stages(title: str, columns: list[str], stages: dict[str, Callable[[], list[float]]], rounds: int,
+                  batch: int, device: str) -> None:
+    """Per-stage seconds (best of `rounds` per stage) and their sum; for Dinomaly's training step the
+    S_D columns hold its bottleneck and decoder."""
     runs: dict[str, list[list[float]]] = {k: [] for k in stages}
     for _ in range(rounds):
         for name, fn in stages.items():
             runs[name].append(fn())
     clock_name = "CPU seconds" if unit != "img/s" else "seconds"
-    print(f"\nwhere the time goes, {clock_name} per batch of {batch} on {device} (best of {rounds}, interleaved)")
-    print("| model | teacher | S_D | S_E | maps, blur, top-k |\n|---|---|---|---|---|")
+    print(f"\n{title}: where the time goes, {clock_name} per batch of {batch} on {device} (best of {rounds}, "
+          "interleaved)")
+    print("| model | " + " | ".join(columns) + " | sum |\n|---|" + "---|" * (len(columns) + 1))
     for name, split in runs.items():
-        print(f"| {name} | " + " | ".join(f"{min(s[i] for s in split):.3f}" for i in range(4)) + " |", flush=True)
+        best = [min(s[i] for s in split) for i in range(len(columns))]
+        print(f"| {name} | " + " | ".join(f"{b:.3f}" for b in best) + f" | {sum(best):.3f} |", flush=True)
 
 
 def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -262,10 +336,14 @@ def main() -> None:
         fns, stages = scoring_fns(args, device)
         with torch.no_grad():
             score = report(f"Scoring on {name}", interleaved(fns, args.rounds, sync), args.batch, refs)
-        report_stages(stages, args.rounds, args.batch, name)
+        report_stages("Scoring", ["teacher", "S_D", "S_E", "maps, blur, top-k"], stages, args.rounds, args.batch, name)
         del fns, stages
-        train_times = interleaved(training_fns(args, device), max(2, args.rounds // 2), sync)
+        train_fns, train_stages = training_fns(args, device)
+        train_rounds = max(2, args.rounds // 2)
+        train_times = interleaved(train_fns, train_rounds, sync)
         train = report(f"Training step on {name}", train_times, args.batch, ["Dinomaly train step, fp32"])
+        report_stages("Training step", TRAIN_STAGES, train_stages, train_rounds, args.batch, name)
+        del train_fns, train_stages
         report_targets(score, train)
 
 

@@ -259,6 +259,9 @@ class ScoringConfig(_Section):
     # bf16 autocast when scoring on CPU: probabilities within 0.01 of fp32 on the demo data
     # (tests/models/test_speed_levers.py); fast with AVX512-BF16/AMX, slower than fp32 without
     cpu_amp: bool = False
+    # openvino: on a CPU, serving and bulk scoring run the network as an OpenVINO graph (exported
+    # once per model, checked against torch at load; pip install 'plantad[openvino]'); torch elsewhere
+    runtime: Literal["torch", "openvino"] = "torch"
 
 
 class EvaluateConfig(_Section):

@@ -90,7 +90,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[AnomalyM
     if not file.is_file():
         raise ModelLoadError(f"no saved model at {file}: expected the model.pt written by `plantad train`")
     meta_file = file.parent / META_FILE
-    expected = _recorded_sha256(meta_file)
+    expected = recorded_sha256(meta_file)
     if expected is None:
         raise ModelLoadError(f"refusing to load {file}: {meta_file} records no '{SHA256_KEY}' to check it against "
                              "(a model saved before hashes were recorded, or model.json is missing); train or "
@@ -115,7 +115,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[AnomalyM
     return model.to(device).eval(), meta
 
 
-def _recorded_sha256(meta_file: Path) -> str | None:
+def recorded_sha256(meta_file: Path) -> str | None:
     """model.pt's hash as model.json records it; None when model.json is absent or has none
     (models saved before hashes were recorded: re-save them to load them)."""
     if not meta_file.is_file():

@@ -21,7 +21,8 @@ from torch import nn
 
 from plantad.config import Settings, settings_from_dict
 from plantad.data.images import ImageTransform
-from plantad.models.checkpoint import load_model
+from plantad.models.checkpoint import META_FILE, load_model, recorded_sha256
+from plantad.models.exported import for_scoring
 from plantad.scoring import ScoreOutput, score_batch
 from plantad.tracking.model_source import ModelRef, download_model, resolve_model
 
@@ -75,18 +76,19 @@ class Predictor:
 
     @classmethod
     def load(cls, uri: str, tracking_uri: str | None = None, device: str = "auto", cache_dir: Path | None = None,
-             client: Any = None) -> Predictor:
-        """Resolve `uri` (registry URI or model folder) to one version, download it and load it."""
+             client: Any = None, graph_cache: Path | None = None) -> Predictor:
+        """Resolve `uri` (registry URI or model folder) to one version, download it and load it;
+        `graph_cache`: where `scoring.runtime: openvino` keeps exported graphs (default: the node's)."""
         if client is None and uri.startswith("models:/"):
             from mlflow import MlflowClient
 
             client = MlflowClient(tracking_uri)
         ref = resolve_model(uri, client)
-        return cls.from_ref(ref, tracking_uri, device, cache_dir)
+        return cls.from_ref(ref, tracking_uri, device, cache_dir, graph_cache)
 
     @classmethod
     def from_ref(cls, ref: ModelRef, tracking_uri: str | None, device: str = "auto",
-                 cache_dir: Path | None = None) -> Predictor:
+                 cache_dir: Path | None = None, graph_cache: Path | None = None) -> Predictor:
         from plantad.models.device import resolve_device
 
         with contextlib.ExitStack() as stack:
@@ -94,6 +96,8 @@ class Predictor:
                 cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plantad-model-")))
             model_dir = download_model(ref, tracking_uri, cache_dir)
             model, meta = load_model(model_dir, device=resolve_device(device))
+            scoring = settings_from_dict(meta["settings"], source=f"{ref.describe()} metadata").scoring
+            model = for_scoring(model, scoring, recorded_sha256(model_dir / META_FILE), graph_cache)
         return cls(model, meta, ref, model_dir)
 
     @property
@@ -123,6 +127,7 @@ class Predictor:
             "teacher": self.meta.get("teacher"),
             "data_version": self.meta.get("lineage", {}),
             "device": str(self.device),
+            "runtime": getattr(self.model, "runtime", "torch"),
             "loaded_at": self.loaded_at,
         }
 

@@ -1,0 +1,208 @@
+"""The scoring forward as an OpenVINO graph (`scoring.runtime: openvino`), for CPU scoring.
+
+Only the network's forward (teacher, students, distances) moves to OpenVINO; smoothing, image
+score, Noisy-OR and threshold stay in `plantad.scoring.score_batch`, so the scoring contract is the
+same. The graph is exported once per model file with `torch.export` (any batch size) and kept in
+a cache keyed by model.pt's sha256, the image size and the OpenVINO version. Every load checks
+the graph against the torch forward on a fixed batch; a graph that disagrees is exported again,
+and when OpenVINO is missing, the export fails or the check still fails, scoring stays on torch
+with a warning that says why (the scores are the same within tolerance, only slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from plantad.config import ScoringConfig
+from plantad.models.device import autocast
+from plantad.models.interface import RawScores
+
+log = logging.getLogger(__name__)
+GRAPH_FILE = "model.xml"
+# a graph must reproduce the torch forward within this fraction of the largest |value| (plus a
+# small absolute slack for distances near 0), in the precision scoring runs in
+TOLERANCE = {"f32": (5e-3, 1e-4), "bf16": (5e-2, 2e-3)}
+
+
+class ExportError(RuntimeError):
+    """The model's forward could not be turned into a checked OpenVINO graph."""
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "plantad" / "openvino"  # one per node, like the teacher cache
+
+
+class OpenVinoModel(nn.Module):
+    """A loaded model whose forward runs the compiled graph; every other attribute (image_size,
+    noisy_or, image_score, teacher, ...) is the torch model's, so score_batch treats both alike."""
+
+    def __init__(self, model: nn.Module, compiled: Any, outputs: tuple[str, ...], precision: str) -> None:
+        super().__init__()
+        self.model = model
+        self.compiled = compiled
+        self.outputs = outputs
+        self.runtime = f"openvino {precision}"
+
+    def forward(self, x: torch.Tensor) -> RawScores:
+        # one infer request per call: a Serve replica may score two batches at once
+        request = self.compiled.create_infer_request()
+        result = request.infer({0: x.detach().float().cpu().contiguous().numpy()})
+        values = {name: torch.from_numpy(result[i].copy()) for i, name in enumerate(self.outputs)}
+        return RawScores(values.get("patch_distance"), values.get("semantic"))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+class _Forward(nn.Module):
+    """What the graph computes: the eval forward's tensors, without the branches a model lacks."""
+
+    def __init__(self, model: nn.Module, outputs: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs = outputs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raw = self.model(x)
+        return tuple(getattr(raw, name) for name in self.outputs)
+
+
+def for_scoring(model: nn.Module, cfg: ScoringConfig, model_sha256: str | None,
+                cache_dir: Path | None = None) -> nn.Module:
+    """The model as scoring should run it: the OpenVINO graph when `cfg.runtime` asks for it and
+    the model is on a CPU, else the model itself (with a warning when the graph is unusable)."""
+    if cfg.runtime == "torch":
+        return model
+    if next(model.parameters()).device.type != "cpu":
+        return model  # CUDA: torch's bf16 autocast (train.amp) is the fast path there
+    try:
+        return openvino_model(model, cfg, model_sha256, cache_dir or default_cache_dir())
+    except ExportError as exc:
+        log.warning("scoring.runtime is openvino but %s; scoring with torch instead (same scores, slower)", exc)
+        return model
+
+
+def openvino_model(model: nn.Module, cfg: ScoringConfig, model_sha256: str | None, cache_dir: Path) -> OpenVinoModel:
+    ov = import_openvino()
+    model.eval()
+    core = ov.Core()
+    precision = "bf16" if cfg.cpu_amp and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    probe = _probe_batch(model.image_size)
+    with torch.no_grad(), autocast(probe.device, False, cfg.cpu_amp):
+        reference = model(probe)
+    outputs = tuple(name for name, value in zip(RawScores._fields, reference) if value is not None)
+    key = f"{model_sha256}-{model.image_size}px-ov{ov.__version__.split('-')[0]}" if model_sha256 else None
+    folder = cache_dir / key if key else None
+    problem = ""
+    for attempt in ("cache", "export"):
+        if attempt == "cache" and (folder is None or not (folder / GRAPH_FILE).is_file()):
+            continue
+        try:
+            if attempt == "export":
+                folder = _export(model, outputs, probe, cache_dir, key)
+            try:
+                compiled = core.compile_model(str(folder / GRAPH_FILE), "CPU", {
+                    "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            finally:
+                if key is None:  # a compiled graph holds its weights: an uncached export can go
+                    shutil.rmtree(folder, ignore_errors=True)
+            candidate = OpenVinoModel(model, compiled, outputs, precision)
+            problem = _disagreement(candidate(probe), reference, precision)
+        except ExportError:
+            raise
+        except Exception as exc:  # a torn or foreign cache entry, an op OpenVINO cannot compile
+            problem = f"{type(exc).__name__}: {exc}"
+        if not problem:
+            return candidate
+        log.info("OpenVINO graph from the %s is unusable (%s)", attempt, problem)
+    raise ExportError(f"its OpenVINO graph does not reproduce the torch forward ({problem})")
+
+
+def _probe_batch(size: int) -> torch.Tensor:
+    """Two fixed images in normalised space (the export needs a batch above 1 to keep it free)."""
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _disagreement(got: RawScores, want: RawScores, precision: str) -> str:
+    rtol, atol = TOLERANCE[precision]
+    for name, a, b in zip(RawScores._fields, got, want):
+        if b is None:
+            continue
+        b = b.float()
+        if a is None or a.shape != b.shape:
+            return f"{name}: shape {None if a is None else tuple(a.shape)} instead of {tuple(b.shape)}"
+        gap, scale = float((a - b).abs().max()), float(b.abs().max())
+        if not gap <= rtol * scale + atol:
+            return f"{name} differs by {gap:.3g} (allowed {rtol * scale + atol:.3g}, {precision})"
+    return ""
+
+
+def _export(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, cache_dir: Path,
+            key: str | None) -> Path:
+    """Export, convert and save the graph; into the cache (atomically, one writer at a time) when
+    the model has a key, else into a temporary folder."""
+    from filelock import FileLock
+
+    ov = import_openvino()
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if key is None:
+        folder = Path(tempfile.mkdtemp(prefix="plantad-openvino-"))
+        _convert(model, outputs, probe, folder)
+        return folder
+    final = cache_dir / key
+    with FileLock(str(cache_dir / f"{key}.lock")):
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+        try:
+            _convert(model, outputs, probe, staging)
+            if final.exists():  # a stale or damaged entry: this load is replacing it
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported the scoring graph to %s (OpenVINO %s)", final, ov.__version__)
+    return final
+
+
+def _convert(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, folder: Path) -> None:
+    ov = import_openvino()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(_Forward(model, outputs), (probe,), dynamic_shapes={"x": {0: batch}})
+        graph = ov.convert_model(program)
+    except Exception as exc:
+        raise ExportError(f"the forward of this model cannot be exported ({type(exc).__name__}: {exc})") from exc
+    ov.save_model(graph, str(folder / GRAPH_FILE))  # bf16 or f32 is chosen when compiling, not here
+
+
+def import_openvino() -> Any:
+    """OpenVINO with its usage telemetry off. Its converter reports to Google Analytics on import
+    and on every conversion unless a user opted out, and a plant's scoring node must not call out:
+    with its telemetry package blocked during the first import, OpenVINO binds its built-in stub."""
+    first = "openvino" not in sys.modules
+    saved = sys.modules.get("openvino_telemetry", False)
+    if first:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import -> ImportError -> stub
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ExportError("the openvino package is not installed (pip install 'plantad[openvino]')") from exc
+    finally:
+        if first and saved is False:
+            del sys.modules["openvino_telemetry"]
+        elif first:
+            sys.modules["openvino_telemetry"] = saved
+    return openvino

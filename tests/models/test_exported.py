@@ -1,0 +1,127 @@
+"""scoring.runtime: openvino — the exported graph scores like the torch model, is cached per model
+file, heals a damaged cache entry, and never makes scoring fail (torch takes over, with a warning)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from plantad.models.checkpoint import META_FILE, load_model, recorded_sha256, save_model
+from plantad.models.exported import OpenVinoModel, for_scoring
+from plantad.scoring import score_batch
+from plantad.serving.predictor import Predictor
+from plantad.training.trainer import image_loader
+
+
+# bf16 on both sides: the graph and torch's autocast round differently; probabilities stay within
+# this of each other on the demo data; float32 within 1e-3 (measured 1.4e-4: the kernels differ)
+PROB_TOL = {False: 1e-3, True: 0.01}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(trained_tiny):
+    settings, result = trained_tiny
+    model, _ = load_model(result.model_path)
+    return settings, model, recorded_sha256(result.model_path.parent / META_FILE)
+
+
+@pytest.fixture(scope="module")
+def graph_cache(tmp_path_factory):
+    """One cache for the equality tests: the graph is exported once, compiled in each precision."""
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture(scope="module")
+def demo_batch(trained_tiny, demo_root, demo_manifest):
+    settings, _ = trained_tiny
+    return next(iter(image_loader(demo_manifest.head(16), demo_root, settings, shuffle=False)))["image"]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+def test_openvino_graph_scores_like_torch_on_the_demo_data(tiny_model, demo_batch, graph_cache, bf16):
+    settings, model, sha = tiny_model
+    cfg = settings.scoring.model_copy(update={"runtime": "openvino", "cpu_amp": bf16})
+    graph = for_scoring(model, cfg, sha, graph_cache)
+    assert isinstance(graph, OpenVinoModel) and graph.runtime.startswith("openvino")
+    ref, got = score_batch(model, demo_batch, cfg), score_batch(graph, demo_batch, cfg)
+    gap = float((got.probability - ref.probability).abs().max())
+    assert gap <= PROB_TOL[bf16], gap
+    assert got.anomaly_map.shape == ref.anomaly_map.shape
+    map_gap = float((got.anomaly_map - ref.anomaly_map).abs().max() / ref.anomaly_map.abs().max())
+    assert map_gap <= (0.05 if bf16 else 1e-3), map_gap
+    thr = float(model.noisy_or.threshold)
+    clear = (ref.probability - thr).abs() > PROB_TOL[bf16]  # images not on the threshold itself
+    assert torch.equal(got.is_anomalous[clear], ref.is_anomalous[clear])
+    for name in ("local_score", "semantic_score", "p_local", "p_semantic"):
+        assert (getattr(got, name) is None) == (getattr(ref, name) is None), name
+    # a batch size the export never saw
+    one = score_batch(graph, demo_batch[:3], cfg)
+    assert float((one.probability - ref.probability[:3]).abs().max()) <= PROB_TOL[bf16]
+
+
+def test_graph_is_exported_once_per_model_file_and_a_damaged_entry_is_replaced(tiny_model, demo_batch, tmp_path,
+                                                                                caplog):
+    settings, model, sha = tiny_model
+    cfg = settings.scoring.model_copy(update={"runtime": "openvino"})
+    caplog.set_level(logging.INFO, logger="plantad.models.exported")
+    first = for_scoring(model, cfg, sha, tmp_path)
+    entries = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(entries) == 1 and entries[0].name.startswith(sha), entries
+    assert sum("exported the scoring graph" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    again = for_scoring(model, cfg, sha, tmp_path)
+    assert not any("exported" in r.message for r in caplog.records)  # read from the cache
+    want = score_batch(first, demo_batch, cfg).probability
+    assert torch.equal(score_batch(again, demo_batch, cfg).probability, want)
+
+    weights = entries[0] / "model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # a torn copy
+    caplog.clear()
+    healed = for_scoring(model, cfg, sha, tmp_path)
+    assert isinstance(healed, OpenVinoModel)
+    assert any("from the cache is unusable" in r.message for r in caplog.records)
+    assert any("exported the scoring graph" in r.message for r in caplog.records)
+    assert torch.allclose(score_batch(healed, demo_batch, cfg).probability, want, atol=1e-6)
+
+
+def test_torch_keeps_scoring_when_openvino_is_missing(tiny_model, demo_batch, tmp_path, monkeypatch, caplog):
+    settings, model, sha = tiny_model
+    cfg = settings.scoring.model_copy(update={"runtime": "openvino"})
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the extra were not installed
+    with caplog.at_level(logging.WARNING, logger="plantad.models.exported"):
+        chosen = for_scoring(model, cfg, sha, tmp_path)
+    assert chosen is model
+    assert "pip install 'plantad[openvino]'" in caplog.text and "scoring with torch" in caplog.text
+    assert not any(tmp_path.iterdir())
+
+
+def test_predictor_runs_the_graph_when_the_saved_settings_ask_for_it(trained_tiny, demo_root, demo_manifest,
+                                                                     tmp_path):
+    settings, result = trained_tiny
+    model, _ = load_model(result.model_path)
+    graph_settings = settings.model_copy(update={"scoring": settings.scoring.model_copy(update={"runtime": "openvino"})})
+    save_model(model, graph_settings, tmp_path / "graph-model")
+    from PIL import Image
+
+    images = [Image.open(demo_root / p).convert("RGB") for p in demo_manifest["path"].head(6)]
+    with_graph = Predictor.load(str(tmp_path / "graph-model"), graph_cache=tmp_path / "cache")
+    with_torch = Predictor.load(str(result.model_path.parent))
+    assert with_graph.info()["runtime"] == "openvino f32" and with_torch.info()["runtime"] == "torch"
+    a, b = with_graph.score(images, with_maps=True), with_torch.score(images, with_maps=True)
+    assert np.allclose([s.probability for s in a], [s.probability for s in b], atol=1e-3)
+    assert [s.is_anomalous for s in a] == [s.is_anomalous for s in b]
+    assert np.allclose(a[0].anomaly_map, b[0].anomaly_map, rtol=1e-3, atol=1e-4)
+    assert any((tmp_path / "cache").iterdir())
+
+
+def test_importing_openvino_through_plantad_sends_no_telemetry():
+    code = ("import sys; from plantad.models.exported import import_openvino; ov = import_openvino(); "
+            "from openvino.tools.ovc import telemetry_utils, convert_impl; "
+            "print(telemetry_utils.tm.__name__, convert_impl.tm.__name__, 'openvino_telemetry' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["openvino.tools.ovc.telemetry_stub"] * 2 + ["False"], out.stdout + out.stderr
