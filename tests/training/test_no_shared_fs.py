@@ -15,6 +15,7 @@ from plantad.data.manifest import scan_dataset
 from plantad.data.shards import ShardError, open_shards, read_shard_images, write_shards
 from plantad.models.checkpoint import load_model
 from plantad.tracking.registry import register_version
+from plantad.tracking.s3 import s3_client
 from plantad.tracking.teacher_publish import checked_checkpoint, publish_to_s3
 from plantad.training.ray_train import run_ray_training
 from teacher_files import tiny_teacher_file
@@ -44,7 +45,7 @@ def test_workers_train_from_the_bucket_alone_and_the_model_is_registered(
         f"model.teacher.weights={weights}", f"model.teacher.sha256={digest}",
         f"model.teacher.cache_dir={tmp_path / 'node-cache'}", f"s3.endpoint_url={moto_s3.endpoint_url}",
         f"ray.storage_path=s3://{moto_s3.bucket}/ray-{run}", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
-        "ray.steps_per_epoch=3", "ray.max_failures=0", "train.steps=6",
+        "ray.steps_per_epoch=2", "ray.max_failures=0", "train.steps=6",
     )
     shards = open_shards(location, manifest, moto_s3)
     assert len(shards.parts) > 1
@@ -55,6 +56,13 @@ def test_workers_train_from_the_bucket_alone_and_the_model_is_registered(
     assert meta["training"]["shards"] == shards.folder and meta["training"]["num_workers"] == 2
     assert [p.name for p in (tmp_path / "node-cache" / digest).iterdir()] == ["teacher.safetensors"]
     assert not list(elsewhere.iterdir())  # nothing was written into the working directory
+    # Ray Train's checkpoints are in the bucket: 3 written (every 2 steps), the newest 2 kept
+    # (ray.keep_checkpoints), and the saved model names the one it came from
+    listing = s3_client(moto_s3).list_objects_v2(Bucket=moto_s3.bucket, Prefix=f"ray-{run}/")
+    states = sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith("/train_state.pt"))
+    assert len(states) == 2, states
+    newest = meta["training"]["ray_checkpoint"]
+    assert newest.startswith(f"{moto_s3.bucket}/ray-{run}/") and f"{newest.split('/', 1)[1]}/train_state.pt" in states
 
     import mlflow
 
