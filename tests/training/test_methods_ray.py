@@ -1,5 +1,6 @@
-"""A ViT-teacher method and a CNN-teacher method train under Ray Train DDP (2 workers), save, load,
-evaluate and score through the MLflow pyfunc model with the scores of the one scoring function.
+"""A CNN-teacher method (SNL) trains under Ray Train DDP (2 workers), saves, loads, evaluates and
+scores through the MLflow pyfunc model with the scores of the one scoring function. The ViT
+methods' Ray DDP runs are the pipeline's train stage and tests/training/test_no_shared_fs.py.
 DDP's failure mode per method (a parameter that runs without a gradient) is checked for all four
 methods in process: tests/models/test_snl.py::test_every_parameter_that_runs_gets_a_gradient..."""
 
@@ -21,7 +22,7 @@ from tiny import tiny_method_settings
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["dual", "snl_rd"])
+@pytest.mark.parametrize("method", ["snl_rd"])
 def test_method_trains_under_ray_ddp_and_scores_alike_everywhere(method, ray_local, demo_root, demo_manifest,
                                                                  demo_shards, tmp_path):
     settings = tiny_method_settings(

@@ -40,8 +40,9 @@ def test_fused_optimiser_takes_the_same_steps_as_the_per_tensor_loop(demo_root, 
         for model, opt, sched in ((fused_model, fused, fused_sched), (loop_model, loop, loop_sched)):
             torch.manual_seed(step)  # the same dropout masks for both
             train_step(model, images, opt, sched, step, settings.train)
-    moved = max(float((p - s).abs().max()) for p, s in zip(fused_model.parameters(), start))
-    gap = max(float((p - q).abs().max()) for p, q in zip(fused_model.parameters(), loop_model.parameters()))
+    moved = max(float((p.detach() - s).abs().max()) for p, s in zip(fused_model.parameters(), start))
+    gap = max(float((p.detach() - q.detach()).abs().max())
+              for p, q in zip(fused_model.parameters(), loop_model.parameters()))
     assert moved > 1e-3 and gap < 1e-5, (moved, gap)
 
 
