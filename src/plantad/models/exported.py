@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from plantad.config import ScoringConfig
-from plantad.models.device import autocast
+from plantad.models.device import autocast, model_device
 from plantad.models.interface import RawScores
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def for_scoring(model: nn.Module, cfg: ScoringConfig, model_sha256: str | None,
     the model is on a CPU, else the model itself (with a warning when the graph is unusable)."""
     if cfg.runtime == "torch":
         return model
-    if next(model.parameters()).device.type != "cpu":
+    if model_device(model).type != "cpu":
         return model  # CUDA: torch's bf16 autocast (train.amp) is the fast path there
     try:
         return openvino_model(model, cfg, model_sha256, cache_dir or default_cache_dir())

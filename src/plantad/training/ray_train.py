@@ -236,7 +236,6 @@ def run_ray_training(
 ) -> TrainResult:
     """Train on the cluster from `shards` (the manifest's shard set), calibrate on the driver, save
     the model to out_dir."""
-
     from plantad.tracking.s3 import endpoint_name, resolve_storage
 
     require_match(shards, manifest, shards.folder)
