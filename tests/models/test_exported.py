@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -64,6 +66,43 @@ def test_openvino_graph_scores_like_torch_on_the_demo_data(tiny_model, demo_batc
     assert float((one.probability - ref.probability[:3]).abs().max()) <= PROB_TOL[bf16]
 
 
+class CountingCompiled:
+    """The compiled graph, counting the infer requests made from it (each holds its own buffers)."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled, self.made, self.lock = compiled, 0, threading.Lock()
+
+    def create_infer_request(self):
+        with self.lock:
+            self.made += 1
+        return self.compiled.create_infer_request()
+
+
+def test_the_graph_reuses_its_infer_requests_and_scores_from_threads(tiny_model, demo_batch, graph_cache):
+    """A fresh request per call re-faults its activation memory every batch (seconds per batch
+    under Serve at 392 px); requests are kept, one per concurrent caller, and stay correct."""
+    settings, model, sha = tiny_model
+    cfg = settings.scoring.model_copy(update={"runtime": "openvino"})
+    graph = for_scoring(model, cfg, sha, graph_cache)
+    counting = graph.compiled = CountingCompiled(graph.compiled)
+    want = [score_batch(graph, demo_batch[i:i + 4], cfg).probability for i in range(0, 16, 4)]
+    for _ in range(3):
+        score_batch(graph, demo_batch, cfg)
+    assert counting.made == 0  # the request of the load-time check was kept and is reused
+
+    start = threading.Barrier(4)
+
+    def score(i: int) -> torch.Tensor:
+        start.wait()
+        return score_batch(graph, demo_batch[i:i + 4], cfg).probability
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(score, range(0, 16, 4)))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert counting.made <= 4
+
+
 def test_graph_is_exported_once_per_model_file_and_a_damaged_entry_is_replaced(tiny_model, demo_batch, tmp_path,
                                                                                 caplog):
     settings, model, sha = tiny_model
@@ -117,6 +156,17 @@ def test_predictor_runs_the_graph_when_the_saved_settings_ask_for_it(trained_tin
     assert [s.is_anomalous for s in a] == [s.is_anomalous for s in b]
     assert np.allclose(a[0].anomaly_map, b[0].anomaly_map, rtol=1e-3, atol=1e-4)
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_warm_up_scores_a_full_chunk(trained_tiny, monkeypatch):
+    """The first real batch must not pay for the largest batch's memory: warm-up uses scoring.batch_size."""
+    settings, result = trained_tiny
+    predictor = Predictor.load(str(result.model_path.parent))
+    sizes = []
+    forward = predictor.model.forward
+    monkeypatch.setattr(predictor.model, "forward", lambda x: sizes.append(x.shape[0]) or forward(x))
+    predictor.warm_up()
+    assert sizes == [predictor.settings.scoring.batch_size]
 
 
 def test_importing_openvino_through_plantad_sends_no_telemetry():

@@ -143,6 +143,7 @@ class Predictor:
         return results
 
     def warm_up(self) -> None:
-        """One forward on a grey image, so the first request does not pay for lazy initialisation."""
+        """One forward on a full chunk (`scoring.batch_size`) of grey images, so that no request
+        pays for lazy initialisation or for the first touch of the largest batch's memory."""
         grey = Image.new("RGB", (self.image_size, self.image_size), (128, 128, 128))
-        self.score([grey])
+        self.score([grey] * self.settings.scoring.batch_size)
