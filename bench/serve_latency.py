@@ -55,14 +55,14 @@ class RawScorer:
 
     def __init__(self, model_dir: Path, pngs: list[bytes], batch: int, device: str) -> None:
         from plantad.models.checkpoint import META_FILE, load_model, recorded_sha256
-        from plantad.models.exported import for_scoring
+        from plantad.models.exported import for_scoring, runtime_of
 
         model, meta = load_model(model_dir, device=resolve_device(device))
         # the model's own settings, as the replica's Predictor reads them (scoring.cpu_amp and
         # scoring.runtime included: the same graph from the same cache)
         self.settings = settings_from_dict(meta["settings"], source=str(model_dir))
         self.model = for_scoring(model, self.settings.scoring, recorded_sha256(model_dir / META_FILE))
-        self.runtime = getattr(self.model, "runtime", "torch")
+        self.runtime = runtime_of(self.model)
         transform = ImageTransform(self.settings.data.image_size)
         x = torch.stack([transform(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[:batch]])
         self.x = x.to(next(model.parameters()).device)

@@ -76,6 +76,11 @@ class OpenVinoModel(nn.Module):
             return getattr(self._modules["model"], name)
 
 
+def runtime_of(model: nn.Module) -> str:
+    """What runs the forward, as /model and the benches report it: "openvino <precision>" or "torch"."""
+    return model.runtime if isinstance(model, OpenVinoModel) else "torch"
+
+
 class _Forward(nn.Module):
     """What the graph computes: the eval forward's tensors, without the branches a model lacks."""
 

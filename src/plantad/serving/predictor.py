@@ -22,7 +22,7 @@ from torch import nn
 from plantad.config import Settings, settings_from_dict
 from plantad.data.images import ImageTransform
 from plantad.models.checkpoint import META_FILE, load_model, recorded_sha256
-from plantad.models.exported import for_scoring
+from plantad.models.exported import for_scoring, runtime_of
 from plantad.scoring import ScoreOutput, score_batch
 from plantad.tracking.model_source import ModelRef, download_model, resolve_model
 
@@ -96,9 +96,10 @@ class Predictor:
                 cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plantad-model-")))
             model_dir = download_model(ref, tracking_uri, cache_dir)
             model, meta = load_model(model_dir, device=resolve_device(device))
-            scoring = settings_from_dict(meta["settings"], source=f"{ref.describe()} metadata").scoring
-            model = for_scoring(model, scoring, recorded_sha256(model_dir / META_FILE), graph_cache)
-        return cls(model, meta, ref, model_dir)
+            predictor = cls(model, meta, ref, model_dir)
+            predictor.model = for_scoring(model, predictor.settings.scoring, recorded_sha256(model_dir / META_FILE),
+                                          graph_cache)
+        return predictor
 
     @property
     def threshold(self) -> float:
@@ -127,7 +128,7 @@ class Predictor:
             "teacher": self.meta.get("teacher"),
             "data_version": self.meta.get("lineage", {}),
             "device": str(self.device),
-            "runtime": getattr(self.model, "runtime", "torch"),
+            "runtime": runtime_of(self.model),
             "loaded_at": self.loaded_at,
         }
 
