@@ -7,6 +7,9 @@ refuses other nodes). So with `ray.host: 127.0.0.1` every Ray process of this ma
 joins the local cluster gets that variable before `ray` is imported, and the node IP is checked after
 `ray.init`. Token authentication (Ray 2.59+) stays on: `ray.init` enables it for a local cluster, and
 `ray start --head` is given a token (see `head_env`).
+
+Clusters that plantad starts run Ray Serve's throughput-optimised data plane (`SERVE_ENV`); a cluster
+someone else starts gets it from its own environment (deploy/raycluster.yaml sets it).
 """
 
 from __future__ import annotations
@@ -22,6 +25,20 @@ from plantad.config import RayConfig
 from plantad.logs import RAY_WORKER_ENV
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+# Ray Serve's throughput-optimised mode (Ray >= 2.55: gRPC from the proxy to the replicas, user
+# code on the replica's own event loop, GC frozen after start-up): served/raw at concurrency 32 went
+# up with it (README, "Latency and throughput"). Two of its parts are turned back: direct ingress
+# (each replica on its own port; one address per node then needs HAProxy) and log buffering (a
+# replica's swap lines would wait behind 1000 access lines). Every Ray process reads these when it
+# imports Serve, so they are set before the cluster starts; a value already in the environment wins.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+
+
+def with_serve_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` plus SERVE_ENV for the keys it does not set."""
+    return {**SERVE_ENV, **env}
 
 
 def is_loopback(host: str) -> bool:
@@ -81,6 +98,7 @@ def start_local(cfg: RayConfig, **init_kwargs) -> None:
     loopback = is_loopback(cfg.host)
     if loopback:
         os.environ.update(LOOPBACK_ENV)
+    os.environ.update(with_serve_env(os.environ))  # the cluster's processes inherit this environment
     import ray
 
     ray.init(dashboard_host=cfg.host, **({} if loopback else {"_node_ip_address": cfg.host}), **init_kwargs)
@@ -130,12 +148,12 @@ def head_start_args(cfg: RayConfig, ray_executable: str) -> list[str]:
 
 def head_env(cfg: RayConfig, ray_executable: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment (`base`, default os.environ) for `ray start --head`: loopback mode when ray.host
-    is, and token auth always.
+    is, Serve's SERVE_ENV, and token auth always.
 
     `ray start` (unlike `ray.init`) leaves auth off when it finds no token, so one is made first in
     ~/.ray/auth_token unless RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH provides it."""
-    env = {**(os.environ if base is None else base), **(LOOPBACK_ENV if is_loopback(cfg.host) else {}),
-           "RAY_AUTH_MODE": "token"}
+    env = {**with_serve_env(os.environ if base is None else base),
+           **(LOOPBACK_ENV if is_loopback(cfg.host) else {}), "RAY_AUTH_MODE": "token"}
     made = subprocess.run([ray_executable, "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
     if made.returncode != 0:
         raise RuntimeError(f"`ray get-auth-token --generate` failed ({made.returncode}): {made.stderr[-2000:]}")

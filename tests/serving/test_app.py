@@ -289,3 +289,23 @@ def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served, pngs):
         return text if statuses and all(n in text for n in names) else None
 
     wait_for(scraped, 90, f"plantad request metrics with status 200 and 413 at 127.0.0.1:{port}/metrics")
+
+
+def test_replicas_run_serves_throughput_mode_behind_the_one_proxy_port(served):
+    """plantad.cluster.SERVE_ENV reaches the replicas of a cluster plantad starts, and no replica
+    opens an HTTP port of its own (direct ingress stays off: clients keep Serve's proxy address)."""
+    import psutil
+    from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+                                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
+
+    from plantad.cluster import SERVE_ENV
+
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if " ".join(p.info["cmdline"] or []).startswith("ray::ServeReplica")]
+    assert replicas, "no Serve replica process found"
+    for proc in replicas:
+        env = proc.environ()
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
+        ports = [c.laddr.port for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert not [p for p in ports if RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= p <= RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT], ports
+    assert httpx.get(f"{served.url}/healthz", timeout=30).status_code == 200
