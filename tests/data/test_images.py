@@ -78,6 +78,15 @@ def test_transform_normalises_with_imagenet_statistics() -> None:
     assert torch.allclose(x.std(dim=(1, 2)), torch.zeros(3), atol=1e-5)
 
 
+def test_transform_at_model_size_normalises_every_pixel_into_contiguous_planes() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    x = ImageTransform(12)(Image.fromarray(pixels))
+    expected = (pixels.transpose(2, 0, 1) / 255.0 - np.array(IMAGENET_MEAN).reshape(3, 1, 1)) / np.array(
+        IMAGENET_STD).reshape(3, 1, 1)
+    assert x.is_contiguous() and x.shape == (3, 12, 12)
+    assert torch.allclose(x, torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+
+
 def test_transform_resizes_bilinear_with_antialias() -> None:
     # a 1-px checkerboard averages to grey when downscaled with antialiasing (not so when subsampled)
     board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
