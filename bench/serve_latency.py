@@ -3,10 +3,12 @@
 The production architecture (configs/production.yaml, ViT-S/14 teacher) with random weights is
 saved as a model folder and served by the real app (`build_app`, model_dir). Clients send one PNG
 per request over HTTP at each concurrency; the raw figure is `score_batch` on a tensor batch of
-serve.max_batch_size images in this process, measured in the same run (the ratio is what counts
-on a shared machine).
+serve.max_batch_size images in this process, measured right before and after each round of
+requests (the ratio is what counts on a shared machine, whose speed drifts by up to 25% within
+minutes: each level runs several rounds and reports the median one). Serve runs in the mode of the clusters plantad starts (plantad.cluster.SERVE_ENV);
+RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the environment measures Ray Serve's default data plane instead.
 Usage: python bench/serve_latency.py [--size 224] [--batch 16] [--concurrent-batches 1] [--requests 64]
-       [--concurrency 1 8 32]
+       [--rounds 3] [--concurrency 1 8 32]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from plantad.cluster import SERVE_ENV, with_serve_env
 from plantad.config import load_settings, settings_from_dict
 from plantad.data.images import ImageTransform
 from plantad.models.checkpoint import save_model
@@ -68,16 +71,18 @@ class RawScorer:
         self.x = x.to(next(model.parameters()).device)
         self.images_per_s(1)  # warm-up
 
-    def images_per_s(self, iters: int) -> float:
-        """Median images/s over `iters` calls."""
+    def images_per_s(self, iters: int) -> tuple[float, float]:
+        """Median images/s over `iters` calls, and this process's CPU ms per image."""
         times = []
+        cpu0 = time.process_time()
         for _ in range(iters):
             t = time.perf_counter()
             score_batch(self.model, self.x, self.settings.scoring, amp=self.settings.train.amp)
             if self.x.is_cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        return self.x.shape[0] / statistics.median(times)
+        cpu_ms = (time.process_time() - cpu0) / (iters * self.x.shape[0]) * 1000.0
+        return self.x.shape[0] / statistics.median(times), cpu_ms
 
 
 async def load_test(url: str, pngs: list[bytes], concurrency: int, requests: int) -> tuple[list[float], float]:
@@ -153,12 +158,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16, help="serve.max_batch_size and the raw batch")
     parser.add_argument("--concurrent-batches", type=int, default=1, help="serve.max_concurrent_batches")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=64, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
+    os.environ.update(with_serve_env(os.environ))  # before Ray starts: its processes inherit it
+    serve_mode = ", ".join(f"{k}={os.environ[k]}" for k in SERVE_ENV)
     import ray
     from ray import serve
 
@@ -189,26 +197,42 @@ def main() -> None:
     print(f"torch {torch.__version__}, {cpus} CPUs{', GPU ' + torch.cuda.get_device_name() if gpu else ''}; "
           f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
           f"runtime {served_model['runtime']} served, {raw_scorer.runtime} raw; "
-          f"serve.max_concurrent_batches {args.concurrent_batches}; raw = score_batch at batch {args.batch}, measured "
-          "right before and after each level while Serve is idle (their mean)")
+          f"serve.max_concurrent_batches {args.concurrent_batches}; {serve_mode}; raw = score_batch at batch {args.batch}, measured "
+          "right before and after each round while Serve is idle")
     pids = role_pids()
-    cpu0 = time.process_time()
-    raw_scorer.images_per_s(args.iters)
-    raw_cpu_ms = (time.process_time() - cpu0) / (args.iters * args.batch) * 1000.0
-    print("| concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | served/raw |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"{args.rounds} rounds per level of raw, {args.requests} served requests, raw; a round's ratio is its served "
+          "img/s over the mean of its two raw figures, and the row is the round with the median ratio (latencies: "
+          "all rounds)")
+    print("| concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | served/raw | "
+          "all rounds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     spent: dict[int, dict[str, float]] = {}
+    raw_cpu: list[float] = []
     try:
         for c in args.concurrency:
-            before = raw_scorer.images_per_s(args.iters)
-            cpu_before = cpu_seconds(pids)
-            lat, wall = asyncio.run(load_test(url, pngs, c, args.requests))
-            cpu_after = cpu_seconds(pids)
-            spent[c] = {k: (cpu_after[k] - cpu_before[k]) / args.requests * 1000.0 for k in cpu_after}
-            raw = (before + raw_scorer.images_per_s(args.iters)) / 2
-            served = args.requests / wall
-            print(f"| {c} | {args.requests} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | {pct(lat, 99):.0f} | "
-                  f"{pct(lat, 99) / pct(lat, 50):.2f} | {served:.2f} | {raw:.2f} | {served / raw:.2f} |", flush=True)
+            lat: list[float] = []
+            rounds: list[tuple[float, float, float]] = []  # (ratio, served img/s, raw img/s)
+            cpu_level = {k: 0.0 for k in cpu_seconds(pids)}
+            for _ in range(args.rounds):
+                before, cpu_ms = raw_scorer.images_per_s(args.iters)
+                raw_cpu.append(cpu_ms)
+                cpu_before = cpu_seconds(pids)
+                round_lat, wall = asyncio.run(load_test(url, pngs, c, args.requests))
+                cpu_after = cpu_seconds(pids)
+                for k in cpu_level:
+                    cpu_level[k] += cpu_after[k] - cpu_before[k]
+                after, cpu_ms = raw_scorer.images_per_s(args.iters)
+                raw_cpu.append(cpu_ms)
+                lat += round_lat
+                raw = (before + after) / 2
+                rounds.append((args.requests / wall / raw, args.requests / wall, raw))
+            spent[c] = {k: v / (args.rounds * args.requests) * 1000.0 for k, v in cpu_level.items()}
+            ratio, served, raw = sorted(rounds)[len(rounds) // 2]
+            every = " ".join(f"{r[0]:.2f}" for r in rounds)
+            print(f"| {c} | {args.rounds} x {args.requests} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | "
+                  f"{pct(lat, 99):.0f} | {pct(lat, 99) / pct(lat, 50):.2f} | {served:.2f} | {raw:.2f} | {ratio:.2f} | "
+                  f"{every} |", flush=True)
+        raw_cpu_ms = statistics.mean(raw_cpu)
         # where the CPU goes: on a machine where client, proxy and replica share the cores, every
         # CPU-ms spent outside the model is taken from it
         print(f"\nCPU ms per request (user + system, all threads); raw score_batch: {raw_cpu_ms:.0f} CPU ms per image")
