@@ -31,6 +31,18 @@ def test_serve_config_file_params_and_defaults_agree():
     assert load_settings(REPO / "params.yaml").serve.model_uri == "models:/plantad-anomaly@champion"
 
 
+def test_the_ray_cluster_manifest_gives_every_container_plantads_serve_env():
+    """A cluster from deploy/raycluster.yaml runs Serve as the clusters plantad starts (SERVE_ENV)."""
+    from plantad.cluster import SERVE_ENV
+
+    spec = yaml.safe_load((REPO / "deploy" / "raycluster.yaml").read_text())["spec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]
+
+
 def test_serve_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="unknown key 'serve.max_batch'"):
         serve_config_from_dict({"max_batch": 4}, "args")
