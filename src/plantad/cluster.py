@@ -27,8 +27,8 @@ from plantad.logs import RAY_WORKER_ENV
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 # Ray Serve's throughput-optimised mode (Ray >= 2.55: gRPC from the proxy to the replicas, user
-# code on the replica's own event loop, GC frozen after start-up): served/raw at concurrency 32 went
-# up with it (README, "Latency and throughput"). Two of its parts are turned back: direct ingress
+# code on the replica's own event loop, GC frozen after start-up): it cut p99/p50 under load in the
+# serving bench (README, "Latency and throughput"). Two of its parts are turned back: direct ingress
 # (each replica on its own port; one address per node then needs HAProxy) and log buffering (a
 # replica's swap lines would wait behind 1000 access lines). Every Ray process reads these when it
 # imports Serve, so they are set before the cluster starts; a value already in the environment wins.
