@@ -295,17 +295,23 @@ def test_replicas_run_serves_throughput_mode_behind_the_one_proxy_port(served):
     """plantad.cluster.SERVE_ENV reaches the replicas of a cluster plantad starts, and no replica
     opens an HTTP port of its own (direct ingress stays off: clients keep Serve's proxy address)."""
     import psutil
-    from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
-                                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
+    from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT as HIGH,
+                                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT as LOW)
 
     from plantad.cluster import SERVE_ENV
 
-    replicas = [p for p in psutil.process_iter(["cmdline"])
-                if " ".join(p.info["cmdline"] or []).startswith("ray::ServeReplica")]
-    assert replicas, "no Serve replica process found"
+    def command(proc: psutil.Process) -> str:
+        try:
+            return " ".join(proc.cmdline())
+        except psutil.Error:  # a worker that exited meanwhile
+            return ""
+
+    # the session's cluster was started by this process: its replicas are among its descendants
+    replicas = [p for p in psutil.Process().children(recursive=True) if command(p).startswith("ray::ServeReplica")]
+    assert replicas, "no Serve replica process of the session's cluster found"
     for proc in replicas:
         env = proc.environ()
         assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
         ports = [c.laddr.port for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-        assert not [p for p in ports if RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= p <= RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT], ports
+        assert not [port for port in ports if LOW <= port <= HIGH], ports
     assert httpx.get(f"{served.url}/healthz", timeout=30).status_code == 200
