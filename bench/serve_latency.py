@@ -5,8 +5,9 @@ saved as a model folder and served by the real app (`build_app`, model_dir). Cli
 per request over HTTP at each concurrency; the raw figure is `score_batch` on a tensor batch of
 serve.max_batch_size images in this process, measured right before and after each round of
 requests (the ratio is what counts on a shared machine, whose speed drifts by up to 25% within
-minutes: each level runs several rounds and reports the median one). Serve runs in the mode of the clusters plantad starts (plantad.cluster.SERVE_ENV);
-RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the environment measures Ray Serve's default data plane instead.
+minutes: each level runs several rounds and reports the median one). Serve runs in the mode of the
+clusters plantad starts (plantad.cluster.SERVE_ENV); RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the
+environment measures Ray Serve's default data plane instead.
 Usage: python bench/serve_latency.py [--size 224] [--batch 16] [--concurrent-batches 1] [--requests 64]
        [--rounds 3] [--concurrency 1 8 32]
 """
@@ -197,8 +198,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {cpus} CPUs{', GPU ' + torch.cuda.get_device_name() if gpu else ''}; "
           f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
           f"runtime {served_model['runtime']} served, {raw_scorer.runtime} raw; "
-          f"serve.max_concurrent_batches {args.concurrent_batches}; {serve_mode}; raw = score_batch at batch {args.batch}, measured "
-          "right before and after each round while Serve is idle")
+          f"serve.max_concurrent_batches {args.concurrent_batches}; {serve_mode}; "
+          f"raw = score_batch at batch {args.batch}, measured right before and after each round while Serve is idle")
     pids = role_pids()
     print(f"{args.rounds} rounds per level of raw, {args.requests} served requests, raw; a round's ratio is its served "
           "img/s over the mean of its two raw figures, and the row is the round with the median ratio (latencies: "
