@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -140,17 +141,21 @@ def main() -> None:
         args.datasets, args.variants = "demo", METHOD_VARIANTS
     work = args.work or Path(tempfile.mkdtemp(prefix="plantad-bench-"))
     rows: list[dict[str, Any]] = []
-    for dataset in args.datasets.split(","):
-        t0 = time.perf_counter()
-        data = make_data(dataset, work, args.config, args.set)
-        manifest = scan_dataset(data, None)
-        print(f"{dataset}: data + manifest {time.perf_counter() - t0:.1f} s ({len(manifest)} images)", flush=True)
-        for variant in args.variants.split(","):
-            rows.append(run_variant(dataset, data, manifest, variant, args.config, args.set, work))
-            r = rows[-1]
-            print(f"  {variant}: image_auroc={fmt(r['image_auroc'])} train {r['train_s']:.0f} s", flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(rows, indent=2))
+    try:
+        for dataset in args.datasets.split(","):
+            t0 = time.perf_counter()
+            data = make_data(dataset, work, args.config, args.set)
+            manifest = scan_dataset(data, None)
+            print(f"{dataset}: data + manifest {time.perf_counter() - t0:.1f} s ({len(manifest)} images)", flush=True)
+            for variant in args.variants.split(","):
+                rows.append(run_variant(dataset, data, manifest, variant, args.config, args.set, work))
+                r = rows[-1]
+                print(f"  {variant}: image_auroc={fmt(r['image_auroc'])} train {r['train_s']:.0f} s", flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=2))
+    finally:
+        if args.work is None:  # the data sets and one model per variant
+            shutil.rmtree(work, ignore_errors=True)
     print_tables(rows)
 
 

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import io
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -245,6 +246,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)  # the model is ~170 MB at ViT-S size
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Usage: python bench/train_throughput.py [--workers 1 2] [--steps 60] [--gpu] [--
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -79,19 +80,24 @@ def main() -> None:
     overrides = [*args.set, "ray.steps_per_epoch=10", "ray.checkpoint_every_epochs=1", "ray.keep_checkpoints=1000"]
     settings = load_settings(args.config, overrides)
     data = work / "demo"
-    if not data.exists():
-        generate_demo(data, settings.demo)
+    try:
+        if not data.exists():
+            generate_demo(data, settings.demo)
 
-    import ray
+        import ray
 
-    # one logical CPU beyond the workers' budget, for Ray Data's decoding tasks and the controller
-    ray.init(num_cpus=int(args.cpus) + 1, include_dashboard=False, log_to_driver=False)
-    device = torch.device("cuda" if args.gpu else "cpu")
-    raw = raw_images_per_second(settings, 20, int(args.cpus), device)
-    manifest = scan_dataset(data, settings.data.categories)
-    shards = write_shards(manifest, data, str(work / "shards"), settings.s3, settings.data.shards.max_bytes)
-    rows = [(n, *ray_images_per_second(args.config, overrides, n, args.cpus, args.gpu, args.steps, shards, manifest, work))
-            for n in args.workers]
+        # one logical CPU beyond the workers' budget, for Ray Data's decoding tasks and the controller
+        ray.init(num_cpus=int(args.cpus) + 1, include_dashboard=False, log_to_driver=False)
+        device = torch.device("cuda" if args.gpu else "cpu")
+        raw = raw_images_per_second(settings, 20, int(args.cpus), device)
+        manifest = scan_dataset(data, settings.data.categories)
+        shards = write_shards(manifest, data, str(work / "shards"), settings.s3, settings.data.shards.max_bytes)
+        rows = [(n, *ray_images_per_second(args.config, overrides, n, args.cpus, args.gpu, args.steps, shards,
+                                           manifest, work))
+                for n in args.workers]
+    finally:
+        if args.work is None:  # data, shards, checkpoints and models of every run
+            shutil.rmtree(work, ignore_errors=True)
     print(f"torch {torch.__version__}, image {settings.data.image_size} px, global batch {settings.train.batch_size}, "
           f"{'GPU ' + torch.cuda.get_device_name() if args.gpu else f'{args.cpus:g} CPUs in all'}")
     print(f"raw train_step, 1 process, no data loading: {raw:.1f} img/s")
