@@ -358,6 +358,8 @@ class ServeConfig(_Section):
     model_dir: str | None = None  # a model folder instead of the registry (no promotion following)
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI where the app is built
     device: str = "auto"  # auto | cpu | cuda
+    # scoring network on a CPU replica; None: the version's own scoring.runtime (what it was trained with)
+    runtime: Literal["torch", "openvino"] | None = None
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None
     ray_actor_options: ReplicaResources = ReplicaResources()
@@ -413,6 +415,7 @@ class BulkConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0.0)
     read_cpus: float = Field(0.25, gt=0.0)  # CPUs reserved by each Ray Data reading task
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast: CUDA with the model's train.amp, CPU with scoring.cpu_amp)
+    runtime: Literal["torch", "openvino"] | None = None  # on CPU actors; None: the version's scoring.runtime
     max_image_bytes: int = Field(50_000_000, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)  # checked on the header before decoding
     stage: BulkStageConfig = BulkStageConfig()

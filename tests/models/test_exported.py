@@ -158,6 +158,52 @@ def test_predictor_runs_the_graph_when_the_saved_settings_ask_for_it(trained_tin
     assert any((tmp_path / "cache").iterdir())
 
 
+def test_the_fleet_chooses_the_runtime_whatever_the_version_was_saved_with(trained_tiny, demo_root, demo_manifest,
+                                                                          tmp_path, monkeypatch):
+    """serve.runtime and bulk.runtime win over the version's own scoring.runtime, both ways."""
+    from PIL import Image
+
+    from plantad.config import ConfigError
+    from plantad.serving.bulk.scorer import BulkScorer
+    from plantad.serving.holder import ModelHolder, golden_image
+    from plantad.storage import open_location
+    from plantad.tracking.model_source import resolve_model
+    from tiny import tiny_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the node's graph cache: ~/.cache/plantad/openvino
+    settings, result = trained_tiny
+    model, _ = load_model(result.model_path)
+    torch_dir = result.model_path.parent
+    graph_dir = tmp_path / "graph-model"
+    save_model(model, settings.model_copy(update={"scoring": settings.scoring.model_copy(update={"runtime": "openvino"})}),
+               graph_dir)
+    images = [Image.open(demo_root / p).convert("RGB") for p in demo_manifest["path"].head(4)]
+
+    holder = ModelHolder(str(torch_dir), None, "cpu", 3600.0, golden_image(None), runtime="openvino")
+    try:
+        served = holder.current
+        assert served.info()["runtime"] == "openvino f32" and served.settings.scoring.runtime == "openvino"
+    finally:
+        holder.stop()
+    assert (tmp_path / "home" / ".cache" / "plantad" / "openvino").is_dir()
+    plain = Predictor.load(str(graph_dir), runtime="torch")
+    assert plain.info()["runtime"] == "torch"
+    assert Predictor.load(str(graph_dir), graph_cache=tmp_path / "cache").info()["runtime"] == "openvino f32"
+    assert np.allclose([s.probability for s in served.score(images)], [s.probability for s in plain.score(images)],
+                       atol=PROB_TOL[False])
+
+    bulk = tiny_settings("bulk.runtime=openvino", "bulk.cpus_per_actor=1").bulk
+    threads = torch.get_num_threads()  # an actor sets its own: this is the test's process
+    try:
+        scorer = BulkScorer(resolve_model(str(torch_dir), None), "m", None, bulk,
+                            open_location(str(demo_root), settings.s3), None)
+    finally:
+        torch.set_num_threads(threads)
+    assert scorer.predictor.info()["runtime"] == "openvino f32"
+    with pytest.raises(ConfigError, match="serve.runtime"):
+        tiny_settings("serve.runtime=tensorrt")
+
+
 def test_warm_up_scores_a_full_chunk(trained_tiny, monkeypatch):
     """The first real batch must not pay for the largest batch's memory: warm-up uses scoring.batch_size."""
     settings, result = trained_tiny

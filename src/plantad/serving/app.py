@@ -56,7 +56,7 @@ class ScoringServer:
         self.webhook_secret = load_webhook_secret(self.cfg)
         self.metrics = ServeMetrics()
         self.holder = ModelHolder(self.cfg.model_uri, self.cfg.tracking_uri, self.cfg.device, self.cfg.alias_poll_s,
-                                  golden_image(self.cfg.golden_image))
+                                  golden_image(self.cfg.golden_image), runtime=self.cfg.runtime)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
         # batch queue is made, and only the config knows it
         self.batched_score = serve.batch(max_batch_size=self.cfg.max_batch_size,

@@ -62,9 +62,9 @@ class ModelHolder:
     """One serving Predictor, swapped atomically by a background poller."""
 
     def __init__(self, uri: str, tracking_uri: str | None, device: str, poll_s: float,
-                 golden: Image.Image, cache_dir: Path | None = None) -> None:
+                 golden: Image.Image, cache_dir: Path | None = None, runtime: str | None = None) -> None:
         self.uri, self.tracking_uri, self.device, self.poll_s = uri, tracking_uri, device, poll_s
-        self.golden, self.cache_dir = golden, cache_dir
+        self.golden, self.cache_dir, self.runtime = golden, cache_dir, runtime
         self._client = self._mlflow_client()
         self.run_metrics: dict[str, dict[str, float | None]] = {}
         self.current: Predictor = self._load(resolve_model(uri, self._client))  # fails the replica start
@@ -86,7 +86,7 @@ class ModelHolder:
 
     def _load(self, ref: ModelRef) -> Predictor:
         started = time.perf_counter()
-        predictor = Predictor.from_ref(ref, self.tracking_uri, self.device, self.cache_dir)
+        predictor = Predictor.from_ref(ref, self.tracking_uri, self.device, self.cache_dir, runtime=self.runtime)
         predictor.warm_up()
         p = self_test(predictor, self.golden)
         self.run_metrics[str(ref.version)] = self._run_metrics(ref)

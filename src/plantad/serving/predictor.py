@@ -76,19 +76,21 @@ class Predictor:
 
     @classmethod
     def load(cls, uri: str, tracking_uri: str | None = None, device: str = "auto", cache_dir: Path | None = None,
-             client: Any = None, graph_cache: Path | None = None) -> Predictor:
+             client: Any = None, graph_cache: Path | None = None, runtime: str | None = None) -> Predictor:
         """Resolve `uri` (registry URI or model folder) to one version, download it and load it;
-        `graph_cache`: where `scoring.runtime: openvino` keeps exported graphs (default: the node's)."""
+        `graph_cache`: where `scoring.runtime: openvino` keeps exported graphs (default: the node's);
+        `runtime`: torch or openvino instead of the version's own `scoring.runtime`."""
         if client is None and uri.startswith("models:/"):
             from mlflow import MlflowClient
 
             client = MlflowClient(tracking_uri)
         ref = resolve_model(uri, client)
-        return cls.from_ref(ref, tracking_uri, device, cache_dir, graph_cache)
+        return cls.from_ref(ref, tracking_uri, device, cache_dir, graph_cache, runtime)
 
     @classmethod
     def from_ref(cls, ref: ModelRef, tracking_uri: str | None, device: str = "auto",
-                 cache_dir: Path | None = None, graph_cache: Path | None = None) -> Predictor:
+                 cache_dir: Path | None = None, graph_cache: Path | None = None,
+                 runtime: str | None = None) -> Predictor:
         from plantad.models.device import resolve_device
 
         with contextlib.ExitStack() as stack:
@@ -97,6 +99,9 @@ class Predictor:
             model_dir = download_model(ref, tracking_uri, cache_dir)
             model, meta = load_model(model_dir, device=resolve_device(device))
             predictor = cls(model, meta, ref, model_dir)
+            if runtime is not None:  # the serving fleet's choice, not the trainer's
+                scoring = predictor.settings.scoring.model_copy(update={"runtime": runtime})
+                predictor.settings = predictor.settings.model_copy(update={"scoring": scoring})
             predictor.model = for_scoring(model, predictor.settings.scoring, recorded_sha256(model_dir / META_FILE),
                                           graph_cache)
         return predictor

@@ -56,7 +56,7 @@ class BulkScorer:
         from plantad.serving.predictor import Predictor
 
         torch.set_num_threads(max(1, round(bulk.cpus_per_actor)))
-        self.predictor = Predictor.from_ref(ref, tracking_uri, device=bulk.device)
+        self.predictor = Predictor.from_ref(ref, tracking_uri, device=bulk.device, runtime=bulk.runtime)
         self.bulk, self.src, self.model_id = bulk, src, model_id
         self.maps = None if maps is None else maps.child(model_id)
         info = self.predictor.info()
@@ -64,7 +64,7 @@ class BulkScorer:
             "model_id": model_id, "model_name": ref.name, "model_version": ref.version, "model_alias": ref.alias,
             "model_uri": ref.version_uri, "teacher": json.dumps(info["teacher"], sort_keys=True),
         }
-        log.info("bulk scorer holds %s on %s", ref.describe(), info["device"])
+        log.info("bulk scorer holds %s on %s (%s)", ref.describe(), info["device"], info["runtime"])
 
     def _decode(self, rel: str, data: bytes, read_error: str | None) -> DecodedImage | str:
         if read_error:
