@@ -4,8 +4,9 @@ A daemon thread polls `resolve_model(models:/<name>@<alias>)` every `alias_poll_
 wake it early). On a new version it loads a second Predictor beside the serving one, warms it up,
 self-tests it on the golden image and then swaps one reference. A batch reads the reference once
 at its start, so requests in flight finish on the version they started with and none fails. A
-version that cannot load or fails the self-test is reported (`status()["last_swap_error"]`) and the
-old one keeps serving; the poller does not retry that version until the alias moves again.
+version that cannot be swapped in is reported (`status()["last_swap_error"]`) and the old one keeps
+serving. One that could not be fetched (store or network down) is tried again with a backoff, so no
+replica stays behind after a blip; one that loads but is broken is not retried until the alias moves.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 from PIL import Image
 
 from plantad.serving.predictor import Predictor
-from plantad.tracking.model_source import ModelRef, resolve_model
+from plantad.tracking.model_source import ModelFetchError, ModelRef, resolve_model
 
 log = logging.getLogger(__name__)
+MAX_RETRY_S = 300.0  # longest wait between two fetches of a version that could not be fetched
 
 
 class SelfTestError(RuntimeError):
@@ -38,6 +40,8 @@ class SwapError:
     version: str | None
     error: str
     at: float
+    retry_at: float | None = None  # set when the version could not be fetched and will be tried again
+    failures: int = 1
 
 
 def golden_image(path: str | None) -> Image.Image:
@@ -86,10 +90,11 @@ class ModelHolder:
 
     def _load(self, ref: ModelRef) -> Predictor:
         started = time.perf_counter()
+        metrics = self._run_metrics(ref)  # before the download: a registry that fails here fails cheaply
         predictor = Predictor.from_ref(ref, self.tracking_uri, self.device, self.cache_dir, runtime=self.runtime)
         predictor.warm_up()
         p = self_test(predictor, self.golden)
-        self.run_metrics[str(ref.version)] = self._run_metrics(ref)
+        self.run_metrics[str(ref.version)] = metrics
         log.info("loaded %s in %.1f s (golden image p=%.4f)", ref.describe(), time.perf_counter() - started, p)
         return predictor
 
@@ -97,7 +102,11 @@ class ModelHolder:
         """The evaluation metrics of the run that produced the version (for /model)."""
         if self._client is None or not ref.run_id:
             return {}
-        metrics = self._client.get_run(ref.run_id).data.metrics
+        try:
+            metrics = self._client.get_run(ref.run_id).data.metrics
+        except Exception as exc:  # MLflow and HTTP errors: the tracking server did not answer
+            raise ModelFetchError(f"cannot read run {ref.run_id} of {ref.describe()} from {self.tracking_uri}: "
+                                   f"{exc}") from exc
         return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # JSON has no NaN
 
     def check_now(self) -> None:
@@ -131,9 +140,21 @@ class ModelHolder:
             self.last_swap_error = None  # the registry answers again
         if ref.version in (self.current.ref.version, self._failed_version):
             return
+        retry = self.last_swap_error
+        if retry is not None and retry.version == ref.version and retry.retry_at and time.time() < retry.retry_at:
+            return
         try:
             new = self._load(ref)
-        except Exception as exc:  # any failure to download, build or test the new version keeps the old one
+        except ModelFetchError as exc:  # not fetched: the store, not the version, may be at fault
+            failures = retry.failures + 1 if retry is not None and retry.version == ref.version else 1
+            now = time.time()
+            retry_at = now + min(self.poll_s * 2 ** failures, MAX_RETRY_S)
+            self.last_swap_error = SwapError(ref.version, f"{ref.describe()} not served yet: {exc}", now,
+                                             retry_at, failures)
+            log.warning("%s; still serving %s, trying again in %.0f s", self.last_swap_error.error,
+                        self.current.ref.describe(), retry_at - now)
+            return
+        except Exception as exc:  # the version itself cannot be built or fails its self-test: keep the old one
             self._failed_version = ref.version
             self.last_swap_error = SwapError(ref.version, f"{ref.describe()} not served: {type(exc).__name__}: "
                                                           f"{exc}", time.time())
@@ -157,5 +178,6 @@ class ModelHolder:
             "poll_s": self.poll_s,
             "last_check": self.last_check,
             "swaps": self.swaps,
-            "last_swap_error": None if err is None else {"version": err.version, "error": err.error, "at": err.at},
+            "last_swap_error": None if err is None else {"version": err.version, "error": err.error, "at": err.at,
+                                                         "retry_at": err.retry_at},
         }

@@ -25,6 +25,10 @@ class ModelSourceError(RuntimeError):
     """A model URI that cannot be resolved or downloaded; names the URI and the tracking store."""
 
 
+class ModelFetchError(ModelSourceError):
+    """The store did not deliver a version (network, S3, tracking server): worth trying again."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """One exact model: a registered version (name, version, the alias it was reached by) or a folder."""
@@ -115,7 +119,7 @@ def download_model(ref: ModelRef, tracking_uri: str | None, cache_dir: Path | No
             ref.name, ref.version)
         mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri)
     except Exception as exc:  # MLflow, S3 and HTTP errors: all mean "cannot fetch this version"
-        raise ModelSourceError(f"cannot download {ref.describe()} from {tracking_uri}: {exc}") from exc
+        raise ModelFetchError(f"cannot download {ref.describe()} from {tracking_uri}: {exc}") from exc
     model_dir = find_model_dir(dest)
     (dest / ".complete").write_text(ref.version_uri)
     return model_dir
