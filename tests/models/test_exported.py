@@ -25,6 +25,10 @@ from plantad.training.trainer import image_loader
 PROB_TOL = {False: 1e-3, True: 0.01}
 
 
+def with_runtime(settings, runtime: str):
+    return settings.model_copy(update={"scoring": settings.scoring.model_copy(update={"runtime": runtime})})
+
+
 @pytest.fixture(scope="module")
 def tiny_model(trained_tiny):
     settings, result = trained_tiny
@@ -143,8 +147,7 @@ def test_predictor_runs_the_graph_when_the_saved_settings_ask_for_it(trained_tin
                                                                      tmp_path):
     settings, result = trained_tiny
     model, _ = load_model(result.model_path)
-    graph_settings = settings.model_copy(update={"scoring": settings.scoring.model_copy(update={"runtime": "openvino"})})
-    save_model(model, graph_settings, tmp_path / "graph-model")
+    save_model(model, with_runtime(settings, "openvino"), tmp_path / "graph-model")
     from PIL import Image
 
     images = [Image.open(demo_root / p).convert("RGB") for p in demo_manifest["path"].head(6)]
@@ -175,8 +178,7 @@ def test_the_fleet_chooses_the_runtime_whatever_the_version_was_saved_with(train
     model, _ = load_model(result.model_path)
     torch_dir = result.model_path.parent
     graph_dir = tmp_path / "graph-model"
-    save_model(model, settings.model_copy(update={"scoring": settings.scoring.model_copy(update={"runtime": "openvino"})}),
-               graph_dir)
+    save_model(model, with_runtime(settings, "openvino"), graph_dir)
     images = [Image.open(demo_root / p).convert("RGB") for p in demo_manifest["path"].head(4)]
 
     holder = ModelHolder(str(torch_dir), None, "cpu", 3600.0, golden_image(None), runtime="openvino")
