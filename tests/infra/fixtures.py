@@ -55,6 +55,18 @@ def run_checked(args: list[str], cwd: Path, env: dict[str, str] | None = None, t
     return proc.stdout
 
 
+def wait_for(check, timeout_s: float, what, every_s: float = 0.25):
+    """Poll `check` until it returns something true, and return that; `what` (a string, or a callable
+    for a message built at the end) says what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"not after {timeout_s:.0f} s: {what() if callable(what) else what}")
+
+
 def free_port() -> int:
     import socket
 

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra.fixtures import MLFLOW_SERVER_ENV, free_port, start_mlflow_server, stop_process_group, tool
+from infra.fixtures import MLFLOW_SERVER_ENV, free_port, start_mlflow_server, stop_process_group, tool, wait_for
 from plantad.cluster import LOOPBACK_ENV, head_env, head_start_args
 from plantad.config import RayConfig, ServeConfig
 
@@ -51,16 +50,6 @@ def not_loopback(sockets: list[tuple[str, str, int]]) -> list[tuple[str, str, in
         return (mapped or addr).is_loopback
 
     return [(name[:80], ip, port) for name, ip, port in sockets if not loopback(ip)]
-
-
-def wait_until(check, timeout: float, what) -> None:
-    """Poll `check` until true; `what` (a string, or a callable for a message built at the end) says what."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"not after {timeout:.0f} s: {what() if callable(what) else what}")
 
 
 def http_status(url: str, headers: dict[str, str] | None = None) -> int:
@@ -102,7 +91,7 @@ def ray_head() -> Iterator[Head]:
                                 start_new_session=True)
     try:
         dashboard = f"http://127.0.0.1:{dash}"
-        wait_until(lambda: proc.poll() is None and http_status(f"{dashboard}/api/version") in (200, 401), 180,
+        wait_for(lambda: proc.poll() is None and http_status(f"{dashboard}/api/version") in (200, 401), 180,
                    lambda: f"the Ray head's dashboard at {dashboard}:\n{(tmp / 'head.log').read_text()[-3000:]}")
         yield Head(proc, f"127.0.0.1:{port}", dashboard, home / ".ray" / "auth_token", clean)
     finally:
@@ -120,7 +109,7 @@ def test_a_ray_head_started_like_plantad_serve_listens_on_loopback_only(ray_head
         names = " ".join(name for name, _, _ in listening(head))
         return [server for server in HEAD_SERVERS if server not in names]
 
-    wait_until(lambda: not missing(), 120, lambda: f"every server of the head listening (missing: {missing()})")
+    wait_for(lambda: not missing(), 120, lambda: f"every server of the head listening (missing: {missing()})")
     sockets = listening(head)
     ports = {port for _, _, port in sockets}
     assert int(ray_head.address.rsplit(":", 1)[1]) in ports and int(ray_head.dashboard.rsplit(":", 1)[1]) in ports
@@ -165,7 +154,7 @@ def test_the_session_cluster_and_serves_proxy_listen_on_loopback_only(ray_local)
     start_http(ServeConfig(port=port))  # serve.host's default
     try:
         me = psutil.Process()
-        wait_until(lambda: any(p == port for _, _, p in listening(me)), 120, f"Serve's proxy listening on {port}")
+        wait_for(lambda: any(p == port for _, _, p in listening(me)), 120, f"Serve's proxy listening on {port}")
         sockets = listening(me)  # pytest, moto's thread, and the processes of the session's Ray cluster
         assert any("gcs_server" in name for name, _, _ in sockets), sockets
         assert not not_loopback(sockets), not_loopback(sockets)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from corpus import converted_cases, malformed_cases
+from infra.fixtures import wait_for
 from plantad.cli import main as cli_main
 from plantad.data.images import ImageTransform, decode_image_bytes
 from plantad.models.checkpoint import load_model
@@ -26,16 +27,6 @@ from plantad.tracking.registry import CHAMPION, set_alias
 
 pytestmark = pytest.mark.e2e
 FIELDS = ["probability", "p_local", "p_semantic", "local_score", "semantic_score"]
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from infra.fixtures import wait_for
 from plantad.serving.holder import ModelHolder, golden_image
 from plantad.tracking.registry import set_alias
 
 MODEL = "plantad-serve-test"  # the registry fixture's (conftest.py)
 ALIAS = "line-7"
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def artifacts_of(registry, version: str) -> Path:
