@@ -45,6 +45,9 @@ def test_folder_is_scored_like_score_batch_with_error_rows_and_maps(ray_local, t
     _, result = trained_tiny
     model_dir = result.model_path.parent
     images = make_input(demo_root, tmp_path / "in")
+    good_png = (tmp_path / "in" / next(r for r in images if not r.startswith("bad/"))).read_bytes()
+    (tmp_path / "in" / "loose.png").write_bytes(good_png)  # at the input's root
+    images.append("loose.png")
     out = tmp_path / "out"
     summary = run_bulk(bulk_settings(), str(tmp_path / "in"), str(out), str(model_dir), str(tmp_path / "maps"),
                        progress=False)
@@ -63,6 +66,14 @@ def test_folder_is_scored_like_score_batch_with_error_rows_and_maps(ray_local, t
     assert heat.size == (good["width"].iloc[0], good["height"].iloc[0])
     assert (tmp_path / "maps" / mid / f"{good['relpath'].iloc[0]}.heatmap.png").is_file()
     assert table.loc[table["error"].notna(), "map_path"].isna().all()
+    folders = table["relpath"].map(lambda rel: rel.split("/")[0] if "/" in rel else ".")
+    assert summary.by_folder == {
+        name: {"images": int((folders == name).sum()), "anomalous": int(table["is_anomalous"][folders == name].sum()),
+               "errors": int(table["error"][folders == name].notna().sum())} for name in sorted(set(folders))}
+    assert list(summary.by_folder) == [".", "bad", "metal", "nut", "weave"]
+    assert summary.by_folder["bad"] == {"images": 4, "anomalous": 0, "errors": 4}
+    assert summary.by_folder["."]["images"] == 1 and "  bad    4 images, 0 anomalous, 4 failed" in summary.text()
+    assert json.loads((out / mid / MANIFEST).read_text())["summary"]["by_folder"] == summary.by_folder
 
     again = run_bulk(bulk_settings(), str(tmp_path / "in"), str(out), str(model_dir), progress=False)
     assert (again.scored, again.skipped_parts, again.images, again.errors) == (0, summary.parts, len(images), 4)

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.compute as pc
+import pyarrow as pa
 
 from plantad.config import BulkConfig, Settings
 from plantad.serving.bulk.plan import (
@@ -43,15 +43,35 @@ class BulkSummary:
     seconds: float  # this run's scoring time (Ray Data start-up and actor loading included)
     images_per_s: float  # scored / seconds
     warm_images_per_s: float  # images/s after the first batch came back (the actors are up)
+    # images, anomalous and errors per top-level folder of the input ("." for files at its root):
+    # a plant that files its images by line gets one row per line
+    by_folder: dict[str, dict[str, int]]
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def text(self) -> str:
-        return (f"{self.images} images in {self.output} scored by {self.model}: {self.anomalous} anomalous, "
-                f"{self.errors} failed (error column); this run scored {self.scored} images in "
-                f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped_parts} of {self.parts} "
-                "parts were already done")
+        lines = [f"{self.images} images in {self.output} scored by {self.model}: {self.anomalous} anomalous, "
+                 f"{self.errors} failed (error column); this run scored {self.scored} images in "
+                 f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped_parts} of {self.parts} "
+                 "parts were already done"]
+        if len(self.by_folder) > 1:
+            width = max(len(name) for name in self.by_folder)
+            lines += [f"  {name:<{width}}  {c['images']} images, {c['anomalous']} anomalous, {c['errors']} failed"
+                      for name, c in self.by_folder.items()]
+        return "\n".join(lines)
+
+
+def folder_counts(tables: Iterable[pa.Table]) -> dict[str, dict[str, int]]:
+    """Images, anomalous and failed rows per top-level folder of the parts' `relpath`, in folder order."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for table in tables:
+        for rel, error, flag in zip(*(table.column(name).to_pylist() for name in ("relpath", "error", "is_anomalous"))):
+            c = counts[rel.split("/", 1)[0] if "/" in rel else "."]
+            c["images"] += 1
+            c["errors"] += error is not None
+            c["anomalous"] += flag is True
+    return {name: {k: counts[name][k] for k in ("images", "anomalous", "errors")} for name in sorted(counts)}
 
 
 def resolve_source(uri: str, settings: Settings) -> tuple[ModelRef, str | None]:
@@ -179,11 +199,12 @@ def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str
                              progress)
     seconds = time.perf_counter() - start
     tidy_parts(out, parts)
-    tables = [read_part(out, p.file).select(["error", "is_anomalous"]) for p in parts]
-    errors = sum(t.num_rows - pc.sum(pc.is_null(t["error"]).cast("int64")).as_py() for t in tables)
-    anomalous = sum(pc.sum(pc.fill_null(t["is_anomalous"], False).cast("int64")).as_py() or 0 for t in tables)
+    by_folder = folder_counts(read_part(out, p.file) for p in parts)
+    errors = sum(c["errors"] for c in by_folder.values())
+    anomalous = sum(c["anomalous"] for c in by_folder.values())
     summary = BulkSummary(out.uri, ref.describe(), len(relpaths), len(parts), len(parts) - len(pending), scored,
-                          anomalous, errors, seconds, scored / seconds if scored and seconds > 0 else 0.0, warm)
+                          anomalous, errors, seconds, scored / seconds if scored and seconds > 0 else 0.0, warm,
+                          by_folder)
     write_manifest(out, parts, {"model_uri": ref.version_uri, "model_id": mid, "input": src.uri,
                                 "finished_at": datetime.now(timezone.utc).isoformat(), "summary": summary.as_dict()})
     return summary
