@@ -188,7 +188,7 @@ def cmd_score_online(args: argparse.Namespace) -> int:
 
     key = os.environ.get(args.api_key_env, "").strip() or None if args.api_key_env else None
     with ScoringClient(args.url, api_key=key) as client:
-        answer = client.score(args.images, threshold=args.threshold, heatmap=args.heatmap is not None)
+        answer = client.score(args.images, threshold=args.threshold, heatmap=args.heatmap is not None, line=args.line)
     failed = 0
     for path, entry in zip(args.images, answer["results"]):
         if args.heatmap is not None:
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--threshold", type=float, help="decision threshold instead of the model's stored one")
     p.add_argument("--heatmap", metavar="DIR", help="write <image>_heatmap.png overlays into DIR")
+    p.add_argument("--line", help="the production line the images come from (the service counts metrics per line)")
     p.add_argument("--api-key-env", default="PLANTAD_API_KEY", metavar="VAR",
                    help="environment variable holding the API key (default PLANTAD_API_KEY)")
     p.set_defaults(func=cmd_score_online)

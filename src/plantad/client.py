@@ -52,7 +52,7 @@ class ScoringClient:
         return response
 
     def score(self, images: list[str | Path | bytes], threshold: float | None = None,
-              heatmap: bool = False) -> dict[str, Any]:
+              heatmap: bool = False, line: str | None = None) -> dict[str, Any]:
         """POST /score as multipart: one entry per image in order (scored, or with its 4xx error).
 
         A request where no image could be scored raises ClientError with the server's message."""
@@ -63,6 +63,8 @@ class ScoringClient:
         params: dict[str, Any] = {"heatmap": str(heatmap).lower()}
         if threshold is not None:
             params["threshold"] = threshold
+        if line is not None:
+            params["line"] = line
         return self._call("POST", "/score", files=files, params=params).json()
 
     def model(self) -> dict[str, Any]:

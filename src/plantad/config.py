@@ -373,6 +373,7 @@ class ServeConfig(_Section):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
     max_request_bytes: int = Field(100_000_000, ge=1)  # whole body (base64 JSON is 4/3 of the image bytes)
+    max_lines: int = Field(256, ge=1)  # distinct `line` labels a replica's metrics keep; later new ones: "other"
     api_keys_env: str = "PLANTAD_API_KEYS"  # comma-separated keys in this variable of the replicas
     api_keys_file: str | None = None  # or one key per line in this file (never keys in params.yaml)
     webhook_secret_env: str = "PLANTAD_WEBHOOK_SECRET"  # MLflow webhook HMAC secret; unset: route off

@@ -19,6 +19,7 @@ from PIL import Image
 from corpus import converted_cases, malformed_cases
 from infra.fixtures import wait_for
 from plantad.cli import main as cli_main
+from plantad.client import ScoringClient
 from plantad.data.images import ImageTransform, decode_image_bytes
 from plantad.models.checkpoint import load_model
 from plantad.scoring import score_batch
@@ -106,7 +107,8 @@ def test_malformed_corpus_gets_only_4xx_and_others_still_scored(served, pngs):
 
 
 @pytest.mark.parametrize("kind", ["empty", "json", "json-list", "keys", "b64", "ctype", "multipart", "length",
-                                  "stream", "count", "v2-dtype", "v2-shape", "v2-b64", "v2-json"])
+                                  "stream", "count", "v2-dtype", "v2-shape", "v2-b64", "v2-json", "line-json",
+                                  "line-form", "line-v2"])
 def test_bad_requests_get_4xx_json_errors(served, pngs, kind):
     url, v2 = f"{served.url}/score", f"{served.url}/v2/models/plantad-serve-test/infer"
     big = b"x" * 2_100_000
@@ -133,12 +135,19 @@ def test_bad_requests_get_4xx_json_errors(served, pngs, kind):
         "v2-b64": lambda: httpx.post(v2, json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                                            "data": ["%%%"]}]}),
         "v2-json": lambda: httpx.post(v2, content=b"{", headers={"content-type": "application/json"}),
+        "line-json": lambda: httpx.post(url, json={"images": [b64(pngs[0])], "line": "press 3; drop"}),
+        "line-form": lambda: httpx.post(url, files=[("files", ("a.png", pngs[0], "image/png"))],
+                                        params={"line": "x" * 65}),
+        "line-v2": lambda: httpx.post(v2, json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                            "data": [b64(pngs[0])]}], "parameters": {"line": 7}}),
     }
     expected = {"length": 413, "stream": 413, "count": 413, "ctype": 415}.get(kind, 400)
     r = calls[kind]()
     assert r.status_code == expected, r.text
     error = r.json()["error"] if "error" in r.json() else r.json()["results"][0]["error"]
     assert error
+    if kind.startswith("line"):
+        assert "is not a line name" in error, error
 
 
 def test_converted_images_say_so(served):
@@ -260,15 +269,25 @@ def test_score_online_cli_prints_one_line_per_image(served, pngs, tmp_path, caps
     assert lines[1]["status"] == 400 and "img1.png" in lines[1]["error"]
     assert cli_main(["score-online", str(paths[1]), "--url", served.url]) == 2  # nothing scored: an error
     assert "HTTP 400: cannot decode image img1.png" in capsys.readouterr().err
+    assert cli_main(["score-online", str(paths[0]), "--url", served.url, "--line", "line 7"]) == 2
+    assert "form line 'line 7' is not a line name" in capsys.readouterr().err
 
 
 def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served, pngs):
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]
-    # this test's own traffic: one scored request and one refused with 413 (too many images)
+    # this test's own traffic: one scored request and one refused with 413 (too many images), and one
+    # request per way of naming a line: JSON, multipart query and v2 parameters
     assert httpx.post(f"{served.url}/score", json={"images": [b64(pngs[0])]}, timeout=60).status_code == 200
     assert httpx.post(f"{served.url}/score", json={"images": [b64(pngs[0])] * 65}, timeout=60).status_code == 413
+    assert httpx.post(f"{served.url}/score", json={"images": [b64(pngs[0])], "line": "press-3"},
+                      timeout=60).status_code == 200
+    with ScoringClient(served.url) as client:  # multipart, the line in the query
+        assert client.score([pngs[1]], line="weave.L2")["scored"] == 1
+    v2 = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(pngs[2])]}],
+          "parameters": {"line": "nut:7"}}
+    assert httpx.post(f"{served.url}/v2/models/plantad-serve-test/infer", json=v2, timeout=60).status_code == 200
 
     def scraped():  # metrics reach the endpoint in periodic exports: wait for both statuses
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -277,9 +296,13 @@ def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served, pngs):
         requests = [line for line in text.splitlines()
                     if line.startswith("ray_plantad_requests") and 'route="score"' in line]
         statuses = all(any(f'status="{code}"' in line for line in requests) for code in (200, 413))
-        return text if statuses and all(n in text for n in names) else None
+        decisions = [line for line in text.splitlines() if line.startswith("ray_plantad_decisions")]
+        lines = all(any(f'line="{name}"' in d for d in decisions)
+                    for name in ("press-3", "weave.L2", "nut:7", "unspecified"))
+        return text if statuses and lines and all(n in text for n in names) else None
 
-    wait_for(scraped, 90, f"plantad request metrics with status 200 and 413 at 127.0.0.1:{port}/metrics")
+    wait_for(scraped, 90, f"plantad request metrics with status 200 and 413, and decisions of every line, at "
+                          f"127.0.0.1:{port}/metrics")
 
 
 def test_replicas_run_serves_throughput_mode_behind_the_one_proxy_port(served):

@@ -91,3 +91,13 @@ def test_webhook_signature_matches_mlflow_and_is_verified():
         assert err.value.status == 401
     with pytest.raises(ApiError, match="receiver is off"):
         verify_webhook(None, headers, payload)
+
+
+def test_line_labels_stop_growing_at_max_lines(caplog):
+    from plantad.serving.metrics import LineLabels
+
+    labels = LineLabels(max_lines=2)
+    assert [labels.label(x) for x in (None, "L1", "L2", "L1", "L3", "L4", "L2")] == [
+        "unspecified", "L1", "L2", "L1", "other", "other", "L2"]
+    assert [r.getMessage() for r in caplog.records if "serve.max_lines" in r.getMessage()] == [
+        "more than serve.max_lines (2) lines: line 'L3' and later new lines are counted as 'other'"]

@@ -25,8 +25,9 @@ from plantad.config import ServeConfig, serve_config_from_dict
 from plantad.serving.answers import (ScoredJob, ScoreJob, model_block, native_answer, request_status, score_jobs,
                                      v2_answer, v2_images)
 from plantad.serving.holder import ModelHolder, golden_image
-from plantad.serving.inputs import ApiError, decode_base64, parse_json_body, parse_score_request, read_body
-from plantad.serving.metrics import ServeMetrics
+from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64, parse_json_body, parse_line,
+                                    parse_score_request, read_body)
+from plantad.serving.metrics import LineLabels, ServeMetrics
 from plantad.serving.security import check_bearer, load_api_keys, load_webhook_secret, verify_webhook
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,18 @@ WEBHOOK_MAX_BYTES = 65536
 app = FastAPI(title="plantad online scoring", docs_url=None, redoc_url=None, openapi_url=None,
               description="Anomaly probability, decision, branch scores and heatmaps for factory images.")
 
+LINE_SCHEMA = {"type": "string", "pattern": f"^{LINE_NAME.pattern}$",
+               "description": "the production line the images come from: the `line` label of the metrics"}
 SCORE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "threshold": {"type": "number"}, "heatmap": {"type": "boolean"}}}},
+        "threshold": {"type": "number"}, "heatmap": {"type": "boolean"}, "line": LINE_SCHEMA}}},
     "application/json": {"schema": {"type": "object", "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "base64"}},
-        "threshold": {"type": "number"}, "heatmap": {"type": "boolean"}}}}}}}
+        "threshold": {"type": "number"}, "heatmap": {"type": "boolean"}, "line": LINE_SCHEMA}}}}}}
 V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "example": {
     "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["<base64 PNG>"]}],
-    "parameters": {"threshold": 0.5}}}}}}}
+    "parameters": {"threshold": 0.5, "line": "press-3"}}}}}}}
 
 
 @serve.deployment
@@ -55,6 +58,7 @@ class ScoringServer:
         self.keys = load_api_keys(self.cfg)
         self.webhook_secret = load_webhook_secret(self.cfg)
         self.metrics = ServeMetrics()
+        self.lines = LineLabels(self.cfg.max_lines)
         self.holder = ModelHolder(self.cfg.model_uri, self.cfg.tracking_uri, self.cfg.device, self.cfg.alias_poll_s,
                                   golden_image(self.cfg.golden_image), runtime=self.cfg.runtime)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
@@ -92,21 +96,22 @@ class ScoringServer:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(body, status_code=status, headers=headers)
 
-    async def _score(self, images: list, threshold: float | None, heatmap: bool) -> ScoredJob:
+    async def _score(self, images: list, threshold: float | None, heatmap: bool, line: str) -> ScoredJob:
         scored = await self.batched_score(ScoreJob(images, threshold, heatmap))
         for s in scored.scores:
-            self.metrics.scored(s.probability, s.is_anomalous)
+            self.metrics.scored(s.probability, s.is_anomalous, line)
         return scored
 
     @app.post("/score", openapi_extra=SCORE_BODY, summary="Score one or more images (multipart or base64 JSON)")
     async def score(self, request: Request) -> JSONResponse:
         async def run() -> tuple[int, Any]:
             parsed = await parse_score_request(request, self.cfg)
+            line = self.lines.label(parsed.line)
             for item in parsed.images:
                 if item.decoded is None:
-                    self.metrics.image_errors.inc(tags={"status": str(item.status)})
+                    self.metrics.image_errors.inc(tags={"status": str(item.status), "line": line})
             good = [item.decoded.image for item in parsed.images if item.decoded is not None]
-            scored = await self._score(good, parsed.threshold, parsed.heatmap) if good else None
+            scored = await self._score(good, parsed.threshold, parsed.heatmap, line) if good else None
             answer = await asyncio.to_thread(native_answer, parsed.images, scored, parsed.heatmap,
                                              self.holder.current)
             return request_status(parsed.images), answer
@@ -214,8 +219,9 @@ class ScoringServer:
             threshold = params.get("threshold")
             if threshold is not None and not isinstance(threshold, (int, float)):
                 raise ApiError(400, f"parameters.threshold {threshold!r} is not a number")
+            line = self.lines.label(parse_line(params.get("line"), "parameters"))
             scored = await self._score([item.decoded.image for item in items],
-                                       None if threshold is None else float(threshold), False)
+                                       None if threshold is None else float(threshold), False, line)
             return 200, v2_answer(scored, wanted, doc.get("id"))
         return await self._answer("v2_infer", request, run)
 

@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from plantad.config import ServeConfig
 from plantad.data.images import DecodedImage, ImageDecodeError, ImageTooLarge, decode_untrusted
 
 log = logging.getLogger(__name__)
+LINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # a Prometheus label value a dashboard can show
 
 
 class ApiError(Exception):
@@ -49,6 +51,7 @@ class ParsedRequest:
     images: list[ImageInput]
     threshold: float | None
     heatmap: bool
+    line: str | None = None  # the production line the images come from (metrics are counted per line)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -110,6 +113,15 @@ def _threshold(value: Any, where: str) -> float | None:
     return thr
 
 
+def parse_line(value: Any, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not LINE_NAME.fullmatch(value):
+        raise ApiError(400, f"{where} line {value!r} is not a line name: 1 to 64 letters, digits, '_', '.', ':' "
+                            "or '-', starting with a letter or digit")
+    return value
+
+
 def _flag(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
@@ -133,22 +145,23 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
 
 
 def from_json(body: bytes, query: dict[str, str], cfg: ServeConfig) -> ParsedRequest:
-    """{"images": [base64, ...] or "image": base64, "threshold": t, "heatmap": bool}."""
+    """{"images": [base64, ...] or "image": base64, "threshold": t, "heatmap": bool, "line": name}."""
     doc = parse_json_body(body)
-    unknown = sorted(set(doc) - {"images", "image", "threshold", "heatmap"})
+    unknown = sorted(set(doc) - {"images", "image", "threshold", "heatmap", "line"})
     if unknown:
-        raise ApiError(400, f"unknown JSON keys {unknown}; expected images, image, threshold, heatmap")
+        raise ApiError(400, f"unknown JSON keys {unknown}; expected images, image, threshold, heatmap, line")
     items = doc.get("images", [doc["image"]] if "image" in doc else [])
     if not isinstance(items, list):
         raise ApiError(400, f"'images' must be a list of base64 strings, got {type(items).__name__}")
     _check_count(len(items), cfg)
     images = [decode_base64(t, f"images[{i}]", cfg) for i, t in enumerate(items)]
     threshold = _threshold(doc.get("threshold", query.get("threshold")), "JSON")
-    return ParsedRequest(images, threshold, _flag(doc.get("heatmap", query.get("heatmap", False))))
+    return ParsedRequest(images, threshold, _flag(doc.get("heatmap", query.get("heatmap", False))),
+                         parse_line(doc.get("line", query.get("line")), "JSON"))
 
 
 async def from_multipart(request: Request, body: bytes, cfg: ServeConfig) -> ParsedRequest:
-    """Every file part is an image (any field name); `threshold` and `heatmap` as fields or query."""
+    """Every file part is an image (any field name); `threshold`, `heatmap`, `line` as fields or query."""
     request._body = body  # starlette replays a cached body to form(): the bytes were counted above
     try:
         form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16,
@@ -164,7 +177,8 @@ async def from_multipart(request: Request, body: bytes, cfg: ServeConfig) -> Par
     images = await asyncio.to_thread(lambda: [decode_one(data, name, cfg) for name, data in uploads])
     fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     threshold = _threshold(fields.get("threshold", request.query_params.get("threshold")), "form")
-    return ParsedRequest(images, threshold, _flag(fields.get("heatmap", request.query_params.get("heatmap", False))))
+    return ParsedRequest(images, threshold, _flag(fields.get("heatmap", request.query_params.get("heatmap", False))),
+                         parse_line(fields.get("line", request.query_params.get("line")), "form"))
 
 
 async def parse_score_request(request: Request, cfg: ServeConfig) -> ParsedRequest:

@@ -3,11 +3,40 @@
 
 from __future__ import annotations
 
+import logging
+
 from ray.serve.metrics import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES_MS = [5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 PROBABILITY_BOUNDARIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+NO_LINE = "unspecified"  # requests that name no line
+OTHER_LINES = "other"  # lines beyond serve.max_lines
+
+
+class LineLabels:
+    """The `line` label of a request: its line name while this replica has seen at most `max_lines`
+    of them, then "other", so that a client sending ever new names cannot grow the metrics without end."""
+
+    def __init__(self, max_lines: int) -> None:
+        self.max_lines = max_lines
+        self.seen: set[str] = set()
+
+    def label(self, line: str | None) -> str:
+        if line is None:
+            return NO_LINE
+        if line in self.seen:
+            return line
+        if len(self.seen) < self.max_lines:
+            self.seen.add(line)
+            return line
+        if len(self.seen) == self.max_lines:
+            log.warning("more than serve.max_lines (%d) lines: line %r and later new lines are counted as %r",
+                        self.max_lines, line, OTHER_LINES)
+            self.seen.add(OTHER_LINES)  # the warning once; "other" now counts as seen
+        return OTHER_LINES
 
 
 class ServeMetrics:
@@ -20,12 +49,12 @@ class ServeMetrics:
                                       boundaries=BATCH_BOUNDARIES)
         self.batch_requests = Histogram("plantad_batch_requests", description="requests per @serve.batch call",
                                         boundaries=BATCH_BOUNDARIES)
-        self.probability = Histogram("plantad_probability", description="final anomaly probability per image",
-                                     boundaries=PROBABILITY_BOUNDARIES)
-        self.decisions = Counter("plantad_decisions", description="scored images by decision",
-                                 tag_keys=("decision",))
-        self.image_errors = Counter("plantad_image_errors", description="images refused, by HTTP status",
-                                    tag_keys=("status",))
+        self.probability = Histogram("plantad_probability", description="final anomaly probability per image, by line",
+                                     boundaries=PROBABILITY_BOUNDARIES, tag_keys=("line",))
+        self.decisions = Counter("plantad_decisions", description="scored images by decision and line",
+                                 tag_keys=("decision", "line"))
+        self.image_errors = Counter("plantad_image_errors", description="images refused, by HTTP status and line",
+                                    tag_keys=("status", "line"))
         self.model_version = Gauge("plantad_model_version", description="registry version this replica serves",
                                    tag_keys=("model",))
 
@@ -33,9 +62,9 @@ class ServeMetrics:
         self.requests.inc(tags={"route": route, "status": str(status)})
         self.latency_ms.observe(seconds * 1000.0, tags={"route": route})
 
-    def scored(self, probability: float, anomalous: bool) -> None:
-        self.probability.observe(probability)
-        self.decisions.inc(tags={"decision": "anomalous" if anomalous else "normal"})
+    def scored(self, probability: float, anomalous: bool, line: str) -> None:
+        self.probability.observe(probability, tags={"line": line})
+        self.decisions.inc(tags={"decision": "anomalous" if anomalous else "normal", "line": line})
 
     def version(self, name: str | None, version: str | None) -> None:
         self.model_version.set(float(version) if version and version.isdigit() else 0.0,
