@@ -38,6 +38,31 @@ def test_actors_that_hold_every_cpu_are_an_error():
     check_bulk_budget(settings.bulk, cpus=2.0, gpus=0.0, local=False)  # a remote cluster may autoscale: warns
     with pytest.raises(ValueError, match="bulk.gpus_per_actor"):
         check_bulk_budget(bulk_settings("bulk.gpus_per_actor=1").bulk, cpus=8.0, gpus=0.0, local=True)
+    one = bulk_settings("bulk.actors=1", "bulk.cpus_per_actor=1").bulk  # 1.25 CPUs
+    check_bulk_budget(one, cpus=2.0, gpus=0.0, local=True, free_cpus=1.25)
+    with pytest.raises(ValueError, match=r"1.25 CPUs, 1 of the cluster's 2 are free .*plantad serve --stop"):
+        check_bulk_budget(one, cpus=2.0, gpus=0.0, local=True, free_cpus=1.0)
+
+
+@pytest.mark.e2e
+def test_a_cluster_whose_cpus_other_work_holds_is_refused_in_seconds(ray_local, trained_tiny, demo_root, tmp_path):
+    """The main job leaves a Serve replica holding a CPU of the local cluster: bulk scoring beside it
+    must say so, not wait for a CPU that never comes free."""
+    import ray
+
+    _, result = trained_tiny
+    make_input(demo_root, tmp_path / "in", limit=4)
+    total = ray.cluster_resources()["CPU"]
+    holder = ray.remote(num_cpus=total - 1.0)(type("Replica", (), {"ping": lambda self: True})).remote()
+    try:
+        ray.get(holder.ping.remote())
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=r"1.25 CPUs, 1 of the cluster's .* are free"):
+            run_bulk(bulk_settings(), str(tmp_path / "in"), str(tmp_path / "out"), str(result.model_path.parent),
+                     progress=False)
+        assert time.monotonic() - started < 30
+    finally:
+        ray.kill(holder)
 
 
 @pytest.mark.e2e

@@ -87,18 +87,30 @@ def resolve_source(uri: str, settings: Settings) -> tuple[ModelRef, str | None]:
     return resolve_model(uri, MlflowClient(tracking_uri, registry_uri=tracking_uri)), tracking_uri
 
 
-def check_bulk_budget(bulk: BulkConfig, cpus: float, gpus: float, local: bool) -> None:
-    """Actors holding every CPU starve the reading tasks and the job hangs without a word."""
+def check_bulk_budget(bulk: BulkConfig, cpus: float, gpus: float, local: bool, free_cpus: float | None = None,
+                      free_gpus: float | None = None) -> None:
+    """Actors holding every CPU starve the reading tasks and the job hangs without a word; so do
+    actors that fit the cluster but not what other work on it (a Serve replica, say) leaves free."""
     need = bulk.actors * bulk.cpus_per_actor + bulk.read_cpus
+    need_gpus = bulk.actors * bulk.gpus_per_actor
+    free_cpus = cpus if free_cpus is None else free_cpus
+    free_gpus = gpus if free_gpus is None else free_gpus
+    asked = (f"bulk.actors x bulk.cpus_per_actor + bulk.read_cpus = {bulk.actors} x {bulk.cpus_per_actor:g} + "
+             f"{bulk.read_cpus:g} = {need:g} CPUs")
     problems = []
     if need > cpus:
-        problems.append(f"bulk.actors x bulk.cpus_per_actor + bulk.read_cpus = {bulk.actors} x "
-                        f"{bulk.cpus_per_actor:g} + {bulk.read_cpus:g} = {need:g} CPUs, the cluster has {cpus:g}")
-    if bulk.actors * bulk.gpus_per_actor > gpus:
-        problems.append(f"bulk.actors x bulk.gpus_per_actor = {bulk.actors * bulk.gpus_per_actor:g} GPUs, "
-                        f"the cluster has {gpus:g}")
+        problems.append(f"{asked}, the cluster has {cpus:g}")
+    elif need > free_cpus:
+        problems.append(f"{asked}, {free_cpus:g} of the cluster's {cpus:g} are free (other work on it, such as "
+                        "Serve replicas, holds the rest; `plantad serve --stop` frees theirs)")
+    if need_gpus > gpus:
+        problems.append(f"bulk.actors x bulk.gpus_per_actor = {need_gpus:g} GPUs, the cluster has {gpus:g}")
+    elif need_gpus > free_gpus:
+        problems.append(f"bulk.actors x bulk.gpus_per_actor = {need_gpus:g} GPUs, {free_gpus:g} of the cluster's "
+                        f"{gpus:g} are free")
     if problems and local:
-        raise ValueError("; ".join(problems) + ": lower bulk.actors or the per-actor resources")
+        raise ValueError("; ".join(problems) + ": lower bulk.actors or the per-actor resources (--set "
+                         "bulk.cpus_per_actor=...)")
     for p in problems:
         log.warning("%s (unless the cluster autoscales)", p)
 
@@ -109,9 +121,16 @@ def start_ray(settings: Settings) -> None:
     connect(settings.ray)  # before `import ray`: it sets the environment Ray reads on import
     import ray
 
-    res = ray.cluster_resources()
-    check_bulk_budget(settings.bulk, float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)),
-                      local=cluster_address(settings.ray)[0] is None)
+    res = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    free = {"CPU": 0.0, "GPU": 0.0}
+    for attempt in range(3):  # the most that was free over a second: a short task may hold a CPU for a moment
+        now = ray.available_resources()
+        free = {k: max(v, float(now.get(k, 0.0))) for k, v in free.items()}
+        if all(free[k] >= res.get(k, 0.0) for k in free) or attempt == 2:
+            break
+        time.sleep(0.5)
+    check_bulk_budget(settings.bulk, res.get("CPU", 0.0), res.get("GPU", 0.0),
+                      local=cluster_address(settings.ray)[0] is None, free_cpus=free["CPU"], free_gpus=free["GPU"])
 
 
 def scored_batches(pending: list[Part], src: Location, ref: ModelRef, mid: str, tracking_uri: str | None,
