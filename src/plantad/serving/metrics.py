@@ -23,6 +23,7 @@ class LineLabels:
     def __init__(self, max_lines: int) -> None:
         self.max_lines = max_lines
         self.seen: set[str] = set()
+        self.warned = False
 
     def label(self, line: str | None) -> str:
         if line is None:
@@ -32,10 +33,10 @@ class LineLabels:
         if len(self.seen) < self.max_lines:
             self.seen.add(line)
             return line
-        if len(self.seen) == self.max_lines:
+        if not self.warned:
+            self.warned = True
             log.warning("more than serve.max_lines (%d) lines: line %r and later new lines are counted as %r",
                         self.max_lines, line, OTHER_LINES)
-            self.seen.add(OTHER_LINES)  # the warning once; "other" now counts as seen
         return OTHER_LINES
 
 
