@@ -22,8 +22,13 @@ def sections(page: Path) -> dict[str, str]:
     return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
 
 
+def cells(row: str) -> list[str]:
+    """A table row's cells; `\\|` inside a cell is a literal pipe."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+
+
 def first_cells(text: str) -> list[str]:
-    return [row.split("|")[1] for row in text.splitlines() if row.startswith("| `")]
+    return [cells(row)[0] for row in text.splitlines() if row.startswith("| `")]
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -108,9 +113,9 @@ def test_every_setting_has_a_reference_row_with_its_default_and_params_value():
 
     rows = {}
     for row in (REFERENCE / "settings.md").read_text().splitlines():
-        cells = [c.strip() for c in row.split("|")[1:-1]]
-        if len(cells) == 4 and cells[0].startswith("`"):
-            rows[cells[0].strip("`")] = cells
+        row_cells = cells(row)
+        if len(row_cells) == 4 and row_cells[0].startswith("`"):
+            rows[row_cells[0].strip("`")] = row_cells
     defaults = setting_defaults(Settings)
     assert not set(defaults) - set(rows), f"settings without a row in settings.md: {sorted(set(defaults) - set(rows))}"
     assert not set(rows) - set(defaults), f"settings.md documents unknown keys: {sorted(set(rows) - set(defaults))}"
