@@ -11,6 +11,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from plantad.cluster.capacity import DoesNotFit
+from plantad.cluster.watch import StallError
 from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
 from plantad.data.shards import ShardError, open_shards, read_shard_record, require_match
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_ray_training(settings, manifest, shards, Path(args.out),
                                   mlflow_run={"tracking_uri": uri, "run_id": run_id, "every": settings.train.log_every},
                                   extra_meta={"mlflow_run_id": run_id, "lineage": tags})
+    except (DoesNotFit, StallError) as exc:  # the cluster's state, not a bug: no traceback
+        client.set_terminated(run_id, "FAILED")
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

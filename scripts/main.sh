@@ -33,7 +33,9 @@ PY
 root=$(plantad config | python -c 'import json,sys; print(json.load(sys.stdin)["data"]["root"])')
 echo "Score a demo image:"
 echo "  curl -s -F image=@$root/$image http://127.0.0.1:8000/score"
-echo "Stop serving: plantad serve --stop && ray stop"
+echo "Cluster, what holds its CPUs, the served version:  .venv/bin/plantad status"
+echo "Retrain with the endpoint up (the daily move):     source .venv/bin/activate && dvc repro"
+echo "Stop the endpoint and the local Ray cluster:       bash scripts/stop.sh"
 echo
 echo "MLflow UI over the embedded store: make mlflow-ui   (then open http://127.0.0.1:5000)"
-echo "Plots: outputs/plots/*.png, or: dvc plots show"
+echo "Plots: outputs/plots/*.png, or: .venv/bin/dvc plots show"

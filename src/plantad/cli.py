@@ -181,6 +181,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from plantad.cluster.status import cluster_status
+
+    print("\n".join(cluster_status(_settings(args), os.environ.get(args.api_key_env) or None)))
+    return 0
+
+
 def cmd_score_online(args: argparse.Namespace) -> int:
     import os
 
@@ -287,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("status", help="the Ray cluster's free resources, what holds the rest, the scoring app "
+                                      "and the version it serves")
+    p.add_argument("--api-key-env", default="PLANTAD_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key for GET /model (default PLANTAD_API_KEY)")
+    _common(p)
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("score-online", help="score images with a running scoring service (one JSON line each)")
     p.add_argument("images", nargs="+")
     p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
@@ -329,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, ConnectionError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -298,6 +298,14 @@ class RayConfig(_Section):
     # read the training rows' image bytes from the shards once per run into Ray's object store
     # (spilled to disk when larger); false: every pass over the data lists and reads the shards again
     cache_images: bool = True
+    data_cpus: float = Field(0.25, gt=0.0)  # CPUs each Ray Data task of a training run reserves (read, decode)
+    # the floor when a training run fits its workers into what a shared cluster has free (the main
+    # job's Serve replicas hold the rest): set it to cpus_per_worker to stop instead of shrinking
+    min_cpus_per_worker: float = Field(0.25, gt=0.0)
+    # true: the cluster adds nodes for pending work, so a job that does not fit waits for them (up to
+    # stall_timeout_s) instead of stopping at once
+    autoscaling: bool = False
+    stall_timeout_s: float = Field(300.0, gt=0.0)  # a Ray job with no progress for this long fails, naming what it waited for
 
     @field_validator("host")
     @classmethod
@@ -413,6 +421,7 @@ class BulkConfig(_Section):
     batch_size: int = Field(32, ge=1)  # images per map_batches call
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0.0)  # also the actor's torch threads (rounded, at least 1)
+    min_cpus_per_actor: float = Field(0.25, gt=0.0)  # floor when fitting into a shared cluster's free CPUs
     gpus_per_actor: float = Field(0.0, ge=0.0)
     read_cpus: float = Field(0.25, gt=0.0)  # CPUs reserved by each Ray Data reading task
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast: CUDA with the model's train.amp, CPU with scoring.cpu_amp)

@@ -6,6 +6,7 @@ the command; `plantad serve --stop` removes the app (the cluster stays until `ra
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from plantad.cluster import check_ray_address, cluster_address, head_env, head_start_args, join, start_local
+from plantad.cluster import check_ray_address, head_env, head_start_args, job_address, join, start_local
 from plantad.config import RayConfig, ServeConfig
 
 
@@ -29,11 +30,11 @@ def _ray_executable() -> str:
 
 def connect_for_serving(cfg: RayConfig, detach: bool) -> str:
     """Connect to ray.address / RAY_ADDRESS, else a new local cluster on ray.host; returns a description."""
-    address, source = cluster_address(cfg)
+    address, source = job_address(cfg)
     if address:
         check_ray_address(address, source)
         join(cfg, address)
-        return f"Ray cluster at {address} (from {source})"
+        return f"the Ray cluster at {address} ({source})"
     if not detach:
         start_local(cfg)
         return f"a local Ray cluster of this process on {cfg.host} (stops with it)"
@@ -89,8 +90,11 @@ def deploy(cfg: ServeConfig) -> str:
 
 
 def stop(ray_cfg: RayConfig, cfg: ServeConfig) -> str:
-    address, _ = cluster_address(ray_cfg)
-    join(ray_cfg, address or "auto")  # before `import ray`: it sets the environment Ray reads on import
+    address, _ = job_address(ray_cfg)
+    if address is None:
+        return "nothing to stop: no Ray cluster is running on this machine"
+    # before `import ray`: it sets the environment Ray reads on import; Ray's INFO lines would bury the answer
+    join(ray_cfg, address, logging_level=logging.WARNING, log_to_driver=False)
     from ray import serve
     from ray.serve.exceptions import RayServeException
 

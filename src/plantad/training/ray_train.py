@@ -14,7 +14,6 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +21,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plantad.cluster import check_ray_address, cluster_address, connect  # noqa: F401 (this module's API)
-from plantad.config import RayConfig, S3Config, Settings, settings_from_dict, settings_to_dict
+from plantad.cluster import check_ray_address, connect  # noqa: F401 (this module's API)
+from plantad.cluster.watch import Beat, StallError, run_watched, start_board
+from plantad.config import Settings, settings_from_dict, settings_to_dict
 from plantad.data.dataset import split_holdout
-from plantad.data.images import ImageTransform, decode_image_bytes
-from plantad.data.shards import IMAGE_COLUMN, ShardSet, require_match, shard_location, verified_image
+from plantad.data.shards import ShardSet, require_match
 from plantad.models.checkpoint import save_model
 from plantad.models.factory import build_model
 from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
+from plantad.training.ray_budget import abort_train_runs, fit_training, stall_reason
+from plantad.training.ray_data import endless_shard, image_dataset
 from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything, shard_holdout_batches
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
-
-
-def check_cpu_budget(cfg: RayConfig, cluster_cpus: float, local: bool) -> None:
-    """Workers holding every CPU starve Ray Data's decoding tasks, and the job hangs without a word."""
-    held = cfg.num_workers * cfg.cpus_per_worker
-    if held < cluster_cpus:
-        return
-    message = (f"ray.num_workers x ray.cpus_per_worker = {cfg.num_workers} x {cfg.cpus_per_worker:g} = {held:g} CPUs "
-               f"leaves none of the cluster's {cluster_cpus:g} CPUs for Ray Data's decoding tasks: lower "
-               "ray.cpus_per_worker or ray.num_workers")
-    if local:
-        raise ValueError(message)
-    log.warning("%s (unless the cluster autoscales)", message)
 
 
 def worker_batch(batch_size: int, world_size: int) -> int:
@@ -63,55 +51,6 @@ def check_shard_size(n_train: int, num_workers: int, batch_size: int) -> None:
         raise ValueError(f"{n_train} training images over ray.num_workers={num_workers} give each worker "
                          f"{n_train // num_workers}, fewer than {per_worker} images (its part of "
                          f"train.batch_size={batch_size}): lower ray.num_workers or train.batch_size")
-
-
-DECODE_ROWS = 16  # rows per Ray Data decoding task: a shard is split so that decoding runs in parallel
-
-
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, folder: str) -> dict[str, np.ndarray]:
-    """Ray Data map: shard rows (path, sha256, image bytes) -> normalised image arrays (B, 3, S, S)."""
-    transform = ImageTransform(image_size)
-    images = [transform(decode_image_bytes(verified_image(p, h, b, folder), p)).numpy()
-              for p, h, b in zip(batch["path"], batch["sha256"], batch[IMAGE_COLUMN])]
-    if not images:
-        return {"image": np.zeros((0, 3, image_size, image_size), np.float32)}
-    return {"image": np.stack(images).astype(np.float32)}
-
-
-def image_dataset(shards: ShardSet, s3: S3Config, rows: pd.DataFrame, image_size: int, cache: bool = True):
-    """The images of `rows`, read from the shard set by the Ray Data tasks of any node.
-
-    Ray Train runs the whole pipeline again on every pass over the data; with `cache` the encoded
-    bytes are read once into the object store, so a pass only decodes.
-    """
-    import ray.data
-    from ray.data.expressions import col
-
-    # one bar per epoch per worker would bury the training log of a DVC stage
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    loc = shard_location(shards, s3)
-    ds = ray.data.read_parquet([loc.path(p.name) for p in shards.parts], filesystem=loc.fs,
-                               columns=["path", "sha256", IMAGE_COLUMN])
-    ds = ds.filter(expr=col("path").is_in(sorted(rows["path"].astype(str))))
-    ds = ds.repartition(target_num_rows_per_block=DECODE_ROWS)
-    if cache:
-        ds = ds.materialize()
-    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size, "folder": shards.folder},
-                          batch_size=DECODE_ROWS)
-
-
-def _endless_shard(shard, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    epoch = 0
-    while True:
-        seen = False
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch
-        ):
-            seen = True
-            yield batch["image"]
-        if not seen:
-            raise ValueError(f"this worker's data shard has fewer than {batch_size} images: lower ray.num_workers or train.batch_size")
-        epoch += 1
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -138,6 +77,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(rcfg.cpus_per_worker)))
     seed_everything(cfg.seed)
     ctx = ray.train.get_context()
+    beat = Beat(config.get("progress"), f"rank {ctx.get_world_rank()}")
+    beat("started", force=True)
     # one progress line per epoch, from rank 0; the per-step losses go to MLflow, not the console
     logging.getLogger("plantad.training.loop").setLevel(logging.WARNING)
     if ctx.get_world_rank() != 0:  # rank 0 says it (the random-teacher warning too)
@@ -158,7 +99,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
     device = ray.train.torch.get_device()
     per_worker = worker_batch(cfg.batch_size, ctx.get_world_size())
-    batches = _endless_shard(ray.train.get_dataset_shard("train"), per_worker, cfg.seed + ctx.get_world_rank())
+    batches = endless_shard(ray.train.get_dataset_shard("train"), per_worker, cfg.seed + ctx.get_world_rank(),
+                            on_batch=lambda: beat("a dataset batch"))
     step_logger = _step_logger(config.get("mlflow")) if ctx.get_world_rank() == 0 else None
     spe = rcfg.steps_per_epoch
     while step < cfg.steps:
@@ -167,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         losses: list[float] = []
         started = time.perf_counter()
         step = fit(model, batches, cfg, device, optimizer, scheduler, step, stop,
-                   on_step=_collect(losses, step_logger), progress=False)
+                   on_step=_collect(losses, step_logger, beat), progress=False)
         seconds = time.perf_counter() - started
         metrics = {"step": step, "epoch": -(-step // spe), "loss": float(np.mean(losses)),
                    "resumed_from": int(state["step"]) if state else 0, "epoch_seconds": seconds,
@@ -183,9 +125,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  epoch_start, step, metrics["loss"], metrics["images_per_second"])
 
 
-def _collect(losses: list[float], then):
+def _collect(losses: list[float], then, beat: Beat):
     def on_step(step: int, logs: dict[str, float]) -> None:
         losses.append(logs["loss"])
+        beat(f"step {step}")
         if then is not None:
             then(step, logs)
 
@@ -248,14 +191,16 @@ def run_ray_training(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_cpu_budget(rcfg, float(ray.cluster_resources().get("CPU", 0.0)), local=cluster_address(rcfg)[0] is None)
+    plan = fit_training(rcfg)
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
     name = f"plantad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    resources = {"CPU": rcfg.cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1} if rcfg.use_gpu else {})}
+    resources = {"CPU": plan.cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1} if rcfg.use_gpu else {})}
     worker_settings = settings_for_workers(settings)
+    worker_settings = worker_settings.model_copy(update={"ray": rcfg.model_copy(update={"cpus_per_worker": plan.cpus_per_worker})})
+    board = start_board()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run},
+        train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run, "progress": board},
         scaling_config=ScalingConfig(num_workers=rcfg.num_workers, use_gpu=rcfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
@@ -266,11 +211,16 @@ def run_ray_training(
             # Ray Train's own INFO lines (worker group, process group, every report) stay in its log files
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size,
-                                             rcfg.cache_images)},
+        datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size, rcfg.data_cpus,
+                                         rcfg.cache_images, rcfg.stall_timeout_s,
+                                         lambda: stall_reason(plan, rcfg, {}, reading=True))},
     )
+    job = ray.get_runtime_context().get_job_id()
     try:
-        result = trainer.fit()
+        result = run_watched(trainer.fit, board, rcfg.stall_timeout_s, lambda beats: stall_reason(plan, rcfg, beats),
+                             abort=lambda: abort_train_runs(job))
+    except StallError:
+        raise
     except Exception as exc:  # Ray's error names neither the storage nor its endpoint
         where = f" at S3 endpoint {endpoint_name(settings.s3)}" if filesystem is not None else ""
         raise RuntimeError(f"Ray Train run {name} failed (checkpoints in {rcfg.storage_path}{where}): {exc}") from exc
@@ -284,6 +234,7 @@ def run_ray_training(
     calib = calibrate(model, held, settings.scoring, amp=settings.train.amp)
     meta = {"training": {"steps": int(state["step"]), "n_train": len(train_rows), "n_holdout": len(holdout_rows),
                          "ray_run": name, "ray_checkpoint": result.checkpoint.path, "num_workers": rcfg.num_workers,
+                         "cpus_per_worker": plan.cpus_per_worker,
                          "shards": shards.folder, "manifest_fingerprint": shards.fingerprint}}
     path = save_model(model, settings, out_dir, {**meta, **(extra_meta or {})})
     frame = result.metrics_dataframe

@@ -19,7 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from plantad.config import BulkConfig, Settings
+from plantad.cluster.capacity import DoesNotFit, fit_per_worker, holders_text, read_capacity
+from plantad.cluster.watch import watched_iter
+from plantad.config import BulkConfig, RayConfig, Settings
 from plantad.serving.bulk.plan import (
     PARTS, Part, commit_part, done_parts, model_id, plan_parts, read_part, write_manifest,
 )
@@ -87,50 +89,46 @@ def resolve_source(uri: str, settings: Settings) -> tuple[ModelRef, str | None]:
     return resolve_model(uri, MlflowClient(tracking_uri, registry_uri=tracking_uri)), tracking_uri
 
 
-def check_bulk_budget(bulk: BulkConfig, cpus: float, gpus: float, local: bool, free_cpus: float | None = None,
-                      free_gpus: float | None = None) -> None:
-    """Actors holding every CPU starve the reading tasks and the job hangs without a word; so do
-    actors that fit the cluster but not what other work on it (a Serve replica, say) leaves free."""
-    need = bulk.actors * bulk.cpus_per_actor + bulk.read_cpus
-    need_gpus = bulk.actors * bulk.gpus_per_actor
-    free_cpus = cpus if free_cpus is None else free_cpus
-    free_gpus = gpus if free_gpus is None else free_gpus
-    asked = (f"bulk.actors x bulk.cpus_per_actor + bulk.read_cpus = {bulk.actors} x {bulk.cpus_per_actor:g} + "
-             f"{bulk.read_cpus:g} = {need:g} CPUs")
-    problems = []
-    if need > cpus:
-        problems.append(f"{asked}, the cluster has {cpus:g}")
-    elif need > free_cpus:
-        problems.append(f"{asked}, {free_cpus:g} of the cluster's {cpus:g} are free (other work on it, such as "
-                        "Serve replicas, holds the rest; `plantad serve --stop` frees theirs)")
-    if need_gpus > gpus:
-        problems.append(f"bulk.actors x bulk.gpus_per_actor = {need_gpus:g} GPUs, the cluster has {gpus:g}")
-    elif need_gpus > free_gpus:
-        problems.append(f"bulk.actors x bulk.gpus_per_actor = {need_gpus:g} GPUs, {free_gpus:g} of the cluster's "
-                        f"{gpus:g} are free")
-    if problems and local:
-        raise ValueError("; ".join(problems) + ": lower bulk.actors or the per-actor resources (--set "
-                         "bulk.cpus_per_actor=...)")
-    for p in problems:
-        log.warning("%s (unless the cluster autoscales)", p)
+def fit_bulk(bulk: BulkConfig, rcfg: RayConfig) -> BulkConfig:
+    """`bulk` with the actors' CPUs fitted to what the connected cluster has free: read tasks need
+    a share too, or they wait forever beside actors (and Serve replicas) that hold every CPU.
+    Shrinks bulk.cpus_per_actor down to bulk.min_cpus_per_actor; below that DoesNotFit (a warning
+    with ray.autoscaling, whose new nodes may come)."""
+    cap = read_capacity()
+    floor = min(bulk.min_cpus_per_actor, bulk.cpus_per_actor)
+    per = fit_per_worker(bulk.actors, bulk.cpus_per_actor, bulk.read_cpus, cap.free["CPU"], floor)
+    gpus = bulk.actors * bulk.gpus_per_actor
+    if per is not None and gpus <= cap.free["GPU"]:
+        if per < bulk.cpus_per_actor:
+            log.info("Ray: %s, so the %d scoring actors reserve %g CPU each instead of bulk.cpus_per_actor=%g",
+                     cap.text(), bulk.actors, per, bulk.cpus_per_actor)
+        return bulk.model_copy(update={"cpus_per_actor": per})
+    need = (f"bulk.actors x bulk.cpus_per_actor + bulk.read_cpus = {bulk.actors} x {bulk.cpus_per_actor:g} + "
+            f"{bulk.read_cpus:g} CPUs (at least {bulk.actors} x {floor:g} + {bulk.read_cpus:g} with "
+            "bulk.min_cpus_per_actor)" + (f" and bulk.actors x bulk.gpus_per_actor = {gpus:g} GPUs" if gpus else ""))
+    message = f"this scoring job needs {need}; the Ray cluster has {cap.text()}, held by: {holders_text()}"
+    if rcfg.autoscaling:
+        log.warning("%s; waiting up to ray.stall_timeout_s=%g s for new nodes (ray.autoscaling)", message,
+                    rcfg.stall_timeout_s)
+        return bulk
+    raise DoesNotFit(f"{message}. Free them (the main job's endpoint: `bash scripts/stop.sh`), or lower bulk.actors "
+                     "or the per-actor resources (--set bulk.min_cpus_per_actor=...)")
 
 
-def start_ray(settings: Settings) -> None:
-    from plantad.cluster import cluster_address, connect
+def start_ray(settings: Settings) -> BulkConfig:
+    """Join or start the cluster; the bulk settings fitted to it."""
+    from plantad.cluster import connect
 
     connect(settings.ray)  # before `import ray`: it sets the environment Ray reads on import
-    import ray
+    return fit_bulk(settings.bulk, settings.ray)
 
-    res = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    free = {"CPU": 0.0, "GPU": 0.0}
-    for attempt in range(3):  # the most that was free over a second: a short task may hold a CPU for a moment
-        now = ray.available_resources()
-        free = {k: max(v, float(now.get(k, 0.0))) for k, v in free.items()}
-        if all(free[k] >= res.get(k, 0.0) for k in free) or attempt == 2:
-            break
-        time.sleep(0.5)
-    check_bulk_budget(settings.bulk, res.get("CPU", 0.0), res.get("GPU", 0.0),
-                      local=cluster_address(settings.ray)[0] is None, free_cpus=free["CPU"], free_gpus=free["GPU"])
+
+def stall_reason(bulk: BulkConfig) -> str:
+    """What a scoring job with no batch for ray.stall_timeout_s waited for."""
+    return (f"waited for {bulk.actors} scoring actor(s) of {bulk.cpus_per_actor:g} CPU"
+            + (f" + {bulk.gpus_per_actor:g} GPU" if bulk.gpus_per_actor else "")
+            + f" and read tasks of {bulk.read_cpus:g} CPU; the Ray cluster has {read_capacity(samples=1).text()}, "
+            f"held by: {holders_text()}")
 
 
 def scored_batches(pending: list[Part], src: Location, ref: ModelRef, mid: str, tracking_uri: str | None,
@@ -213,9 +211,10 @@ def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str
     start = time.perf_counter()
     scored, warm = sum(len(p.relpaths) for p in pending), 0.0
     if pending:
-        start_ray(settings)
-        warm = commit_stream(scored_batches(pending, src, ref, mid, tracking_uri, bulk, maps), pending, out, mid,
-                             progress)
+        fitted = start_ray(settings)
+        batches = watched_iter(scored_batches(pending, src, ref, mid, tracking_uri, fitted, maps),
+                               settings.ray.stall_timeout_s, lambda: stall_reason(fitted), "scored batch")
+        warm = commit_stream(batches, pending, out, mid, progress)
     seconds = time.perf_counter() - start
     tidy_parts(out, parts)
     by_folder = folder_counts(read_part(out, p.file) for p in parts)

@@ -1,4 +1,9 @@
-"""Join the configured Ray cluster, or start a local one whose ports listen on `ray.host` only.
+"""Join the configured Ray cluster or the one running on this machine, or start a local one whose
+ports listen on `ray.host` only.
+
+Without ray.address / RAY_ADDRESS, a job joins the cluster that `ray start --head` left on this
+machine (the main job's, which serves the endpoint): one cluster per machine, whose roles share its
+resources (plantad.cluster.capacity). Only when none runs does it start a private one.
 
 Ray 2.60 turns a node IP of 127.0.0.1 into the machine's routed address
 (`ray._private.services.resolve_ip_for_localhost`) and then listens on every interface. It keeps the
@@ -20,9 +25,12 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 
 from plantad.config import RayConfig
 from plantad.logs import RAY_WORKER_ENV
+
+log = logging.getLogger(__name__)
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -55,6 +63,37 @@ def cluster_address(cfg: RayConfig) -> tuple[str | None, str]:
     if cfg.address:
         return cfg.address, "ray.address"
     return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+
+
+def ray_temp_dir() -> Path:
+    """Ray's default temp dir (RAY_TMPDIR, else /tmp, plus /ray), read without importing `ray`."""
+    return Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray"
+
+
+def running_local_cluster(timeout_s: float = 2.0) -> str | None:
+    """The GCS address of a live cluster that `ray start --head` started on this machine, else None.
+
+    Ray records it in <temp dir>/ray_current_cluster; a stale record (a crashed head) is ignored."""
+    record = ray_temp_dir() / "ray_current_cluster"
+    try:
+        address = record.read_text().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
+def job_address(cfg: RayConfig) -> tuple[str | None, str]:
+    """cluster_address, else the local cluster `ray start --head` left running (None: start one)."""
+    address, source = cluster_address(cfg)
+    if address:
+        return address, source
+    found = running_local_cluster()
+    return (found, "this machine's running cluster (`ray start --head`)") if found else (None, "none running")
 
 
 def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
@@ -94,14 +133,16 @@ def _check_node_ip(cfg: RayConfig) -> None:
 
 
 def start_local(cfg: RayConfig, **init_kwargs) -> None:
-    """`ray.init` of a cluster that lives in this process; GCS, raylet, workers and dashboard on ray.host."""
+    """`ray.init` of a new cluster that lives in this process (never one already running here: Ray's
+    default would join that); GCS, raylet, workers and dashboard on ray.host."""
     loopback = is_loopback(cfg.host)
     if loopback:
         os.environ.update(LOOPBACK_ENV)
     os.environ.update(with_serve_env(os.environ))  # the cluster's processes inherit this environment
     import ray
 
-    ray.init(dashboard_host=cfg.host, **({} if loopback else {"_node_ip_address": cfg.host}), **init_kwargs)
+    ray.init(address="local", dashboard_host=cfg.host, **({} if loopback else {"_node_ip_address": cfg.host}),
+             **init_kwargs)
     if loopback:
         _check_node_ip(cfg)
 
@@ -119,11 +160,12 @@ def join(cfg: RayConfig, address: str, **init_kwargs) -> None:
 
 
 def connect(cfg: RayConfig) -> None:
-    """Join the configured cluster, else start a local one with its dashboard on ray.host.
+    """Join the configured cluster, else the one running on this machine, else start a local one
+    with its dashboard on ray.host.
 
     The dashboard serves the state API that Ray Train's placement-group cleaner polls (it warns every
-    few seconds without it)."""
-    address, source = cluster_address(cfg)
+    few seconds without it), and that plantad.cluster.capacity reads to name what holds resources."""
+    address, source = job_address(cfg)
     if loopback_node(cfg, address):
         os.environ.update(LOOPBACK_ENV)  # Ray reads it when it is imported: before the import below
     import ray
@@ -136,6 +178,7 @@ def connect(cfg: RayConfig) -> None:
     if address:
         check_ray_address(address, source)
         join(cfg, address, log_to_driver=True, **quiet)
+        log.info("Ray: joined the cluster at %s (%s)", address, source)
     else:
         start_local(cfg, include_dashboard=True, **quiet)
 

@@ -1,0 +1,124 @@
+"""A bound on every wait for the cluster: a job that makes no progress for `ray.stall_timeout_s`
+fails with a message that says what it waited for, instead of waiting forever.
+
+Ray Train and Ray Data wait without a bound for resources, a worker or a dataset block (their
+tasks stay pending, their warnings scroll by). Progress here is what the job itself sees: a
+scored batch arriving at the driver (`watched_iter`), or a beat that a Ray Train worker sends at
+its start, at each dataset batch and each step (`ProgressBoard`, read by `run_watched`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StallError(TimeoutError):
+    """A job made no progress for its bound; the message names what it waited for."""
+
+
+def watched_iter(items: Iterable[T], stall_s: float, waiting_for: Callable[[], str], what: str) -> Iterator[T]:
+    """The items of `items`, produced in a daemon thread; StallError when none arrives for `stall_s`
+    (the time the consumer spends on an item does not count). `what` names the items."""
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                box.put(("item", item))
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            box.put(("error", exc))
+
+    threading.Thread(target=produce, name=f"watched {what}", daemon=True).start()
+    count = 0
+    while True:
+        try:
+            kind, value = box.get(timeout=stall_s)
+        except queue.Empty:
+            raise StallError(f"no {what} for {stall_s:g} s (ray.stall_timeout_s) after {count}: "
+                             f"{waiting_for()}") from None
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        count += 1
+        yield value
+
+
+class ProgressBoard:
+    """The newest beat of each participant (a Ray actor of 0 CPUs: it must never wait for resources)."""
+
+    def __init__(self) -> None:
+        self.beats: dict[str, tuple[float, str]] = {}
+
+    def beat(self, who: str, what: str) -> None:
+        self.beats[who] = (time.time(), what)
+
+    def read(self) -> tuple[float, dict[str, tuple[float, str]]]:
+        """(now, {who: (time, what)}) on the board's clock."""
+        return time.time(), dict(self.beats)
+
+
+def start_board():
+    """A ProgressBoard actor of this job (it ends with the job)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_concurrency=4)(ProgressBoard).remote()
+
+
+class Beat:
+    """A worker's beats to the board, at most one per `every_s` unless forced; no board, no beats."""
+
+    def __init__(self, board, who: str, every_s: float = 1.0) -> None:
+        self.board, self.who, self.every_s, self.sent = board, who, every_s, 0.0
+
+    def __call__(self, what: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.board is not None and (force or now - self.sent >= self.every_s):
+            self.board.beat.remote(self.who, what)  # fire and forget: never waits on the board
+            self.sent = now
+
+
+def run_watched(work: Callable[[], T], board, stall_s: float, waiting_for: Callable[[dict], str],
+                abort: Callable[[], None], poll_s: float = 1.0) -> T:
+    """work() in a daemon thread; StallError when no participant beat the board for `stall_s`
+    (counted from the start until the first beat). Before raising, `abort()` ends the work's Ray side.
+    `waiting_for(beats)` says what was awaited, from the last beats {who: (age_s, what)}."""
+    import ray
+
+    done: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        try:
+            done.put(("ok", work()))
+        except BaseException as exc:
+            done.put(("error", exc))
+
+    threading.Thread(target=run, name="watched work", daemon=True).start()
+    started = time.time()
+    while True:
+        try:
+            kind, value = done.get(timeout=poll_s)
+        except queue.Empty:
+            now, beats = ray.get(board.read.remote(), timeout=30)
+            ages = {who: (now - at, what) for who, (at, what) in beats.items()}
+            quiet = min([age for age, _ in ages.values()], default=time.time() - started)
+            if quiet < stall_s:
+                continue
+            message = f"no progress for {quiet:.0f} s (ray.stall_timeout_s={stall_s:g}): {waiting_for(ages)}"
+            try:
+                abort()
+            except Exception as exc:  # the stall is the error to report; the abort's is secondary
+                log.warning("could not abort the stalled run: %s", exc)
+            raise StallError(message)
+        if kind == "error":
+            raise value
+        return value

@@ -1,0 +1,85 @@
+"""How a Ray Train run fits the cluster it joins, what it waits for when it stalls, and its abort.
+
+A run needs `ray.num_workers` workers of `ray.cpus_per_worker` CPUs plus `ray.data_cpus` for its
+Ray Data tasks. On a cluster whose other roles (the endpoint's replicas) hold part of the CPUs,
+the workers shrink to what is free, down to `ray.min_cpus_per_worker`; below that the run stops
+before it starts, naming what it needs and what holds the rest (`ray.autoscaling: true` waits for
+new nodes instead, within `ray.stall_timeout_s`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from plantad.cluster.capacity import Capacity, DoesNotFit, amount, fit_per_worker, holders_text, read_capacity
+from plantad.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    cpus_per_worker: float  # what the workers reserve: ray.cpus_per_worker, or less on a shared cluster
+    capacity: Capacity  # as read before the run
+
+
+def worker_resources(rcfg: RayConfig, cpus_per_worker: float) -> dict[str, float]:
+    return {"CPU": cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1.0} if rcfg.use_gpu else {})}
+
+
+def fit_training(rcfg: RayConfig) -> TrainPlan:
+    """The run's per-worker CPUs on the connected cluster, or DoesNotFit (a warning with autoscaling)."""
+    cap = read_capacity()
+    floor = min(rcfg.min_cpus_per_worker, rcfg.cpus_per_worker)
+    per = fit_per_worker(rcfg.num_workers, rcfg.cpus_per_worker, rcfg.data_cpus, cap.free["CPU"], floor)
+    gpus = rcfg.num_workers * worker_resources(rcfg, 0.0).get("GPU", 0.0)
+    if per is not None and gpus <= cap.free["GPU"]:
+        if per < rcfg.cpus_per_worker:
+            log.info("Ray: %s, so the %d training workers reserve %g CPU each instead of ray.cpus_per_worker=%g",
+                     cap.text(), rcfg.num_workers, per, rcfg.cpus_per_worker)
+        return TrainPlan(per, cap)
+    need = (f"this training run needs ray.num_workers x ray.cpus_per_worker + ray.data_cpus = {rcfg.num_workers} x "
+            f"{rcfg.cpus_per_worker:g} + {rcfg.data_cpus:g} CPUs (at least {rcfg.num_workers} x {floor:g} + "
+            f"{rcfg.data_cpus:g} with ray.min_cpus_per_worker)" + (f" and {gpus:g} GPUs" if gpus else ""))
+    message = f"{need}; the Ray cluster has {cap.text()}, held by: {holders_text()}"
+    if rcfg.autoscaling:
+        log.warning("%s; waiting up to ray.stall_timeout_s=%g s for new nodes (ray.autoscaling)", message,
+                    rcfg.stall_timeout_s)
+        return TrainPlan(rcfg.cpus_per_worker, cap)
+    raise DoesNotFit(f"{message}. Free them (the main job's endpoint: `bash scripts/stop.sh`), lower "
+                     "ray.num_workers or ray.min_cpus_per_worker, or set ray.address to a cluster with room")
+
+
+def stall_reason(plan: TrainPlan, rcfg: RayConfig, beats: dict[str, tuple[float, str]], reading: bool = False) -> str:
+    """What a stalled run waited for, from its workers' last beats {who: (age_s, what)}, and the
+    cluster's state now."""
+    if reading:
+        what = f"a block of the shards: Ray Data's read tasks need {rcfg.data_cpus:g} CPU each (ray.data_cpus)"
+    elif not beats:
+        what = (f"Ray Train's worker group to start: {rcfg.num_workers} workers of "
+                f"{amount(worker_resources(rcfg, plan.cpus_per_worker))}")
+    elif starving := sorted(who for who, (_, said) in beats.items() if said == "started"):
+        what = (f"a dataset block on {', '.join(starving)}: Ray Data's decoding tasks need {rcfg.data_cpus:g} CPU "
+                "each (ray.data_cpus)")
+    else:
+        who, (age, said) = min(beats.items(), key=lambda kv: kv[1][0])
+        what = f"the next training step (the last beat: {said} on {who}, {age:.0f} s ago)"
+    return f"waited for {what}; the Ray cluster has {read_capacity(samples=1).text()}, held by: {holders_text()}"
+
+
+def abort_train_runs(job_id: str, timeout_s: float = 30.0) -> None:
+    """Abort this job's Ray Train runs as Ctrl-C would: each controller ends its worker group and
+    placement group. (TorchTrainer.fit keeps its controller's handle, so it is looked up by id.)"""
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "TrainController"), ("job_id", "=", job_id),
+                                 ("state", "=", "ALIVE")], timeout=timeout_s)
+    core = ray._private.worker.global_worker.core_worker
+    for actor in alive:
+        handle = core.get_actor_handle(ray.ActorID.from_hex(actor.actor_id))
+        try:
+            ray.get(handle.abort.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:  # abort() ends the controller: the expected answer
+            pass
