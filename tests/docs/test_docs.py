@@ -107,3 +107,18 @@ def test_commands_in_readme_and_getting_started_exist():
             build_parser().parse_args(shlex.split(inline)[1:])
         except SystemExit:
             raise AssertionError(f"`{inline}` does not parse with plantad's CLI") from None
+
+
+def test_every_benchmark_table_names_its_command_machine_and_date():
+    record = re.compile(r"^\*Command:\* .+ · \*Machine:\* .+ · \*Recorded:\* \d{4}-\d{2}-\d{2}.*, commits? \w+")
+    for page in sorted((DOCS / "benchmarks").glob("*.md")):
+        if page.name == "index.md":
+            continue
+        lines = page.read_text().splitlines()
+        ends = [i for i, line in enumerate(lines) if line.startswith("|")
+                and (i + 1 == len(lines) or not lines[i + 1].startswith("|"))]
+        assert ends, f"{page.name} has no table"
+        for end in ends:
+            after = next((line for line in lines[end + 1:] if line.strip()), "")
+            assert record.match(after), f"{page.name}: the table ending at line {end + 1} is not followed by " \
+                                        f"its *Command:* · *Machine:* · *Recorded:* line"
