@@ -262,6 +262,11 @@ class ScoringConfig(_Section):
     # openvino: on a CPU, serving and bulk scoring run the network as an OpenVINO graph (exported
     # once per model, checked against torch at load; pip install 'plantad[openvino]'); torch elsewhere
     runtime: Literal["torch", "openvino"] = "torch"
+    # line-health drift reference fitted at calibration (evaluation/drift.py): held-out normal images kept
+    # (their projected teacher embeddings and probabilities ship in the model's metadata) and projected dims
+    drift_reference_images: int = Field(512, ge=8)
+    drift_dims: int = Field(16, ge=2, le=256)
+    drift_neighbours: int = Field(5, ge=1)  # k of the k-NN outlier score
 
 
 class EvaluateConfig(_Section):
@@ -354,6 +359,27 @@ class ReplicaResources(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
 
 
+class DriftConfig(_Section):
+    """Online line health (serving/drift.py): each replica keeps a window per line and tests it against
+    the served version's reference every `every_images` new images of that line."""
+
+    enabled: bool = True
+    window_images: int = Field(64, ge=8, le=4096)  # newest images per line kept for the test
+    horizon_s: float = Field(3600.0, gt=0.0)  # images older than this leave the window
+    min_images: int = Field(32, ge=2)  # no test while the window holds fewer (after images aged out)
+    # test a line's window after this many new images of it; = window_images: tests see disjoint
+    # windows, so on normal images their alarms are independent (the alert rule counts them)
+    every_images: int = Field(64, ge=1)
+    alpha: float = Field(0.01, gt=0.0, lt=1.0)  # level of the rank test: share of tests on normal images that alarm
+
+    @model_validator(mode="after")
+    def _fits(self) -> DriftConfig:
+        if self.min_images > self.window_images:
+            raise ValueError(f"serve.drift.min_images ({self.min_images}) is above serve.drift.window_images "
+                             f"({self.window_images}): no test would ever run")
+        return self
+
+
 class ServeConfig(_Section):
     """The Ray Serve scoring application (`plantad serve`, deploy/serve_config.yaml's args)."""
 
@@ -387,6 +413,7 @@ class ServeConfig(_Section):
     webhook_secret_env: str = "PLANTAD_WEBHOOK_SECRET"  # MLflow webhook HMAC secret; unset: route off
     webhook_secret_file: str | None = None  # or the secret in this file
     golden_image: str | None = None  # self-test image for a new version; None: the packaged one
+    drift: DriftConfig = DriftConfig()  # line health: drift of each line's images from the version's reference
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ServeConfig:

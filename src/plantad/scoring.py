@@ -28,6 +28,7 @@ class ScoreOutput(NamedTuple):
     p_semantic: torch.Tensor | None  # (B,)
     probability: torch.Tensor  # (B,) Noisy-OR probability
     is_anomalous: torch.Tensor  # (B,) bool, probability >= threshold
+    embedding: torch.Tensor | None = None  # (B, C) the teacher's view of each image (models/interface.py)
 
 
 def gaussian_kernel1d(sigma: float, device: torch.device) -> torch.Tensor:
@@ -109,4 +110,5 @@ def score_batch(
     p_local, p_sem, prob = model.noisy_or.probabilities(local, semantic)
     thr = float(model.noisy_or.threshold) if threshold is None else float(threshold)
     decision = prob >= thr if math.isfinite(thr) else torch.zeros_like(prob, dtype=torch.bool)
-    return ScoreOutput(amap, local, semantic, p_local, p_sem, prob, decision)
+    embedding = None if raw.embedding is None else raw.embedding.float()
+    return ScoreOutput(amap, local, semantic, p_local, p_sem, prob, decision, embedding)

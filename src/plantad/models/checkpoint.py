@@ -51,6 +51,8 @@ def model_metadata(model: AnomalyModel, settings: Settings, extra: dict[str, Any
             "rule": "p_k = 1 - exp(-lambda_k s_k); threshold = scoring.threshold_quantile of held-out normal P",
         },
         "settings": settings_to_dict(settings),
+        # the line-health reference that calibration fitted (evaluation/drift.py); absent: no drift test
+        **({"drift_reference": model.drift_reference} if getattr(model, "drift_reference", None) else {}),
         **(extra or {}),
     }
 

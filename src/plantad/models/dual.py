@@ -108,4 +108,5 @@ class DualStudentModel(nn.Module):
             h, w = self.teacher.grid
             patch = self._local_map(targets, preds).reshape(x.shape[0], h, w)
         semantic = self._semantic(x, feats) if self.encoder is not None else None
-        return RawScores(patch, semantic)
+        embedding = feats.cls if feats.cls is not None else feats.layers[-1].mean(dim=1)
+        return RawScores(patch, semantic, embedding.float())

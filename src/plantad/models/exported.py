@@ -67,7 +67,7 @@ class OpenVinoModel(nn.Module):
             values = {name: torch.from_numpy(result[i].copy()) for i, name in enumerate(self.outputs)}
         finally:
             self._idle.put(request)
-        return RawScores(values.get("patch_distance"), values.get("semantic"))
+        return RawScores(*(values.get(name) for name in RawScores._fields))
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -30,6 +30,9 @@ class LossTerms(NamedTuple):
 class RawScores(NamedTuple):
     patch_distance: torch.Tensor | None  # (B, h, w) distance per map cell, local branch
     semantic: torch.Tensor | None  # (B,) semantic distance
+    # (B, C) what the teacher sees of each image (final class token, else the mean of its deepest
+    # patch tokens read): the line-health drift statistic compares these with the version's reference
+    embedding: torch.Tensor | None = None
 
 
 class HasIdentity(Protocol):

@@ -119,7 +119,7 @@ class SNLModel(nn.Module):
         if self.training:
             loss = torch.stack([structural_loss(t, s, self.cfg.snl) for t, s, _ in pairs]).mean()
             return LossTerms(loss, loss, None, 1.0, 0.0)
-        return RawScores(self.anomaly_map(pairs), None)
+        return RawScores(self.anomaly_map(pairs), None, pairs[-1][0].mean(dim=1))  # deepest teacher layer's mean token
 
     def anomaly_map(self, pairs: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]) -> torch.Tensor:
         """Sum over layers of the per-layer structural map, upsampled to the finest grid: (B, h, w)."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from plantad.config import Settings, settings_from_dict
 from plantad.data.images import ImageTransform
+from plantad.evaluation.drift import DriftReference
 from plantad.models.checkpoint import META_FILE, load_model, recorded_sha256
 from plantad.models.exported import for_scoring, runtime_of
 from plantad.scoring import ScoreOutput, score_batch
@@ -39,6 +40,7 @@ class ImageScore:
     semantic_score: float | None
     threshold: float
     anomaly_map: np.ndarray | None = None  # (S, S) float32 at model input size, when asked for
+    embedding: np.ndarray | None = None  # (C,) float32 teacher embedding, for the line-health drift test
 
 
 def _value(t: torch.Tensor | None, i: int) -> float | None:
@@ -47,6 +49,7 @@ def _value(t: torch.Tensor | None, i: int) -> float | None:
 
 def split_scores(out: ScoreOutput, threshold: float, with_maps: bool) -> list[ImageScore]:
     maps = out.anomaly_map.float().cpu().numpy() if with_maps and out.local_score is not None else None
+    embeddings = None if out.embedding is None else out.embedding.float().cpu().numpy()
     return [
         ImageScore(
             probability=float(out.probability[i]),
@@ -57,6 +60,7 @@ def split_scores(out: ScoreOutput, threshold: float, with_maps: bool) -> list[Im
             semantic_score=_value(out.semantic_score, i),
             threshold=threshold,
             anomaly_map=None if maps is None else maps[i],
+            embedding=None if embeddings is None else embeddings[i],
         )
         for i in range(out.probability.shape[0])
     ]
@@ -73,6 +77,8 @@ class Predictor:
         self.transform = ImageTransform(self.settings.data.image_size)
         self.device = next(model.parameters()).device
         self.loaded_at = time.time()
+        stored = meta.get("drift_reference")  # fitted at calibration; models saved before it have none
+        self.drift_reference: DriftReference | None = None if stored is None else DriftReference.from_dict(stored)
 
     @classmethod
     def load(cls, uri: str, tracking_uri: str | None = None, device: str = "auto", cache_dir: Path | None = None,
