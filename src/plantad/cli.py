@@ -208,6 +208,33 @@ def cmd_score_online(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_drift_report(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from plantad.evaluation.drift_report import drift_report
+
+    settings = _settings(args)
+    try:
+        since = datetime.fromisoformat(args.since) if args.since else None
+    except ValueError as exc:
+        raise ValueError(f"--since {args.since!r} is not an ISO 8601 time such as 2026-03-01T06:00") from exc
+    model = args.model or settings.serve.model_uri
+    tracking_uri = settings.serve.tracking_uri
+    if tracking_uri is None and model.startswith("models:/"):
+        import os
+
+        from plantad.tracking.s3 import storage_env
+        from plantad.tracking.store import check_tracking_server, resolve_tracking_uri
+
+        os.environ.update(storage_env(settings.s3))
+        tracking_uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
+        check_tracking_server(tracking_uri)
+    path, logged = drift_report(Path(args.images), model, tracking_uri, settings.serve.drift, settings.bulk.extensions,
+                                Path(args.out), since, log_to_mlflow=not args.no_log)
+    print(f"drift report written to {path}" + (f"; logged to MLflow as {logged}" if logged else ""))
+    return 0
+
+
 def cmd_teacher_publish(args: argparse.Namespace) -> int:
     from plantad.tracking import teacher_publish as tp
 
@@ -312,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="PLANTAD_API_KEY", metavar="VAR",
                    help="environment variable holding the API key (default PLANTAD_API_KEY)")
     p.set_defaults(func=cmd_score_online)
+
+    drift = sub.add_parser("drift", help="line health: drift of each line's images from the version's reference"
+                           ).add_subparsers(dest="drift_command", required=True)
+    p = drift.add_parser("report", help="test a folder of images (a sub-folder per line) for drift; HTML + MLflow")
+    _common(p)
+    p.add_argument("--images", required=True, help="folder of images, one top-level sub-folder per line")
+    p.add_argument("--since", help="only images modified at or after this ISO 8601 time")
+    p.add_argument("--model", help="model URI or folder (default: what the serve settings serve)")
+    p.add_argument("--out", default="drift-report", help="folder for report.html and its figures")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the version's MLflow run")
+    p.set_defaults(func=cmd_drift_report)
 
     teacher = sub.add_parser("teacher", help="teacher checkpoints for air-gapped clusters").add_subparsers(
         dest="teacher_command", required=True)

@@ -6,7 +6,9 @@ plot of the drift statistic over a simulated shift); never applied to real data.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageFilter
 
@@ -31,3 +33,18 @@ def shifted_image(image: Image.Image, shift: CameraShift) -> Image.Image:
     if shift.blur_radius > 0:
         out = out.filter(ImageFilter.GaussianBlur(shift.blur_radius))
     return ImageEnhance.Brightness(out).enhance(shift.brightness)
+
+
+def write_line(images: list[Image.Image], folder: Path, shift_from: int | None, shift: CameraShift = CameraShift(),
+               start_time: float = 1_700_000_000.0) -> list[Path]:
+    """Write a simulated line's images as PNGs into `folder`, one second apart (file modification
+    times, the order `plantad drift report` reads them in); from image `shift_from` on (None: never)
+    the camera is shifted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{i:05d}.png"
+        (image if shift_from is None or i < shift_from else shifted_image(image, shift)).save(path)
+        os.utime(path, (start_time + i, start_time + i))
+        paths.append(path)
+    return paths

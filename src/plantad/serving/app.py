@@ -24,6 +24,7 @@ from ray.serve import Application
 from plantad.config import ServeConfig, serve_config_from_dict
 from plantad.serving.answers import (ScoredJob, ScoreJob, model_block, native_answer, request_status, score_jobs,
                                      v2_answer, v2_images)
+from plantad.serving.drift import LineDrift
 from plantad.serving.holder import ModelHolder, golden_image
 from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64, parse_json_body, parse_line,
                                     parse_score_request, read_body)
@@ -59,6 +60,8 @@ class ScoringServer:
         self.webhook_secret = load_webhook_secret(self.cfg)
         self.metrics = ServeMetrics()
         self.lines = LineLabels(self.cfg.max_lines)
+        self.drift = LineDrift(self.cfg.drift)
+        self._drift_tests: set[asyncio.Future] = set()  # running tests, kept referenced until done
         self.holder = ModelHolder(self.cfg.model_uri, self.cfg.tracking_uri, self.cfg.device, self.cfg.alias_poll_s,
                                   golden_image(self.cfg.golden_image), runtime=self.cfg.runtime)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
@@ -71,6 +74,12 @@ class ScoringServer:
         holder = getattr(self, "holder", None)
         if holder is not None:
             holder.stop()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: exports the served version and the swap state (never raises:
+        a failing swap leaves the old version serving, so the replica stays healthy)."""
+        current = self.holder.current
+        self.metrics.holder_state(current.ref.name, current.ref.version, self.holder.last_swap_error is not None)
 
     async def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoredJob]:
         predictor = self.holder.current  # read once: the whole batch is scored by one version
@@ -100,7 +109,22 @@ class ScoringServer:
         scored = await self.batched_score(ScoreJob(images, threshold, heatmap))
         for s in scored.scores:
             self.metrics.scored(s.probability, s.is_anomalous, line)
+        predictor = scored.predictor
+        if self.drift.record(line, predictor.ref.version, predictor.drift_reference, scored.scores):
+            # off the event loop and not awaited: the request that makes a test due does not wait for it
+            task = asyncio.ensure_future(asyncio.to_thread(self._drift_test, line, predictor))
+            self._drift_tests.add(task)
+            task.add_done_callback(self._drift_tests.discard)
         return scored
+
+    def _drift_test(self, line: str, predictor: Any) -> None:
+        try:
+            result = self.drift.test(line, predictor.ref.version, predictor.drift_reference)
+        except Exception:  # a bug in the test must not fail scoring; it is logged with its traceback
+            log.exception("drift test of line %r failed", line)
+            return
+        if result is not None:
+            self.metrics.drift(line, result)
 
     @app.post("/score", openapi_extra=SCORE_BODY, summary="Score one or more images (multipart or base64 JSON)")
     async def score(self, request: Request) -> JSONResponse:
@@ -127,7 +151,9 @@ class ScoringServer:
 
     @app.get("/model", summary="Served version, data version, metrics, teacher, load time, last swap error")
     async def model(self, request: Request) -> JSONResponse:
-        return await self._answer("model", request, self._ok(self.holder.status()))
+        return await self._answer("model", request, self._ok({**self.holder.status(),
+                                                               "line_health": self.drift.status(
+                                                                   self.holder.current.drift_reference)}))
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:

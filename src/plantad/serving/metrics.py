@@ -7,6 +7,8 @@ import logging
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from plantad.evaluation.drift import WindowDrift
+
 log = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES_MS = [5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
@@ -58,6 +60,37 @@ class ServeMetrics:
                                     tag_keys=("status", "line"))
         self.model_version = Gauge("plantad_model_version", description="registry version this replica serves",
                                    tag_keys=("model",))
+        self.swap_error = Gauge("plantad_swap_error", description="1 while the replica's last attempt to follow "
+                                "the alias failed (it keeps serving its version), else 0", tag_keys=("model",))
+
+        # line health (serving/drift.py): the last test of each line's window in this replica
+        self.drift_tests = Counter("plantad_drift_tests", description="drift tests of a line's window by result "
+                                   "(drift: p-value at or below serve.drift.alpha)", tag_keys=("line", "result"))
+        self.drift_p_value = Gauge("plantad_drift_p_value", description="p-value of the last drift test of the "
+                                   "line's window against the version's reference", tag_keys=("line",))
+        self.drift_auc = Gauge("plantad_drift_auc", description="AUC of the window's outlier scores against "
+                               "held-out normal images' (0.5: like normal, 1: all more unusual)", tag_keys=("line",))
+        self.drift_score_shift = Gauge("plantad_drift_score_shift", description="KS distance of the window's "
+                                       "probabilities from the reference's normal ones", tag_keys=("line",))
+        self.drift_reject_rate = Gauge("plantad_drift_reject_rate", description="share of the window's images "
+                                       "decided anomalous", tag_keys=("line",))
+        self.drift_reference_reject_rate = Gauge("plantad_drift_reference_reject_rate", description="share of "
+                                                 "the reference's normal images at or above the threshold",
+                                                 tag_keys=("line",))
+        self.drift_window_images = Gauge("plantad_drift_window_images", description="images in the line's window "
+                                         "at its last test", tag_keys=("line",))
+
+    def drift(self, line: str, result: WindowDrift) -> None:
+        tags = {"line": line}
+        self.drift_window_images.set(result.images, tags=tags)
+        self.drift_reject_rate.set(result.reject_rate, tags=tags)
+        if result.p_value is not None and result.auc is not None:
+            self.drift_tests.inc(tags={"line": line, "result": "drift" if result.drifted else "normal"})
+            self.drift_p_value.set(result.p_value, tags=tags)
+            self.drift_auc.set(result.auc, tags=tags)
+        if result.score_shift is not None and result.reference_reject_rate is not None:
+            self.drift_score_shift.set(result.score_shift, tags=tags)
+            self.drift_reference_reject_rate.set(result.reference_reject_rate, tags=tags)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
@@ -66,6 +99,12 @@ class ServeMetrics:
     def scored(self, probability: float, anomalous: bool, line: str) -> None:
         self.probability.observe(probability, tags={"line": line})
         self.decisions.inc(tags={"decision": "anomalous" if anomalous else "normal", "line": line})
+
+    def holder_state(self, name: str | None, version: str | None, swap_failing: bool) -> None:
+        """The served version and whether following the alias fails (Serve's health check calls it
+        every few seconds, so the gauges are there without traffic)."""
+        self.version(name, version)
+        self.swap_error.set(1.0 if swap_failing else 0.0, tags={"model": name or "local"})
 
     def version(self, name: str | None, version: str | None) -> None:
         self.model_version.set(float(version) if version and version.isdigit() else 0.0,
