@@ -29,6 +29,7 @@ from plantad.serving.holder import ModelHolder, golden_image
 from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64, parse_json_body, parse_line,
                                     parse_score_request, read_body)
 from plantad.serving.metrics import LineLabels, ServeMetrics
+from plantad.serving.predictor import Predictor
 from plantad.serving.security import check_bearer, load_api_keys, load_webhook_secret, verify_webhook
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,19 @@ class ScoringServer:
         for s in scored.scores:
             self.metrics.scored(s.probability, s.is_anomalous, line)
         predictor = scored.predictor
-        if self.drift.record(line, predictor.ref.version, predictor.drift_reference, scored.scores):
+        try:
+            due = self.drift.record(line, predictor.ref.version, predictor.drift_reference, scored.scores)
+        except Exception:  # line health must never fail scoring: a broken reference is logged, not answered
+            log.exception("recording line %r for the drift test failed", line)
+            due = False
+        if due:
             # off the event loop and not awaited: the request that makes a test due does not wait for it
             task = asyncio.ensure_future(asyncio.to_thread(self._drift_test, line, predictor))
             self._drift_tests.add(task)
             task.add_done_callback(self._drift_tests.discard)
         return scored
 
-    def _drift_test(self, line: str, predictor: Any) -> None:
+    def _drift_test(self, line: str, predictor: Predictor) -> None:
         try:
             result = self.drift.test(line, predictor.ref.version, predictor.drift_reference)
         except Exception:  # a bug in the test must not fail scoring; it is logged with its traceback
