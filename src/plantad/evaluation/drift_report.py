@@ -84,22 +84,23 @@ def score_line(predictor: Predictor, reference: DriftReference | None, images: L
     return LineReport(images.line, len(prob), test(slice(None)), windows, prob)
 
 
-def plot_drift_over_time(reports: list[LineReport], alpha: float, path: Path, title: str) -> Path:
+def plot_drift_over_time(reports: list[LineReport], alpha: float, window: int, path: Path, title: str) -> Path:
     """Per line, the AUC and the -log10 p-value of each consecutive window (the drift statistic as a
-    replica computes it), with the alarm level."""
+    replica computes it) at the window's last image, with the alarm level."""
     from plantad.evaluation.plots import _figure, _save
 
     fig = _figure(9.0, 4.5, layout="constrained")
     ax_auc, ax_p = fig.subplots(1, 2)
     for r in reports:
-        x = np.arange(1, len(r.windows) + 1)
+        x = window * np.arange(1, len(r.windows) + 1)
         ax_auc.plot(x, [w.auc if w.auc is not None else np.nan for w in r.windows], marker="o", label=r.line)
         ax_p.plot(x, [-np.log10(w.p_value) if w.p_value is not None else np.nan for w in r.windows], marker="o",
                   label=r.line)
     ax_auc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    ax_auc.set(xlabel="window (oldest first)", ylabel="AUC of outlier scores vs normal", ylim=(0.0, 1.0))
+    ax_auc.set(xlabel="images of the line (end of window)", ylabel="AUC of outlier scores vs normal",
+               ylim=(0.0, 1.0))
     ax_p.axhline(-np.log10(alpha), color="red", linestyle="--", linewidth=1, label=f"alarm (alpha={alpha})")
-    ax_p.set(xlabel="window (oldest first)", ylabel="-log10 p-value")
+    ax_p.set(xlabel="images of the line (end of window)", ylabel="-log10 p-value")
     ax_p.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
@@ -131,7 +132,8 @@ def write_report(reports: list[LineReport], predictor: Predictor, cfg: DriftConf
     out.mkdir(parents=True, exist_ok=True)
     reference = predictor.drift_reference
     who = predictor.ref.describe()
-    plot_drift_over_time(reports, cfg.alpha, out / "drift_over_time.png", f"drift per window of {cfg.window_images}")
+    plot_drift_over_time(reports, cfg.alpha, cfg.window_images, out / "drift_over_time.png",
+                         f"drift test per window of {cfg.window_images} images")
     plot_probabilities(reports, reference, out / "probabilities.png")
     rows = "".join(
         f"<tr><td>{html.escape(r.line)}</td><td>{r.images}</td><td>{_fmt(r.overall.auc, '.3f')}</td>"
