@@ -71,3 +71,14 @@ def test_rules_and_dashboard_query_only_exported_metrics():
     assert exprs and queried_metrics("\n".join(exprs)) - known == set()
     assert {"ray_plantad_drift_p_value", "ray_plantad_decisions_total",
             "ray_plantad_model_version"} <= queried_metrics("\n".join(exprs))
+
+
+def test_every_alert_has_a_unit_test_that_fires_it():
+    import yaml
+
+    rules = yaml.safe_load((PROM / "rules.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    tests = yaml.safe_load((PROM / "rules_test.yml").read_text())["tests"]
+    fired = {t["alertname"] for test in tests for t in test.get("alert_rule_test", []) if t.get("exp_alerts")}
+    assert alerts - fired == set(), f"alerts no test of rules_test.yml fires: {alerts - fired}"
+    assert len(alerts) == 9
