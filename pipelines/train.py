@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,11 @@ from plantad.training.ray_train import connect, run_ray_training
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
+    # plantad's own lines (which cluster the run joined, how it shares the CPUs) belong in the stage's output
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("plantad").addHandler(handler)
+    logging.getLogger("plantad").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, help="dataset root (for its DVC version only)")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster_helpers import free_cpus_back_to, hold, tiny_ray_settings
 from plantad.cluster.capacity import DoesNotFit, fit_per_worker, list_holders, read_capacity
 from plantad.models.checkpoint import load_model
 from plantad.training.ray_train import run_ray_training
-from tiny import tiny_settings
 
 
 def test_workers_shrink_to_what_is_free_down_to_their_floor() -> None:
@@ -24,32 +24,6 @@ def test_workers_shrink_to_what_is_free_down_to_their_floor() -> None:
     assert fit_per_worker(2, 0.5, 0.25, free=0.74, floor=0.25) is None
     assert fit_per_worker(2, 0.5, 0.25, free=1.0, floor=0.5) is None  # floor = cpus_per_worker: never shrink
     assert fit_per_worker(1, 1.0, 0.25, free=8.0, floor=0.25) == 1.0  # never grows
-
-
-def hold(cpus: float, name: str):
-    """An actor of another job's kind holding `cpus` CPUs (as a Serve replica does)."""
-    import ray
-
-    holder = ray.remote(num_cpus=cpus)(type("Replica", (), {"ping": lambda self: True})).options(name=name).remote()
-    ray.get(holder.ping.remote())
-    return holder
-
-
-def free_cpus_back_to(expected: float, timeout_s: float = 60.0) -> float:
-    """Wait until the cluster has `expected` CPUs free again (a run's workers have let go)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        free = read_capacity(samples=1).free["CPU"]
-        if abs(free - expected) < 1e-6:
-            return free
-        time.sleep(0.5)
-    raise AssertionError(f"not after {timeout_s:.0f} s: {expected} CPUs free again (now {free}; {list_holders()})")
-
-
-def _settings(moto_s3, *extra: str):
-    return tiny_settings("ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.steps_per_epoch=5", "ray.max_failures=0",
-                         f"ray.storage_path=s3://{moto_s3.bucket}/fit-{uuid.uuid4().hex[:8]}",
-                         f"s3.endpoint_url={moto_s3.endpoint_url}", f"s3.bucket={moto_s3.bucket}", *extra)
 
 
 @pytest.mark.e2e
@@ -76,7 +50,7 @@ def test_training_fits_its_workers_beside_a_replica_that_holds_a_cpu(ray_local, 
     """The daily loop's case: 2 CPUs, a replica holds 1; the 2 workers x 0.5 + 0.25 CPU would never start."""
     holder = hold(1.0, f"replica-{uuid.uuid4().hex[:6]}")
     try:
-        result = run_ray_training(_settings(moto_s3, "train.steps=10"), demo_manifest, demo_shards, tmp_path / "model")
+        result = run_ray_training(tiny_ray_settings(moto_s3, "train.steps=10"), demo_manifest, demo_shards, tmp_path / "model")
         _, meta = load_model(result.model_path)
         assert meta["training"]["cpus_per_worker"] == 0.37 and result.steps == 10
     finally:
@@ -95,7 +69,7 @@ def test_training_that_cannot_fit_stops_in_seconds_naming_the_holder(ray_local, 
     try:
         started = time.monotonic()
         with pytest.raises(DoesNotFit) as caught:
-            run_ray_training(_settings(moto_s3), demo_manifest, demo_shards, tmp_path / "model")
+            run_ray_training(tiny_ray_settings(moto_s3), demo_manifest, demo_shards, tmp_path / "model")
         assert time.monotonic() - started < 20
     finally:
         import ray
@@ -108,7 +82,7 @@ def test_training_that_cannot_fit_stops_in_seconds_naming_the_holder(ray_local, 
     assert not (tmp_path / "model").exists()
     # a floor equal to the configured CPUs never shrinks: the whole cluster then is not enough
     with pytest.raises(DoesNotFit, match=rf"{total:g} of {total:g} CPUs free"):
-        run_ray_training(_settings(moto_s3, f"ray.cpus_per_worker={total / 2:g}", f"ray.min_cpus_per_worker={total / 2:g}"),
+        run_ray_training(tiny_ray_settings(moto_s3, f"ray.cpus_per_worker={total / 2:g}", f"ray.min_cpus_per_worker={total / 2:g}"),
                          demo_manifest, demo_shards, tmp_path / "model")
 
 

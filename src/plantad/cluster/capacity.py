@@ -77,16 +77,20 @@ def _actor_name(class_name: str, name: str | None, job_id: str) -> str:
 def list_holders(timeout_s: float = 10.0) -> list[Holder]:
     """Actors, placement groups (Ray Train's worker groups) and running tasks that hold CPUs or GPUs,
     from Ray's state API (served by the cluster's dashboard), largest first."""
+    import ray
     from ray.util.state import list_actors, list_placement_groups, list_tasks
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, timeout=timeout_s, raise_on_missing_output=False)
+    # this job's cluster: without an address the state API refuses when the machine runs several
+    here = ray.get_runtime_context().gcs_address
+    actors = list_actors(here, filters=[("state", "=", "ALIVE")], detail=True, timeout=timeout_s,
+                         raise_on_missing_output=False)
     holders, in_group = [], Counter()
     for a in actors:
         if a.placement_group_id:
             in_group[(a.placement_group_id, a.class_name)] += 1
         elif _held(a.required_resources):
             holders.append(Holder(_actor_name(a.class_name, a.name, a.job_id), _held(a.required_resources)))
-    for g in list_placement_groups(detail=True, timeout=timeout_s, raise_on_missing_output=False):
+    for g in list_placement_groups(here, detail=True, timeout=timeout_s, raise_on_missing_output=False):
         if g.state != "CREATED":
             continue
         held: Counter = Counter()
@@ -96,7 +100,7 @@ def list_holders(timeout_s: float = 10.0) -> list[Holder]:
         label = f"placement group '{g.name}'" if g.name else f"placement group of job {g.creator_job_id}"
         holders.append(Holder(label + (f" ({members})" if members else ""), dict(held)))
     tasks: dict[tuple[str, str], Counter] = {}
-    running = list_tasks(filters=[("state", "=", "RUNNING")], detail=True, timeout=timeout_s,
+    running = list_tasks(here, filters=[("state", "=", "RUNNING")], detail=True, timeout=timeout_s,
                          raise_on_missing_output=False)
     for t in running:
         if t.type == "NORMAL_TASK" and _held(t.required_resources):

@@ -24,14 +24,16 @@ class StallError(TimeoutError):
     """A job made no progress for its bound; the message names what it waited for."""
 
 
-def watched_iter(items: Iterable[T], stall_s: float, waiting_for: Callable[[], str], what: str) -> Iterator[T]:
-    """The items of `items`, produced in a daemon thread; StallError when none arrives for `stall_s`
-    (the time the consumer spends on an item does not count). `what` names the items."""
+def watched_iter(items: Callable[[], Iterable[T]], stall_s: float, waiting_for: Callable[[], str],
+                 what: str) -> Iterator[T]:
+    """The items of `items()`, called and iterated in a daemon thread (Ray Data's iterators block in
+    the call already); StallError when none arrives for `stall_s` (the time the consumer spends on an
+    item does not count). `what` names the items."""
     box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
 
     def produce() -> None:
         try:
-            for item in items:
+            for item in items():
                 box.put(("item", item))
             box.put(("end", None))
         except BaseException as exc:  # handed to the consumer, which raises it

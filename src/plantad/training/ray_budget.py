@@ -54,8 +54,9 @@ def fit_training(rcfg: RayConfig) -> TrainPlan:
 def stall_reason(plan: TrainPlan, rcfg: RayConfig, beats: dict[str, tuple[float, str]], reading: bool = False) -> str:
     """What a stalled run waited for, from its workers' last beats {who: (age_s, what)}, and the
     cluster's state now."""
+    beats = {who: beat for who, beat in beats.items() if who.startswith("rank ")}  # the workers'
     if reading:
-        what = f"a block of the shards: Ray Data's read tasks need {rcfg.data_cpus:g} CPU each (ray.data_cpus)"
+        what = f"a chunk of the shards: Ray Data's read tasks need {rcfg.data_cpus:g} CPU each (ray.data_cpus)"
     elif not beats:
         what = (f"Ray Train's worker group to start: {rcfg.num_workers} workers of "
                 f"{amount(worker_resources(rcfg, plan.cpus_per_worker))}")
@@ -74,8 +75,8 @@ def abort_train_runs(job_id: str, timeout_s: float = 30.0) -> None:
     import ray
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("class_name", "=", "TrainController"), ("job_id", "=", job_id),
-                                 ("state", "=", "ALIVE")], timeout=timeout_s)
+    alive = list_actors(ray.get_runtime_context().gcs_address, filters=[
+        ("class_name", "=", "TrainController"), ("job_id", "=", job_id), ("state", "=", "ALIVE")], timeout=timeout_s)
     core = ray._private.worker.global_worker.core_worker
     for actor in alive:
         handle = core.get_actor_handle(ray.ActorID.from_hex(actor.actor_id))

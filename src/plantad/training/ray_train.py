@@ -212,8 +212,8 @@ def run_ray_training(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size, rcfg.data_cpus,
-                                         rcfg.cache_images, rcfg.stall_timeout_s,
-                                         lambda: stall_reason(plan, rcfg, {}, reading=True))},
+                                         rcfg.cache_images, board, rcfg.stall_timeout_s,
+                                         lambda beats: stall_reason(plan, rcfg, beats, reading=True))},
     )
     job = ray.get_runtime_context().get_job_id()
     try:

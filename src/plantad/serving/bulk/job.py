@@ -212,7 +212,7 @@ def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str
     scored, warm = sum(len(p.relpaths) for p in pending), 0.0
     if pending:
         fitted = start_ray(settings)
-        batches = watched_iter(scored_batches(pending, src, ref, mid, tracking_uri, fitted, maps),
+        batches = watched_iter(lambda: scored_batches(pending, src, ref, mid, tracking_uri, fitted, maps),
                                settings.ray.stall_timeout_s, lambda: stall_reason(fitted), "scored batch")
         warm = commit_stream(batches, pending, out, mid, progress)
     seconds = time.perf_counter() - start

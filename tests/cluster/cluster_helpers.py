@@ -1,0 +1,37 @@
+"""Helpers for the cluster tests: another job's CPU holder, waiting for CPUs to come free, and
+tiny Ray Train settings."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from plantad.cluster.capacity import list_holders, read_capacity
+from tiny import tiny_settings
+
+
+def hold(cpus: float, name: str):
+    """An actor of another job's kind holding `cpus` CPUs (as a Serve replica does)."""
+    import ray
+
+    holder = ray.remote(num_cpus=cpus)(type("Replica", (), {"ping": lambda self: True})).options(name=name).remote()
+    ray.get(holder.ping.remote())
+    return holder
+
+
+def free_cpus_back_to(expected: float, timeout_s: float = 60.0) -> float:
+    """Wait until the cluster has `expected` CPUs free again (a run's workers have let go)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free = read_capacity(samples=1).free["CPU"]
+        if abs(free - expected) < 1e-6:
+            return free
+        time.sleep(0.5)
+    raise AssertionError(f"not after {timeout_s:.0f} s: {expected} CPUs free again (now {free}; {list_holders()})")
+
+
+def tiny_ray_settings(moto_s3, *extra: str):
+    """Tiny settings for a 2-worker Ray Train run checkpointing to moto's S3."""
+    return tiny_settings("ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.steps_per_epoch=5", "ray.max_failures=0",
+                         f"ray.storage_path=s3://{moto_s3.bucket}/fit-{uuid.uuid4().hex[:8]}",
+                         f"s3.endpoint_url={moto_s3.endpoint_url}", f"s3.bucket={moto_s3.bucket}", *extra)

@@ -1,0 +1,124 @@
+"""Every wait for the cluster has a bound: a training run or a bulk job that makes no progress for
+ray.stall_timeout_s fails, naming what it waited for, and leaves the cluster as it found it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from plantad.cluster.capacity import read_capacity
+from plantad.cluster.watch import StallError, watched_iter
+from plantad.training.ray_train import run_ray_training
+from cluster_helpers import free_cpus_back_to, hold, tiny_ray_settings
+
+REPO = Path(__file__).resolve().parents[2]
+STALL_S = 40  # a loaded 2-core CI machine takes up to tens of seconds to start and import task workers
+
+
+def slow(items: list[int], pause_s: float):
+    for item in items:
+        time.sleep(pause_s)
+        yield item
+
+
+def test_watched_iter_passes_items_and_errors_and_bounds_the_wait() -> None:
+    assert list(watched_iter(lambda: slow([1, 2, 3], 0.01), 5.0, lambda: "never", "item")) == [1, 2, 3]
+
+    def broken():
+        yield 1
+        raise KeyError("a producer error")
+
+    with pytest.raises(KeyError, match="a producer error"):
+        list(watched_iter(broken, 5.0, lambda: "never", "item"))
+    got, started = [], time.monotonic()
+    with pytest.raises(StallError, match=r"no item for 0.5 s \(ray.stall_timeout_s\) after 1: the cluster's CPUs"):
+        for item in watched_iter(iter_then_hang, 0.5, lambda: "the cluster's CPUs", "item"):
+            got.append(item)
+    assert got == [1] and time.monotonic() - started < 5
+
+
+def iter_then_hang():
+    yield 1
+    time.sleep(3600)  # a daemon thread: abandoned when the consumer gives up
+    yield 2
+
+
+def stalled_training(moto_s3, demo_shards, demo_manifest, tmp_path, holder_cpus: float, *extra: str) -> tuple[str, float]:
+    """A run on a cluster that looks autoscaling (so it starts although it does not fit); its error
+    and how long it took. The holder stays until the cluster has all but its CPUs free again."""
+    import ray
+
+    total = read_capacity(samples=1).total["CPU"]
+    name = f"replica-{uuid.uuid4().hex[:6]}"
+    holder = hold(holder_cpus, name)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StallError) as caught:
+            run_ray_training(tiny_ray_settings(moto_s3, "ray.autoscaling=true", f"ray.stall_timeout_s={STALL_S}", *extra),
+                             demo_manifest, demo_shards, tmp_path / "model")
+        took = time.monotonic() - started
+        free_cpus_back_to(total - holder_cpus)  # the aborted run's workers and placement group are gone
+    finally:
+        ray.kill(holder)
+    message = str(caught.value)
+    assert f"actor Replica '{name}'" in message, message
+    assert not (tmp_path / "model").exists()
+    return message, took
+
+
+@pytest.mark.e2e
+def test_a_worker_group_that_cannot_start_fails_after_the_bound(ray_local, moto_s3, demo_shards, demo_manifest,
+                                                               tmp_path) -> None:
+    total = read_capacity(samples=1).total["CPU"]
+    message, took = stalled_training(moto_s3, demo_shards, demo_manifest, tmp_path, total - 0.5)
+    assert f"(ray.stall_timeout_s={STALL_S})" in message
+    assert "waited for Ray Train's worker group to start: 2 workers of 0.5 CPU" in message, message
+    assert f"0.5 of {total:g} CPUs free" in message
+    assert took < STALL_S + 45
+
+
+@pytest.mark.e2e
+def test_workers_that_get_no_dataset_block_fail_after_the_bound(ray_local, moto_s3, demo_shards, demo_manifest,
+                                                               tmp_path) -> None:
+    """The hang of the daily loop: the workers hold the CPUs that Ray Data's decoding tasks need."""
+    total = read_capacity(samples=1).total["CPU"]
+    message, took = stalled_training(moto_s3, demo_shards, demo_manifest, tmp_path, total - 1.0,
+                                     "ray.min_cpus_per_worker=0.5")  # 2 x 0.5: every CPU the holder leaves
+    assert "waited for a dataset block on rank 0, rank 1: Ray Data's decoding tasks need 0.25 CPU each" in message
+    assert took < STALL_S + 60
+
+
+@pytest.mark.e2e
+def test_bulk_scoring_that_gets_no_actor_fails_after_the_bound(ray_local, trained_tiny, demo_root, tmp_path) -> None:
+    """`plantad score` as a user runs it, joined to the session's cluster, whose CPUs a holder keeps."""
+    import ray
+
+    _, result = trained_tiny
+    images = sorted(demo_root.rglob("*.png"))[:3]
+    (tmp_path / "in").mkdir()
+    for i, image in enumerate(images):
+        (tmp_path / "in" / f"{i}.png").write_bytes(image.read_bytes())
+    total = read_capacity(samples=1).total["CPU"]
+    holder = hold(total - 0.4, "main-job-replica")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    args = [sys.executable, "-m", "plantad.cli", "score", "--config", str(REPO / "params.yaml"),
+            "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(result.model_path.parent),
+            "--set", "ray.autoscaling=true", "--set", f"ray.stall_timeout_s={STALL_S}"]
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+        took = time.monotonic() - started
+    finally:
+        ray.kill(holder)
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    assert f"error: no scored batch for {STALL_S} s (ray.stall_timeout_s) after 0" in proc.stderr, proc.stderr[-3000:]
+    assert "waited for 1 scoring actor(s) of 1 CPU and read tasks of 0.25 CPU" in proc.stderr
+    assert "actor Replica 'main-job-replica'" in proc.stderr
+    assert took < 120
+    free_cpus_back_to(total)  # the job ended with its process: nothing of it waits on in the cluster
