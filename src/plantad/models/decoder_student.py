@@ -1,6 +1,6 @@
 """Encoder-decoder student S_D (local branch): reconstructs the teacher's mid-layer patch tokens.
 
-Follows Dinomaly (Guo et al., CVPR 2025) as METHOD.md reads it from its code: the mean of the
+Follows Dinomaly (Guo et al., CVPR 2025) as its public code does it: the mean of the
 teacher's layers goes through a noisy MLP bottleneck (dropout is the noise), then a stack of ViT
 blocks with linear attention; the block outputs, reversed, are averaged in the same groups as the
 teacher's layers. Class/register tokens pass through and are dropped before loss and maps.

@@ -4,7 +4,7 @@
 distance between teacher and student; a central residual aggregation module (CRAM) after each
 student block encapsulates the normal representation space; the test-time map is the channel-wise
 feature distance plus the intra-affinity distance.
-[reconstructed] (METHOD.md section 2) channel: per-position 1 - cos over channels; spatial: each
+[reconstructed] (the paper gives no formulas) channel: per-position 1 - cos over channels; spatial: each
 channel's softmax over positions, KL(teacher || student) at a temperature (times T^2); intra: the
 N x N cosine matrix of one image's positions, squared difference; inter: the B x B cosine matrix of
 mean-pooled features across the batch, squared difference; CRAM: K learnable centres, soft
