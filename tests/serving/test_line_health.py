@@ -156,6 +156,16 @@ def send(url: str, images: list[Image.Image], line: str) -> None:
         assert response.status_code == 200, response.text
 
 
+def diagnosis(prom: str, app: str) -> str:
+    """What Prometheus scrapes and what the replica says, for a wait's error message."""
+    targets = httpx.get(f"{prom}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    scraped = [(t["scrapeUrl"], t["health"], t.get("lastError")) for t in targets]
+    names = httpx.get(f"{prom}/api/v1/label/__name__/values", timeout=10).json()["data"]
+    lines = httpx.get(f"{app}/model", timeout=30).json()["line_health"]["lines"]
+    return (f"targets {scraped}; plantad series {[n for n in names if 'plantad' in n]}; "
+            f"the replica's line_health {lines}")
+
+
 def drift_alerts(prom: str) -> list[dict]:
     alerts = httpx.get(f"{prom}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     return [a for a in alerts if a["labels"]["alertname"] == "PlantadLineDrift"]
@@ -170,14 +180,15 @@ def test_drift_alert_fires_for_the_moved_camera_line_only(health_app, prometheus
     for line, images in (("press-normal", normal), ("press-moved", moved)):
         send(health_app, images[:32], line)
     wait_for(lambda: {r["metric"]["line"] for r in query(prometheus, tests)} >= {"press-normal", "press-moved"},
-             120, f"{tests} of both lines in Prometheus")
+             240, lambda: f"{tests} of both lines in Prometheus; {diagnosis(prometheus, health_app)}")
     for line, images in (("press-normal", normal), ("press-moved", moved)):
         send(health_app, images[32:], line)
 
     def all_tests_seen():
         got = query(prometheus, f"sum by (line) ({tests})")
         return len(got) == 2 and all(float(r["value"][1]) >= PER_LINE // 32 for r in got)
-    wait_for(all_tests_seen, 120, f"all {PER_LINE // 32} drift tests of each line counted in Prometheus")
+    wait_for(all_tests_seen, 240, lambda: f"all {PER_LINE // 32} drift tests of each line counted in Prometheus; "
+                                          f"{diagnosis(prometheus, health_app)}")
     fired = wait_for(lambda: [a for a in drift_alerts(prometheus) if a["state"] == "firing"], 60,
                      "PlantadLineDrift firing")
     assert [a["labels"]["line"] for a in fired] == ["press-moved"], fired
@@ -190,6 +201,8 @@ def test_drift_alert_fires_for_the_moved_camera_line_only(health_app, prometheus
     # the labels the other rules group by are there, and /model shows both lines' last tests
     assert query(prometheus, 'ray_serve_deployment_replica_healthy{application="health",deployment="ScoringServer"}')
     assert query(prometheus, 'ray_plantad_model_version{application="health"}')
+    swap = query(prometheus, 'ray_plantad_swap_error{application="health"}')  # from Serve's health check
+    assert [float(r["value"][1]) for r in swap] == [0.0], swap
     health = httpx.get(f"{health_app}/model", timeout=30).json()["line_health"]
     assert health["reference"]["images"] == REFERENCE
     lines = health["lines"]
