@@ -3,15 +3,17 @@ loopback scraping Ray's metrics endpoints with deploy/prometheus's config and al
 images on one line and the same kind of parts through a moved camera on another. The drift alert
 fires for the moved line only.
 
-The only changes to the deployed config and rules: the service-discovery file is the session's
-cluster's, scrapes and evaluations run every second, and every `for:` is 0s (the rules' windows
-are unchanged). The app tests a line's window every 32 images instead of 64, to need fewer images.
+The only changes to the deployed config and rules: the service-discovery file lists the session's
+cluster's node (in the format Ray writes), scrapes and evaluations run every second, and every
+`for:` is 0s (the rules' windows are unchanged). The app tests a line's window every 32 images
+instead of 64, to need fewer images.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -86,8 +88,12 @@ def prometheus(ray_local, tmp_path_factory):
     if binary is None:
         pytest.fail("Debian's prometheus is not installed: `apt-get install prometheus` (scripts/test.sh does it)")
     folder = tmp_path_factory.mktemp("prometheus")
-    discovery = Path(ray._private.worker._global_node.get_temp_dir_path()) / "prom_metrics_service_discovery.json"
-    wait_for(discovery.is_file, 30, f"Ray's Prometheus service-discovery file {discovery}")
+    # the file Ray's head writes, in the same format, but for this session's cluster only: Ray's own
+    # (under /tmp/ray) is shared by every local cluster on the machine and names the latest one
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    discovery = folder / "prom_metrics_service_discovery.json"
+    discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [
+        f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in nodes]}]))
     port = free_port()
     log = (folder / "prometheus.log").open("w")
     proc = subprocess.Popen([binary, f"--config.file={prometheus_files(folder, str(discovery))}",
