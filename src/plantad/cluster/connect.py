@@ -93,7 +93,7 @@ def job_address(cfg: RayConfig) -> tuple[str | None, str]:
     if address:
         return address, source
     found = running_local_cluster()
-    return (found, "this machine's running cluster (`ray start --head`)") if found else (None, "none running")
+    return (found, "the cluster `ray start --head` left running on this machine") if found else (None, "none running")
 
 
 def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:

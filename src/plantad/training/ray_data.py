@@ -7,7 +7,9 @@ whose CPUs the workers and the endpoint's replicas hold.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,6 +57,8 @@ def image_dataset(shards: ShardSet, s3: S3Config, rows: pd.DataFrame, image_size
 
     # one bar per epoch per worker would bury the training log of a DVC stage
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if not shards.location.startswith("s3://"):  # a task's working directory is not the driver's
+        shards = dataclasses.replace(shards, location=str(Path(shards.location).resolve()))
     paths = sorted(rows["path"].astype(str))
     chunks = [{"paths": paths[i : i + DECODE_ROWS]} for i in range(0, len(paths), DECODE_ROWS)]
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
