@@ -27,7 +27,7 @@ from plantad.config import Settings, load_settings
 from plantad.data.demo import generate_demo
 from plantad.data.manifest import scan_dataset
 from plantad.data.shards import ShardSet, write_shards
-from plantad.models.factory import build_model
+from plantad.tracking.teacher_weights import build_model_with_teacher_weights
 from plantad.training.loop import build_optimizer, train_step
 from plantad.training.ray_train import run_ray_training
 
@@ -35,7 +35,7 @@ from plantad.training.ray_train import run_ray_training
 def raw_images_per_second(settings: Settings, steps: int, threads: int, device: torch.device) -> float:
     """The ceiling: train_step on one fixed batch already in memory, no data loading, no DDP."""
     torch.set_num_threads(threads)
-    model = build_model(settings).to(device)
+    model = build_model_with_teacher_weights(settings).to(device)
     optimizer, scheduler = build_optimizer(model, settings.train)
     size, batch = settings.data.image_size, settings.train.batch_size
     images = torch.randn(batch, 3, size, size, device=device)

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from plantad.config import ConfigError
 from plantad.models.factory import build_model
 from plantad.models.safe_load import file_sha256
+from plantad.models.teacher import TeacherLoadError
 from plantad.tracking.s3 import s3_client, split_s3_uri
 from plantad.tracking.teacher_publish import PublishError, checked_checkpoint, publish_to_mlflow, publish_to_s3
-from plantad.tracking.teacher_weights import TeacherWeightsError
+from plantad.tracking.teacher_weights import TeacherWeightsError, build_model_with_teacher_weights
 from teacher_files import tiny_teacher_file
 from tiny import tiny_method_settings, tiny_settings
 
@@ -47,7 +48,7 @@ def endpoint(moto_s3) -> str:
 
 def test_a_pinned_s3_teacher_is_fetched_verified_and_recorded_by_its_uri(published, moto_s3, tmp_path):
     uri, digest, net = published
-    model = build_model(remote(uri, digest, tmp_path / "cache", endpoint(moto_s3)))
+    model = build_model_with_teacher_weights(remote(uri, digest, tmp_path / "cache", endpoint(moto_s3)))
     identity = model.teacher.identity
     assert (identity.weights, identity.sha256, identity.source) == (uri, digest, "checkpoint")
     assert torch.equal(model.teacher.vit.blocks[1].attn.qkv.weight, net.blocks[1].attn.qkv.weight)
@@ -59,16 +60,16 @@ def test_a_pinned_s3_teacher_is_fetched_verified_and_recorded_by_its_uri(publish
 def test_the_cache_is_reused_and_a_damaged_copy_is_fetched_again(published, moto_s3, tmp_path, caplog):
     uri, digest, _ = published
     settings = remote(uri, digest, tmp_path / "cache", endpoint(moto_s3))
-    build_model(settings)
+    build_model_with_teacher_weights(settings)
     cached = tmp_path / "cache" / digest / "tiny_dinov2.safetensors"
     cached.write_bytes(cached.read_bytes()[:-8] + b"damaged!")
     with caplog.at_level(logging.WARNING):
-        build_model(settings)
+        build_model_with_teacher_weights(settings)
     assert f"does not hold one file with sha256 {digest}" in caplog.text
     assert file_sha256(cached) == digest
     bucket, key = split_s3_uri(uri)
     s3_client(moto_s3).delete_object(Bucket=bucket, Key=key)  # the node no longer reaches the source
-    assert build_model(settings).teacher.identity.sha256 == digest  # served from the cache alone
+    assert build_model_with_teacher_weights(settings).teacher.identity.sha256 == digest  # served from the cache alone
 
 
 def test_a_mismatched_pin_is_refused_naming_both_hashes_and_nothing_is_cached(published, moto_s3, tmp_path):
@@ -76,8 +77,18 @@ def test_a_mismatched_pin_is_refused_naming_both_hashes_and_nothing_is_cached(pu
     wrong = "ab" * 32
     both = rf"{uri}: their sha256 is {digest} but model.teacher.sha256 pins {wrong}"
     with pytest.raises(TeacherWeightsError, match=both):
-        build_model(remote(uri, wrong, tmp_path / "cache", endpoint(moto_s3)))
+        build_model_with_teacher_weights(remote(uri, wrong, tmp_path / "cache", endpoint(moto_s3)))
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_the_model_itself_refuses_remote_weights_and_names_the_key(published, moto_s3, tmp_path):
+    """models/ reads local files only: fetching is the caller's (training's, a script's) job."""
+    uri, digest, _ = published
+    settings = remote(uri, digest, tmp_path / "cache", endpoint(moto_s3))
+    with pytest.raises(TeacherLoadError, match=rf"model.teacher.weights={uri} is remote: .* fetches it"):
+        build_model(settings)
+    assert not (tmp_path / "cache").exists()  # nothing was fetched
+    assert build_model(settings, load_teacher_weights=False).teacher.identity.weights == uri  # a saved model's
 
 
 def test_a_local_checkpoint_follows_the_pin_instead_of_a_sidecar(tmp_path):
@@ -109,8 +120,9 @@ def test_the_cnn_teacher_comes_from_s3_the_same_way(moto_s3, tmp_path):
     digest = checked_checkpoint(path)
     uri = publish_to_s3(path, f"s3://{moto_s3.bucket}/cnn-{uuid.uuid4().hex[:8]}", moto_s3, digest)
     key = "model.snl.cnn_teacher"
-    model = build_model(tiny_method_settings("snl_rd", f"{key}.weights={uri}", f"{key}.sha256={digest}",
-                                             f"{key}.cache_dir={tmp_path / 'cache'}", endpoint(moto_s3)))
+    settings = tiny_method_settings("snl_rd", f"{key}.weights={uri}", f"{key}.sha256={digest}",
+                                    f"{key}.cache_dir={tmp_path / 'cache'}", endpoint(moto_s3))
+    model = build_model_with_teacher_weights(settings)
     assert (model.teacher.identity.weights, model.teacher.identity.sha256) == (uri, digest)
     assert torch.equal(model.teacher.net.conv1.weight, net.conv1.weight)
 
@@ -155,7 +167,7 @@ def test_cli_publish_to_s3_prints_lines_that_configure_the_teacher(moto_s3, tmp_
                                             "sha256": file_sha256(path)}}}
     settings = tiny_settings(*(f"model.teacher.{k}={v}" for k, v in pasted["model"]["teacher"].items()),
                              f"model.teacher.cache_dir={tmp_path / 'cache'}", endpoint(moto_s3))
-    assert build_model(settings).teacher.identity.sha256 == file_sha256(path)
+    assert build_model_with_teacher_weights(settings).teacher.identity.sha256 == file_sha256(path)
 
 
 def test_a_teacher_published_to_mlflow_is_fetched_by_models_uri(mlflow_server, tmp_path):
@@ -167,7 +179,7 @@ def test_a_teacher_published_to_mlflow_is_fetched_by_models_uri(mlflow_server, t
     uri = publish_to_mlflow(path, mlflow_server, MlflowConfig(experiment="teachers-test"), name, digest)
     assert uri == f"models:/{name}/1"
     settings = remote(uri, digest, tmp_path / "cache", f"mlflow.tracking_uri={mlflow_server}")
-    model = build_model(settings)
+    model = build_model_with_teacher_weights(settings)
     assert (model.teacher.identity.weights, model.teacher.identity.sha256) == (uri, digest)
     assert torch.equal(model.teacher.vit.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
 

@@ -22,20 +22,11 @@ def build_model(settings: Settings, load_teacher_weights: bool = True) -> Anomal
     """The configured method's model (plain nn.Module, teacher frozen); `load_teacher_weights=False`
     builds the bare architecture for a saved model that brings its own weights.
 
-    Remote teacher weights (s3://, models:/, runs:/) are fetched into this node's cache first; the
-    model only ever sees the verified local file, and its teacher identity names the remote URI."""
+    The teacher reads local files only: remote weights (s3://, models:/, runs:/) are fetched into a
+    verified local file by the caller first (training does it through
+    `plantad.tracking.teacher_weights.build_model_with_teacher_weights`); given one, it refuses."""
     builders = _builders()
     method = settings.model.method
     if method not in builders:
         raise ValueError(f"unknown model.method {method!r} (known: {', '.join(builders)})")
-    sources: dict[str, str] = {}
-    if load_teacher_weights:
-        from plantad.tracking.teacher_weights import localize_teachers
-
-        settings, sources = localize_teachers(settings)
-    model = check_anomaly_model(builders[method](settings.model, settings.data.image_size, load_teacher_weights))
-    if sources:
-        from plantad.tracking.teacher_weights import name_remote_source
-
-        model.teacher.identity = name_remote_source(model.teacher.identity, sources)
-    return model
+    return check_anomaly_model(builders[method](settings.model, settings.data.image_size, load_teacher_weights))

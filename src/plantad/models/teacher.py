@@ -5,8 +5,8 @@ original `.pth`, converted by timm's checkpoint filter, which also resamples `po
 (timm pretrained, needs network) or `random` (only when asked for, with a loud warning).
 A checkpoint must match its sha256 pin (the `sha256` setting, else `<file>.sha256` beside it) and
 is read by plantad itself (safetensors, or `torch.load(weights_only=True)`) before timm converts
-it. Remote checkpoints (s3://, models:/, runs:/) are fetched into a local cache before this module
-sees them (tracking/teacher_weights.py); the identity then records the remote URI.
+it. Remote checkpoints (s3://, models:/, runs:/) are fetched into a verified local file by the caller
+before the model is built (tracking/teacher_weights.py); the identity then records the remote URI.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from plantad.config import TeacherConfig
+from plantad.config import REMOTE_WEIGHTS, TeacherConfig
 from plantad.models.safe_load import (
     SHA256_SUFFIX,
     UnverifiedFileError,
@@ -96,6 +96,12 @@ def build_timm_teacher(
         if load_weights:
             log.warning(random_weights_warning(key, "DINOv2" if key == "model.teacher.weights" else name))
         return net, TeacherIdentity(name, weights, "random" if weights == "random" else _source(weights), None, timm_kwargs)
+    if weights.startswith(REMOTE_WEIGHTS):
+        raise TeacherLoadError(
+            f"{key}={weights} is remote: the models read local files only, so the caller fetches it into a "
+            "verified local file before building the model (training, serving and bulk scoring do; in your own "
+            "code use plantad.tracking.teacher_weights.build_model_with_teacher_weights)"
+        )
     if weights == "hub":
         try:
             net = _create(name, timm_kwargs, create_kwargs, pretrained=True)

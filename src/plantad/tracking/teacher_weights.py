@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from plantad.config import REMOTE_WEIGHTS, S3Config, Settings
+from plantad.models.factory import build_model
+from plantad.models.interface import AnomalyModel
 from plantad.models.safe_load import file_sha256
 
 log = logging.getLogger(__name__)
@@ -159,3 +161,13 @@ def localize_teachers(settings: Settings, tracking_uri: str | None = None) -> tu
 def name_remote_source(identity: Any, sources: dict[str, str]) -> Any:
     """The teacher identity with the remote URI it was configured by instead of the cache path."""
     return replace(identity, weights=sources[identity.weights]) if identity.weights in sources else identity
+
+
+def build_model_with_teacher_weights(settings: Settings, tracking_uri: str | None = None) -> AnomalyModel:
+    """`build_model` with the used teacher's remote weights fetched first into this node's verified cache
+    (the models read local files only); the teacher identity names the remote URI, not the cache path.
+    `tracking_uri` resolves models:/ and runs:/ weights (None: mlflow.tracking_uri, else the project's)."""
+    local, sources = localize_teachers(settings, tracking_uri)
+    model = build_model(local)
+    model.teacher.identity = name_remote_source(model.teacher.identity, sources)
+    return model

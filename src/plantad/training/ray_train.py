@@ -27,7 +27,7 @@ from plantad.config import Settings, settings_from_dict, settings_to_dict
 from plantad.data.dataset import split_holdout
 from plantad.data.shards import ShardSet, require_match
 from plantad.models.checkpoint import save_model
-from plantad.models.factory import build_model
+from plantad.tracking.teacher_weights import build_model_with_teacher_weights
 from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
 from plantad.training.ray_budget import abort_train_runs, fit_training, stall_reason
@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logging.getLogger("plantad.training.loop").setLevel(logging.WARNING)
     if ctx.get_world_rank() != 0:  # rank 0 says it (the random-teacher warning too)
         logging.getLogger("plantad").setLevel(logging.ERROR)
-    model = build_model(settings)
+    model = build_model_with_teacher_weights(settings)  # a remote teacher: fetched into this node's cache
     step = 0
     resume = ray.train.get_checkpoint()
     state = None
@@ -226,7 +226,7 @@ def run_ray_training(
         raise RuntimeError(f"Ray Train run {name} failed (checkpoints in {rcfg.storage_path}{where}): {exc}") from exc
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint (error: {result.error})")
-    model = build_model(settings)
+    model = build_model_with_teacher_weights(settings)
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     load_trainable_state(model, state["model"])

@@ -24,7 +24,7 @@ from plantad.data.images import ImageTransform, decode_image_bytes
 from plantad.data.shards import ShardSet, read_shard_images
 from plantad.models.checkpoint import save_model
 from plantad.models.device import resolve_device
-from plantad.models.factory import build_model
+from plantad.tracking.teacher_weights import build_model_with_teacher_weights
 from plantad.training.calibration import calibrate
 from plantad.training.loop import StepCallback, build_optimizer, fit
 
@@ -94,7 +94,7 @@ def train_model(
     )
     log.info("training on %d normal images, calibrating on %d held out", len(train_rows), len(holdout_rows))
     device = resolve_device(settings.train.device)
-    model = build_model(settings).to(device)
+    model = build_model_with_teacher_weights(settings).to(device)  # a remote teacher fetched first
     optimizer, scheduler = build_optimizer(model, settings.train)
     history: list[dict[str, float]] = []
 
