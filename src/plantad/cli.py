@@ -181,6 +181,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    from plantad.tracking.registry import move_alias
+    from plantad.tracking.store import check_tracking_server, resolve_tracking_uri
+
+    settings = _settings(args)
+    uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
+    check_tracking_server(uri)
+    name = settings.mlflow.registered_model
+    before = move_alias(MlflowClient(uri, registry_uri=uri), name, args.alias, args.version)
+    print(f"{name} v{args.version} holds @{args.alias}" + (f" (it was v{before}; roll back with `plantad promote "
+                                                              f"{before} --alias {args.alias}`)" if before else ""))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import os
 
@@ -322,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="store_true", help="delete the app from the cluster")
     _common(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("promote", help="move an alias (default champion) of mlflow.registered_model to a version, "
+                                       "as the MLflow UI does; the endpoint follows it")
+    p.add_argument("version", help="the registered version, e.g. 3")
+    p.add_argument("--alias", default="champion")
+    _common(p)
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("status", help="the Ray cluster's free resources, what holds the rest, the scoring app "
                                       "and the version it serves")

@@ -112,6 +112,21 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: str | int) -
     client.set_registered_model_alias(name, alias, str(version))
 
 
+def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> str | None:
+    """What the MLflow UI's alias edit does, refused for a version the registry does not hold (the
+    error lists the ones it does); returns the version that held the alias before, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        held = sorted((v.version for v in client.search_model_versions(f"name = '{name}'")), key=int)
+        raise ValueError(f"registered model {name!r} has no version {version!r} (it has {held or 'none'})") from exc
+    before = get_alias_version(client, name, alias)
+    set_alias(client, name, alias, version)
+    return None if before is None else str(before.version)
+
+
 def get_alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version `name@alias` points at; None when the alias or the registered model is missing."""
     from mlflow.exceptions import MlflowException
