@@ -69,15 +69,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from plantad.evaluation.evaluate import evaluate_model, evaluation_settings
+    from plantad.evaluation.evaluate import evaluate_model, evaluation_settings, with_scored_with
     from plantad.evaluation.metrics import metrics_to_json
     from plantad.models.checkpoint import load_model
     from plantad.models.device import resolve_device
 
     model, meta = load_model(Path(args.model))
-    settings = evaluation_settings(meta, overrides=args.set)
+    settings = evaluation_settings(meta, overrides=args.set)  # refuses what a saved model cannot take
     model = model.to(resolve_device(settings.train.device))
     metrics, pred = evaluate_model(model, _manifest(args, settings), Path(args.data), settings)
+    metrics = with_scored_with(metrics, meta, args.set)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(metrics_to_json(metrics))
@@ -88,6 +89,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from plantad.evaluation.report import metrics_table
 
     print(metrics_table(metrics))
+    scored = metrics["scored_with"]
+    if scored["overrides"]:
+        print("scored with " + ", ".join(f"{k}={v}" for k, v in scored["overrides"].items())
+              + (f"; threshold metrics {scored['at_threshold']}" if "at_threshold" in scored else ""))
     print(f"metrics written to {out}")
     return 0
 

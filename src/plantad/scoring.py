@@ -85,12 +85,28 @@ def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+def branch_scores(
+    patch_distance: torch.Tensor | None, semantic: torch.Tensor | None, branches: str | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The raw (local, semantic) scores of the selected `branches`; a branch the model lacks is an error."""
+    if branches is None:
+        return patch_distance, semantic
+    wanted = {"dual": ("local", "semantic"), "local": ("local",), "semantic": ("semantic",)}[branches]
+    have = {"local": patch_distance, "semantic": semantic}
+    missing = [b for b in wanted if have[b] is None]
+    if missing:
+        raise ValueError(f"model.branches={branches}: the model has no {missing[0]} branch to score")
+    return (patch_distance if "local" in wanted else None, semantic if "semantic" in wanted else None)
+
+
 @torch.no_grad()
 def score_batch(
-    model: AnomalyModel, images: torch.Tensor, cfg: ScoringConfig, threshold: float | None = None, amp: bool = True
+    model: AnomalyModel, images: torch.Tensor, cfg: ScoringConfig, threshold: float | None = None, amp: bool = True,
+    branches: str | None = None,
 ) -> ScoreOutput:
     """Score normalised images (B, 3, S, S). `threshold` overrides the model's stored threshold; the model
-    runs under bf16 autocast on CUDA when `amp` (train.amp) and on CPU when `cfg.cpu_amp`."""
+    runs under bf16 autocast on CUDA when `amp` (train.amp) and on CPU when `cfg.cpu_amp`. `branches`
+    (model.branches: dual, local, semantic) scores with those of the model's branches alone; None: all."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, S, S), got {tuple(images.shape)}")
     size = model.image_size
@@ -100,13 +116,14 @@ def score_batch(
     device = model_device(model)
     with autocast(device, amp, cfg.cpu_amp):
         raw = model(images.to(device, non_blocking=True))
-    if raw.patch_distance is not None:
-        amap = smooth_map(raw.patch_distance.float(), size, cfg.gaussian_sigma)
+    patch, semantic = branch_scores(raw.patch_distance, raw.semantic, branches)
+    if patch is not None:
+        amap = smooth_map(patch.float(), size, cfg.gaussian_sigma)
         local = model.image_score(amap, cfg)  # the method's own rule (models/interface.py)
-    else:  # semantic-only model: the image-level score is all it has
-        amap = raw.semantic.float().view(-1, 1, 1).expand(-1, size, size).contiguous()
+    else:  # semantic only: the image-level score is all it has
+        amap = semantic.float().view(-1, 1, 1).expand(-1, size, size).contiguous()
         local = None
-    semantic = None if raw.semantic is None else raw.semantic.float()
+    semantic = None if semantic is None else semantic.float()
     p_local, p_sem, prob = model.noisy_or.probabilities(local, semantic)
     thr = float(model.noisy_or.threshold) if threshold is None else float(threshold)
     decision = prob >= thr if math.isfinite(thr) else torch.zeros_like(prob, dtype=torch.bool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from plantad.config import Settings, apply_overrides, settings_from_dict, settings_to_dict
 from plantad.data.dataset import ManifestDataset, categories_with_masks
 from plantad.evaluation.metrics import compute_metrics
+from plantad.evaluation.overrides import checked_overrides, scored_with
 from plantad.scoring import score_batch
 
 
@@ -35,8 +37,10 @@ class Predictions:
 
 def evaluation_settings(model_meta: dict[str, Any], params: Settings | None = None, overrides: list[str] = ()) -> Settings:
     """A saved model's own settings (architecture, scoring), with this run's `evaluate` section,
-    scoring batch size and device from `params` when given, then explicit `--set` overrides."""
-    raw = dict(model_meta["settings"])
+    scoring batch size and device from `params` when given, then explicit `--set` overrides: only
+    those that can take effect on a saved model (evaluation/overrides.py); the others are refused."""
+    checked_overrides(list(overrides), model_meta["settings"])
+    raw = copy.deepcopy(model_meta["settings"])
     if params is not None:
         current = settings_to_dict(params)
         raw["evaluate"] = current["evaluate"]
@@ -58,7 +62,8 @@ def predict(model: nn.Module, rows: pd.DataFrame, root: Path, settings: Settings
     loader = DataLoader(ds, batch_size=settings.scoring.batch_size, num_workers=settings.data.loader_workers)
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("prob", "local", "sem", "dec", "map", "mask")}
     for batch in tqdm(loader, desc="score", disable=not (progress and sys.stderr.isatty())):
-        out = score_batch(model, batch["image"], settings.scoring, amp=settings.train.amp)
+        out = score_batch(model, batch["image"], settings.scoring, amp=settings.train.amp,
+                          branches=settings.model.branches)
         cols["prob"].append(out.probability.cpu())
         cols["dec"].append(out.is_anomalous.cpu())
         cols["mask"].append(batch["mask"][:, 0].to(torch.uint8))
@@ -110,3 +115,11 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], Predictions]:
     pred = predict(model, test_rows(manifest), root, settings, progress)
     return metrics_from_predictions(pred, settings), pred
+
+
+def with_scored_with(metrics: dict[str, Any], model_meta: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The metrics with `scored_with`, the record of the `--set` overrides that took effect; the
+    threshold metrics are dropped when the scores are not the ones the stored threshold was fitted on."""
+    record = scored_with(model_meta["settings"], checked_overrides(list(overrides), model_meta["settings"]))
+    kept = {k: v for k, v in metrics.items() if not (k == "at_threshold" and "at_threshold" in record)}
+    return {**kept, "scored_with": record}
