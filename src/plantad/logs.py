@@ -43,5 +43,7 @@ def quiet_library_logs() -> None:
     # plantad turns Ray's token auth on itself (plantad.cluster) and the README documents it; Ray's
     # "set RAY_AUTH_MODE=disabled to opt out" notice at every ray.init reads like a problem
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # httpx logs every request at INFO: a CLI command's own answer would drown in them
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # we turn Ray Data's progress bars off on purpose; its warning saying so reads like a problem
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

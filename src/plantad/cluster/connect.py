@@ -147,11 +147,22 @@ def start_local(cfg: RayConfig, **init_kwargs) -> None:
         _check_node_ip(cfg)
 
 
+def token_available() -> bool:
+    """A Ray auth token this process can present: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
 def join(cfg: RayConfig, address: str, **init_kwargs) -> None:
-    """`ray.init(address=...)` of a running cluster (the token comes from RAY_AUTH_TOKEN / ~/.ray/auth_token)."""
+    """`ray.init(address=...)` of a running cluster (the token comes from RAY_AUTH_TOKEN / ~/.ray/auth_token).
+
+    A driver presents its token only with RAY_AUTH_MODE=token; a new shell has no such variable, so
+    it is set here whenever a token is at hand (the clusters plantad starts all require one)."""
     loopback = loopback_node(cfg, address)
     if loopback:
         os.environ.update(LOOPBACK_ENV)
+    if token_available():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     ray.init(address=address, **init_kwargs)
@@ -177,6 +188,10 @@ def connect(cfg: RayConfig) -> None:
     quiet = {"logging_level": logging.WARNING, "runtime_env": {"env_vars": dict(RAY_WORKER_ENV)}}
     if address:
         check_ray_address(address, source)
+        if ":" in address and not address.startswith("ray://"):
+            # Ray Train's placement-group cleaner asks the state API for "the" cluster: on a machine
+            # running two, it fails with a ConnectionError in the job's output unless told which
+            quiet["runtime_env"]["env_vars"]["RAY_ADDRESS"] = address
         join(cfg, address, log_to_driver=True, **quiet)
         log.info("Ray: joined the cluster at %s (%s)", address, source)
     else:

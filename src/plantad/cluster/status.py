@@ -5,6 +5,7 @@ mode and the token's location), which plantad sets itself."""
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 
 import httpx
 
@@ -27,8 +28,11 @@ def served_model(url: str, api_key: str | None) -> str:
         return f"{url}/model answered HTTP {r.status_code}" + (" (set the API key's variable)" if r.status_code == 401 else "")
     m = r.json()
     swap = m.get("last_swap_error")
+    loaded = m.get("loaded_at")
+    if isinstance(loaded, (int, float)):
+        loaded = datetime.fromtimestamp(loaded, timezone.utc).isoformat(timespec="seconds")
     return (f"{m.get('name')} v{m.get('version')}" + (f" (@{m['alias']})" if m.get("alias") else "")
-            + f", runtime {m.get('runtime')}, loaded {m.get('loaded_at')}"
+            + f", runtime {m.get('runtime')}, loaded {loaded}"
             + (f"; last swap error: v{swap['version']}: {swap['error']}" if swap else ""))
 
 
@@ -56,7 +60,7 @@ def cluster_status(settings: Settings, api_key: str | None = None) -> list[str]:
         replicas = ", ".join(f"{d} " + ", ".join(f"{n} {getattr(state, 'value', state)}"
                                                  for state, n in dep.replica_states.items())
                              for d, dep in app.deployments.items())
-        lines.append(f"Serve app '{name}' {app.status}: {replicas}")
+        lines.append(f"Serve app '{name}' {getattr(app.status, 'value', app.status)}: {replicas}")
         if name == settings.serve.app_name:
             url = base_url(settings.serve)
             lines.append(f"  {url}: {served_model(url, api_key)}")

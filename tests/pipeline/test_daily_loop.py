@@ -1,0 +1,114 @@
+"""The daily loop as a user runs it, on one cluster: the main job's endpoint stays up (its replica
+holds a CPU of the cluster) while `dvc repro` retrains twice on tracked data that grows, a person
+moves `champion` to the newest version, and the endpoint answers with it; no probe request fails."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+from pipeline_project import DATA, Project
+
+from infra.fixtures import free_port, wait_for
+
+TRAINED = ["prepare", "validate", "train", "evaluate", "register", "score"]
+
+
+@dataclass
+class Prober:
+    """Scores one image against the endpoint every `every_s` until stopped; keeps every outcome."""
+
+    url: str
+    png: bytes
+    every_s: float = 1.0
+    answers: list[tuple[float, str]] = field(default_factory=list)  # (time, model_version)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60.0) as client:
+            while not self.stop.is_set():
+                try:
+                    r = client.post(f"{self.url}/score", files={"image": ("probe.png", self.png, "image/png")})
+                    answer = r.json() if r.status_code == 200 else {}
+                    if answer.get("scored") == 1:
+                        self.answers.append((time.monotonic(), str(answer["model"]["version"])))
+                    else:
+                        self.failures.append(f"HTTP {r.status_code}: {r.text[:300]}")
+                except (httpx.HTTPError, ValueError) as exc:  # no answer, or not JSON
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                self.stop.wait(self.every_s)
+
+
+def served_version(url: str) -> str:
+    return str(httpx.get(f"{url}/model", timeout=30.0).json()["version"])
+
+
+def retrain_on_new_normals(project: Project, seed: int) -> tuple[str, float]:
+    """`plantad demo-data --add-normal`, `dvc add`, commit, `dvc repro`: the version it registered."""
+    project.run("plantad", "demo-data", DATA, "--add-normal", "3", "--seed", str(seed))
+    project.run("dvc", "add", DATA)
+    project.commit(f"3 more normal images per category (seed {seed})")
+    started = time.monotonic()
+    repro = project.repro(timeout=600)
+    assert repro.ran == TRAINED, repro.tail()
+    # the train stage joined the endpoint's cluster and fitted its workers beside the replica
+    assert "so the 2 training workers reserve 0.37 CPU each" in repro.output, repro.tail()
+    assert project.status() == {}
+    return str(project.registration()["version"]), time.monotonic() - started
+
+
+@pytest.mark.e2e
+def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, mlflow_server: str,
+                                                              registry_names: dict[str, str]) -> None:
+    from ray import serve
+
+    client, name = MlflowClient(mlflow_server), registry_names["registered_model"]
+    champion = client.get_registered_model(name).aliases["champion"]
+    port = free_port()
+    project.set_params({"serve": {"port": port, "model_name": name, "alias_poll_s": 0.5}})
+    project.commit("serve on a free port")
+    url = f"http://127.0.0.1:{port}"
+    png = next((project.root / DATA).rglob("test/*/*.png")).read_bytes()
+    prober = Prober(url, png)
+    thread = threading.Thread(target=prober.run, daemon=True)
+    try:
+        # the main job's last move: the champion served on the cluster, one CPU held by its replica
+        started = project.run("plantad", "serve", "--detach", timeout=300)
+        assert f"serving models:/{name}@champion at {url}" in started.stdout, started.stdout
+        assert served_version(url) == champion
+        thread.start()
+
+        first, first_s = retrain_on_new_normals(project, seed=1)
+        second, second_s = retrain_on_new_normals(project, seed=2)
+        assert int(champion) < int(first) < int(second)
+        assert served_version(url) == champion  # a registered challenger changes nothing online
+
+        refused = project.run("plantad", "promote", "999", check=False)  # a typo moves nothing
+        assert refused.returncode == 2 and f"registered model '{name}' has no version '999'" in refused.stderr
+        promoted = project.run("plantad", "promote", second).stdout  # what the MLflow UI's alias edit does
+        assert f"it was v{champion}; roll back with `plantad promote {champion} --alias champion`" in promoted
+        moved = time.monotonic()
+        wait_for(lambda: served_version(url) == second, 60, f"the endpoint serving v{second} after the alias moved")
+        follow_s = time.monotonic() - moved
+        wait_for(lambda: any(v == second for _, v in prober.answers), 30, f"a probe answered by v{second}")
+
+        status = project.run("plantad", "status", timeout=120).stdout
+        assert f"{url}: {name} v{second} (@champion)" in status, status
+        assert "Serve replica plantad/" in status and ": 1 CPU" in status, status
+    finally:
+        prober.stop.set()
+        thread.join(timeout=90)
+        stopped = project.run("plantad", "serve", "--stop", timeout=120, check=False)
+        serve.shutdown()  # the session's cluster: free the HTTP proxy's port for the serving tests
+    assert "deleted Serve app 'plantad'" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert prober.failures == [], prober.failures[:5]
+    versions = [v for _, v in prober.answers]
+    assert versions[0] == champion and versions[-1] == second and len(versions) >= 20, versions
+    print(f"daily loop: repro {first_s:.0f} s and {second_s:.0f} s with the endpoint up, alias followed in "
+          f"{follow_s:.1f} s, {len(versions)} probes, 0 failed")
