@@ -219,10 +219,17 @@ def test_a_stage_process_that_connects_from_a_clean_environment_gets_a_loopback_
     """What `dvc repro`'s train stage does in the main job: `plantad.cluster.connect` in a fresh
     process whose environment has none of plantad's Ray variables (the test session's has them)."""
     env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV and not k.startswith("RAY_")}
+    # its own Ray temp dir (short: Ray's socket paths are limited): a main job's cluster left running on
+    # this machine, which connect() would join, is not this test's subject
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     code = ("from plantad.cluster import connect; from plantad.config import RayConfig; connect(RayConfig()); "
             "import ray; print('node', ray.util.get_node_ip_address()); ray.shutdown()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "HOME": str(tmp_path)},
-                          capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                              env={**env, "HOME": str(tmp_path), "RAY_TMPDIR": ray_tmp},
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "node 127.0.0.1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 

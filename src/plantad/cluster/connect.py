@@ -66,8 +66,8 @@ def cluster_address(cfg: RayConfig) -> tuple[str | None, str]:
 
 
 def ray_temp_dir() -> Path:
-    """Ray's default temp dir (RAY_TMPDIR, else /tmp, plus /ray), read without importing `ray`."""
-    return Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray"
+    """Ray's default temp dir on Linux (RAY_TMPDIR, else TMPDIR, else /tmp; plus /ray), without importing `ray`."""
+    return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
 
 
 def running_local_cluster(timeout_s: float = 2.0) -> str | None:
@@ -153,16 +153,23 @@ def token_available() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
 
 
+def joining_env(cfg: RayConfig, address: str | None) -> bool:
+    """Set what Ray reads when it is imported, before the import: loopback mode (returned) and the
+    token's mode whenever a token is at hand (a new shell has neither)."""
+    loopback = loopback_node(cfg, address)
+    if loopback:
+        os.environ.update(LOOPBACK_ENV)
+    if address and token_available():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return loopback
+
+
 def join(cfg: RayConfig, address: str, **init_kwargs) -> None:
     """`ray.init(address=...)` of a running cluster (the token comes from RAY_AUTH_TOKEN / ~/.ray/auth_token).
 
     A driver presents its token only with RAY_AUTH_MODE=token; a new shell has no such variable, so
     it is set here whenever a token is at hand (the clusters plantad starts all require one)."""
-    loopback = loopback_node(cfg, address)
-    if loopback:
-        os.environ.update(LOOPBACK_ENV)
-    if token_available():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    loopback = joining_env(cfg, address)
     import ray
 
     ray.init(address=address, **init_kwargs)
@@ -177,8 +184,7 @@ def connect(cfg: RayConfig) -> None:
     The dashboard serves the state API that Ray Train's placement-group cleaner polls (it warns every
     few seconds without it), and that plantad.cluster.capacity reads to name what holds resources."""
     address, source = job_address(cfg)
-    if loopback_node(cfg, address):
-        os.environ.update(LOOPBACK_ENV)  # Ray reads it when it is imported: before the import below
+    joining_env(cfg, address)  # Ray reads it when it is imported: before the import below
     import ray
 
     if ray.is_initialized():
