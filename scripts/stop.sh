@@ -9,4 +9,9 @@ if [ ! -x "$bin/plantad" ]; then
   exit 1
 fi
 "$bin/plantad" serve --stop
-"$bin/ray" stop 2>&1 | tail -n 1
+if out=$("$bin/ray" stop 2>&1); then
+  echo "stopped this machine's Ray cluster"
+else
+  echo "$out" >&2
+  exit 1
+fi

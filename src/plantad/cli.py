@@ -149,6 +149,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_path(name: str) -> str:
+    """`name` as a path that works when pasted into a new shell here (a venv's bin is not on its PATH)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        return name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from plantad.serving import launch
 
@@ -172,7 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {serve_cfg.model_uri} at {url} on {where}")
     print(f"  API docs {url}/docs, model {url}/model")
     if args.detach:
-        print("  stop the app: plantad serve --stop; stop a local cluster: ray stop")
+        plantad, ray = (_command_path(name) for name in ("plantad", "ray"))
+        print(f"  stop the app: {plantad} serve --stop; stop a local cluster: {ray} stop")
         return 0
     import time
 

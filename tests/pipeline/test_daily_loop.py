@@ -4,6 +4,8 @@ moves `champion` to the newest version, and the endpoint answers with it; no pro
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,6 +83,9 @@ def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, 
         # the main job's last move: the champion served on the cluster, one CPU held by its replica
         started = project.run("plantad", "serve", "--detach", timeout=300)
         assert f"serving models:/{name}@champion at {url}" in started.stdout, started.stdout
+        # the stop line names commands that work in a new shell, whose PATH has no venv
+        stop = re.search(r"stop the app: (\S+) serve --stop; stop a local cluster: (\S+) stop", started.stdout)
+        assert stop and all(os.access(project.root / cmd, os.X_OK) for cmd in stop.groups()), started.stdout
         assert served_version(url) == champion
         thread.start()
 

@@ -98,6 +98,7 @@ def stop(ray_cfg: RayConfig, cfg: ServeConfig) -> str:
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its "Deleting app" line repeats our answer
     try:
         serve.delete(cfg.app_name)
     except RayServeException as exc:  # no Serve on this cluster: nothing to stop
