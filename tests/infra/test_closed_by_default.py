@@ -135,8 +135,14 @@ def _driver(head: Head, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 def test_joining_the_ray_head_or_its_dashboard_needs_the_token(ray_head: Head) -> None:
     token = ray_head.token_file.read_text().strip()  # ray start found no token, so head_env made one here
     assert len(token) >= 32
-    refused = _driver(ray_head, {})
+    # another user (a HOME without ~/.ray/auth_token) is refused; the user who started the head joins
+    # from a new shell, with nothing set: plantad presents the token it finds in ~/.ray
+    stranger = ray_head.token_file.parent.parent.parent / "stranger"
+    stranger.mkdir(exist_ok=True)
+    refused = _driver(ray_head, {"HOME": str(stranger)})
     assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, refused.stderr[-3000:]
+    same_user = _driver(ray_head, {})
+    assert same_user.returncode == 0 and "answer 42" in same_user.stdout, same_user.stderr[-3000:]
     wrong = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * len(token)})
     assert wrong.returncode != 0 and "InvalidAuthToken" in wrong.stderr, wrong.stderr[-3000:]
     joined = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
