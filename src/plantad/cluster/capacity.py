@@ -99,15 +99,17 @@ def list_holders(timeout_s: float = 10.0) -> list[Holder]:
         members = ", ".join(f"{cls} x{n}" for (gid, cls), n in sorted(in_group.items()) if gid == g.placement_group_id)
         label = f"placement group '{g.name}'" if g.name else f"placement group of job {g.creator_job_id}"
         holders.append(Holder(label + (f" ({members})" if members else ""), dict(held)))
-    tasks: dict[tuple[str, str], Counter] = {}
+    counts: Counter = Counter()  # running tasks per (function, job), with what they hold together
+    summed: dict[tuple[str, str], Counter] = {}
     running = list_tasks(here, filters=[("state", "=", "RUNNING")], detail=True, timeout=timeout_s,
                          raise_on_missing_output=False)
     for t in running:
         if t.type == "NORMAL_TASK" and _held(t.required_resources):
-            tasks.setdefault((t.func_or_class_name, t.job_id), Counter()).update(_held(t.required_resources))
-            tasks[(t.func_or_class_name, t.job_id)]["n"] += 1
-    for (name, job), held in tasks.items():
-        holders.append(Holder(f"{held.pop('n'):g} running task(s) {name} of job {job}", dict(held)))
+            key = (t.func_or_class_name, t.job_id)
+            counts[key] += 1
+            summed.setdefault(key, Counter()).update(_held(t.required_resources))
+    for (name, job), n in counts.items():
+        holders.append(Holder(f"{n} running task(s) {name} of job {job}", dict(summed[(name, job)])))
     return sorted(holders, key=lambda h: (-h.resources.get("GPU", 0.0), -h.resources.get("CPU", 0.0), h.what))
 
 
