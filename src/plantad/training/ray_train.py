@@ -30,7 +30,7 @@ from plantad.models.checkpoint import save_model
 from plantad.tracking.teacher_weights import build_model_with_teacher_weights
 from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
-from plantad.training.ray_budget import abort_train_runs, fit_training, stall_reason
+from plantad.training.ray_budget import abort_train_runs, fit_training, stall_reason, worker_resources
 from plantad.training.ray_data import endless_shard, image_dataset
 from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything, shard_holdout_batches
 
@@ -194,7 +194,7 @@ def run_ray_training(
     plan = fit_training(rcfg)
     storage_path, filesystem = resolve_storage(rcfg.storage_path, settings.s3)
     name = f"plantad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    resources = {"CPU": plan.cpus_per_worker, **({"GPU": rcfg.gpus_per_worker or 1} if rcfg.use_gpu else {})}
+    resources = worker_resources(rcfg, plan.cpus_per_worker)
     worker_settings = settings_for_workers(settings)
     worker_settings = worker_settings.model_copy(update={"ray": rcfg.model_copy(update={"cpus_per_worker": plan.cpus_per_worker})})
     board = start_board()
