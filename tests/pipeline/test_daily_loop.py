@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from pipeline_project import DATA, Project
 
 from infra.fixtures import free_port, wait_for
+from plantad.tracking.registry import CHAMPION, register_version, set_alias
 
 TRAINED = ["prepare", "validate", "train", "evaluate", "register", "score"]
 
@@ -70,11 +71,18 @@ def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, 
                                                               registry_names: dict[str, str]) -> None:
     from ray import serve
 
-    client, name = MlflowClient(mlflow_server), registry_names["registered_model"]
-    champion = client.get_registered_model(name).aliases["champion"]
+    client, shared = MlflowClient(mlflow_server), registry_names["registered_model"]
+    # a registered model of this test's own, starting from the baseline's champion: the other pipeline
+    # tests read the shared one's aliases and versions
+    name = f"{shared}-loop"
+    baseline_champion = client.get_model_version_by_alias(shared, "champion")
+    champion = register_version(client, name, baseline_champion.run_id, "model", tags=baseline_champion.tags,
+                                model_id=baseline_champion.model_id).version
+    set_alias(client, name, CHAMPION, champion)
     port = free_port()
-    project.set_params({"serve": {"port": port, "model_name": name, "alias_poll_s": 0.5}})
-    project.commit("serve on a free port")
+    project.set_params({"serve": {"port": port, "model_name": name, "alias_poll_s": 0.5},
+                        "mlflow": {"registered_model": name}})
+    project.commit("serve on a free port; this test's registered model")
     url = f"http://127.0.0.1:{port}"
     png = next((project.root / DATA).rglob("test/*/*.png")).read_bytes()
     prober = Prober(url, png)
