@@ -129,3 +129,37 @@ def fit_per_worker(workers: int, per_worker: float, reserve: float, free: float,
         return per_worker
     shrunk = math.floor((free - reserve) / workers * 100 + 1e-9) / 100
     return shrunk if shrunk >= floor else None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a job asks of the cluster: `count` workers of `per_worker` CPUs (shrinkable to `floor`,
+    the setting `per_key`) beside `reserve` CPUs for its tasks, and `gpus`; with the words of its messages."""
+
+    job: str  # "this training run"
+    workers: str  # "training workers"
+    count: int
+    per_worker: float
+    per_key: str
+    floor: float
+    reserve: float
+    gpus: float
+    need: str  # the need as the settings spell it
+    remedy: str  # what else the user can do
+
+
+def fit_request(req: Request, autoscaling: bool, stall_s: float) -> tuple[float, Capacity]:
+    """The per-worker CPUs that fit the connected cluster now, and what it had; DoesNotFit naming the
+    need and the holders, or a warning and the configured CPUs when the cluster autoscales."""
+    cap = read_capacity()
+    per = fit_per_worker(req.count, req.per_worker, req.reserve, cap.free["CPU"], req.floor)
+    if per is not None and req.gpus <= cap.free["GPU"]:
+        if per < req.per_worker:
+            log.info("Ray: %s, so the %d %s reserve %g CPU each instead of %s=%g", cap.text(), req.count, req.workers,
+                     per, req.per_key, req.per_worker)
+        return per, cap
+    message = f"{req.job} needs {req.need}; the Ray cluster has {cap.text()}, held by: {holders_text()}"
+    if autoscaling:
+        log.warning("%s; waiting up to ray.stall_timeout_s=%g s for new nodes (ray.autoscaling)", message, stall_s)
+        return req.per_worker, cap
+    raise DoesNotFit(f"{message}. Free them (the main job's endpoint: `bash scripts/stop.sh`), {req.remedy}")

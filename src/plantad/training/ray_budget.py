@@ -9,13 +9,10 @@ new nodes instead, within `ray.stall_timeout_s`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from plantad.cluster.capacity import Capacity, DoesNotFit, amount, fit_per_worker, holders_text, read_capacity
+from plantad.cluster.capacity import Capacity, Request, amount, fit_request, holders_text, read_capacity
 from plantad.config import RayConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,25 +27,15 @@ def worker_resources(rcfg: RayConfig, cpus_per_worker: float) -> dict[str, float
 
 def fit_training(rcfg: RayConfig) -> TrainPlan:
     """The run's per-worker CPUs on the connected cluster, or DoesNotFit (a warning with autoscaling)."""
-    cap = read_capacity()
     floor = min(rcfg.min_cpus_per_worker, rcfg.cpus_per_worker)
-    per = fit_per_worker(rcfg.num_workers, rcfg.cpus_per_worker, rcfg.data_cpus, cap.free["CPU"], floor)
     gpus = rcfg.num_workers * worker_resources(rcfg, 0.0).get("GPU", 0.0)
-    if per is not None and gpus <= cap.free["GPU"]:
-        if per < rcfg.cpus_per_worker:
-            log.info("Ray: %s, so the %d training workers reserve %g CPU each instead of ray.cpus_per_worker=%g",
-                     cap.text(), rcfg.num_workers, per, rcfg.cpus_per_worker)
-        return TrainPlan(per, cap)
-    need = (f"this training run needs ray.num_workers x ray.cpus_per_worker + ray.data_cpus = {rcfg.num_workers} x "
-            f"{rcfg.cpus_per_worker:g} + {rcfg.data_cpus:g} CPUs (at least {rcfg.num_workers} x {floor:g} + "
-            f"{rcfg.data_cpus:g} with ray.min_cpus_per_worker)" + (f" and {gpus:g} GPUs" if gpus else ""))
-    message = f"{need}; the Ray cluster has {cap.text()}, held by: {holders_text()}"
-    if rcfg.autoscaling:
-        log.warning("%s; waiting up to ray.stall_timeout_s=%g s for new nodes (ray.autoscaling)", message,
-                    rcfg.stall_timeout_s)
-        return TrainPlan(rcfg.cpus_per_worker, cap)
-    raise DoesNotFit(f"{message}. Free them (the main job's endpoint: `bash scripts/stop.sh`), lower "
-                     "ray.num_workers or ray.min_cpus_per_worker, or set ray.address to a cluster with room")
+    need = (f"ray.num_workers x ray.cpus_per_worker + ray.data_cpus = {rcfg.num_workers} x {rcfg.cpus_per_worker:g} "
+            f"+ {rcfg.data_cpus:g} CPUs (at least {rcfg.num_workers} x {floor:g} + {rcfg.data_cpus:g} with "
+            "ray.min_cpus_per_worker)" + (f" and {gpus:g} GPUs" if gpus else ""))
+    request = Request("this training run", "training workers", rcfg.num_workers, rcfg.cpus_per_worker,
+                      "ray.cpus_per_worker", floor, rcfg.data_cpus, gpus, need,
+                      "lower ray.num_workers or ray.min_cpus_per_worker, or set ray.address to a cluster with room")
+    return TrainPlan(*fit_request(request, rcfg.autoscaling, rcfg.stall_timeout_s))
 
 
 def stall_reason(plan: TrainPlan, rcfg: RayConfig, beats: dict[str, tuple[float, str]], reading: bool = False) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from plantad.cluster.capacity import DoesNotFit, fit_per_worker, holders_text, read_capacity
+from plantad.cluster.capacity import Request, fit_request, holders_text, read_capacity
 from plantad.cluster.watch import watched_iter
 from plantad.config import BulkConfig, RayConfig, Settings
 from plantad.serving.bulk.plan import (
@@ -94,25 +94,16 @@ def fit_bulk(bulk: BulkConfig, rcfg: RayConfig) -> BulkConfig:
     a share too, or they wait forever beside actors (and Serve replicas) that hold every CPU.
     Shrinks bulk.cpus_per_actor down to bulk.min_cpus_per_actor; below that DoesNotFit (a warning
     with ray.autoscaling, whose new nodes may come)."""
-    cap = read_capacity()
     floor = min(bulk.min_cpus_per_actor, bulk.cpus_per_actor)
-    per = fit_per_worker(bulk.actors, bulk.cpus_per_actor, bulk.read_cpus, cap.free["CPU"], floor)
     gpus = bulk.actors * bulk.gpus_per_actor
-    if per is not None and gpus <= cap.free["GPU"]:
-        if per < bulk.cpus_per_actor:
-            log.info("Ray: %s, so the %d scoring actors reserve %g CPU each instead of bulk.cpus_per_actor=%g",
-                     cap.text(), bulk.actors, per, bulk.cpus_per_actor)
-        return bulk.model_copy(update={"cpus_per_actor": per})
     need = (f"bulk.actors x bulk.cpus_per_actor + bulk.read_cpus = {bulk.actors} x {bulk.cpus_per_actor:g} + "
             f"{bulk.read_cpus:g} CPUs (at least {bulk.actors} x {floor:g} + {bulk.read_cpus:g} with "
             "bulk.min_cpus_per_actor)" + (f" and bulk.actors x bulk.gpus_per_actor = {gpus:g} GPUs" if gpus else ""))
-    message = f"this scoring job needs {need}; the Ray cluster has {cap.text()}, held by: {holders_text()}"
-    if rcfg.autoscaling:
-        log.warning("%s; waiting up to ray.stall_timeout_s=%g s for new nodes (ray.autoscaling)", message,
-                    rcfg.stall_timeout_s)
-        return bulk
-    raise DoesNotFit(f"{message}. Free them (the main job's endpoint: `bash scripts/stop.sh`), or lower bulk.actors "
-                     "or the per-actor resources (--set bulk.min_cpus_per_actor=...)")
+    request = Request("this scoring job", "scoring actors", bulk.actors, bulk.cpus_per_actor, "bulk.cpus_per_actor",
+                      floor, bulk.read_cpus, gpus, need,
+                      "or lower bulk.actors or the per-actor resources (--set bulk.min_cpus_per_actor=...)")
+    per, _ = fit_request(request, rcfg.autoscaling, rcfg.stall_timeout_s)
+    return bulk.model_copy(update={"cpus_per_actor": per})
 
 
 def start_ray(settings: Settings) -> BulkConfig:
