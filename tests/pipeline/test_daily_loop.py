@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from pipeline_project import DATA, Project
 
 from infra.fixtures import free_port, wait_for
-from plantad.tracking.registry import CHAMPION, register_version, set_alias
+from plantad.tracking.registry import CHAMPION, logged_model_id, register_version, set_alias
 
 TRAINED = ["prepare", "validate", "train", "evaluate", "register", "score"]
 
@@ -77,7 +77,7 @@ def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, 
     name = f"{shared}-loop"
     baseline_champion = client.get_model_version_by_alias(shared, "champion")
     champion = register_version(client, name, baseline_champion.run_id, "model", tags=baseline_champion.tags,
-                                model_id=baseline_champion.model_id).version
+                                model_id=logged_model_id(baseline_champion)).version
     set_alias(client, name, CHAMPION, champion)
     port = free_port()
     project.set_params({"serve": {"port": port, "model_name": name, "alias_poll_s": 0.5},

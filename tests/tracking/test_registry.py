@@ -16,6 +16,7 @@ from plantad.tracking.registry import (
     RegistryError,
     apply_decision,
     get_alias_version,
+    logged_model_id,
     promotion_decision,
     register_version,
     set_alias,
@@ -152,6 +153,28 @@ def test_plain_artifact_folder_registers_as_runs_uri(tracking, tmp_path: Path) -
     assert (Path(local) / "weights.bin").read_bytes() == b"\x01\x02\x03"
     with pytest.raises(RegistryError, match="no logged model and no artifacts at 'nothing'"):
         register_version(client, name, run_id, "nothing")
+
+
+@pytest.mark.e2e
+def test_a_version_of_a_run_that_logged_its_model_twice_is_copied_by_its_own_logged_model(tracking,
+                                                                                          tmp_path: Path) -> None:
+    """A re-run register stage logs a second 'model' into the same run: registering by run alone is
+    ambiguous and refused, the version read back from the server still names its own logged model."""
+    client, experiment_id = tracking
+    code = tmp_path / "marker.py"
+    code.write_text(MODEL_CODE)
+    run_id = log_marker_model(experiment_id, "first", {METRIC: 0.9}, code)
+    first = register(client, "plantad-twice", run_id)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pyfunc.log_model(name="model", python_model=str(code), model_config={"marker": "second"},
+                                pip_requirements=[])
+    with pytest.raises(RegistryError, match="logged 2 models named 'model'"):
+        register(client, "plantad-twice", run_id)
+    served = client.get_model_version("plantad-twice", first.version)
+    copy = register_version(client, "plantad-twice-copy", served.run_id, "model", model_id=logged_model_id(served))
+    assert copy.source == served.source
+    model = mlflow.pyfunc.load_model(f"models:/plantad-twice-copy/{copy.version}")
+    assert model.predict(pd.DataFrame({"x": [1]})) == ["first"]
 
 
 @pytest.mark.e2e

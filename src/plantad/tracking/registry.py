@@ -107,6 +107,17 @@ def register_version(
     return client.get_model_version(model_name, version.version)
 
 
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The MLflow 3 logged model a version was made from; read from its `models:/` source when the
+    tracking server's answer leaves `model_id` empty (MLflow 3.17's REST client drops that field)."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    if source.startswith("models:/m-"):
+        return source.removeprefix("models:/").split("/", 1)[0]
+    return None
+
+
 def set_alias(client: MlflowClient, name: str, alias: str, version: str | int) -> None:
     """Point `name@alias` at `version` (moves it if it pointed elsewhere)."""
     client.set_registered_model_alias(name, alias, str(version))
