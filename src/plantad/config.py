@@ -455,6 +455,8 @@ class BulkConfig(_Section):
     runtime: Literal["torch", "openvino"] | None = None  # on CPU actors; None: the version's scoring.runtime
     max_image_bytes: int = Field(50_000_000, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)  # checked on the header before decoding
+    # a run's lock on its output is stale (taken over) after this long without a heartbeat (every 1/4 of it)
+    lock_stale_s: float = Field(300.0, ge=4.0)
     stage: BulkStageConfig = BulkStageConfig()
 
 

@@ -72,20 +72,26 @@ def list_images(loc: Location, extensions: list[str]) -> list[str]:
 
     A missing folder, or one without images, is an error naming the location and the extensions.
     """
+    return sorted(list_image_sizes(loc, extensions))
+
+
+def list_image_sizes(loc: Location, extensions: list[str]) -> dict[str, int]:
+    """list_images with each file's size in bytes from the same listing (so a reader can refuse an
+    oversized file without opening it); keys as the store names them, relative to `loc`."""
     wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     if not loc.is_s3 and not Path(loc.base).is_dir():
         raise FileNotFoundError(f"input folder {loc.uri} does not exist (bulk scoring --input)")
     infos = _retried(loc, "", "list", lambda: loc.fs.get_file_info(
         pafs.FileSelector(loc.base, recursive=True, allow_not_found=True)))
     prefix = loc.base.rstrip("/") + "/"
-    found = sorted(
-        info.path[len(prefix):] for info in infos
+    found = {
+        info.path[len(prefix):]: info.size for info in infos
         if info.type == pafs.FileType.File and info.path.lower().endswith(wanted)
         and not posixpath.basename(info.path).startswith(".")
-    )
+    }
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(wanted)}; setting bulk.extensions) under {loc.uri}")
-    return found
+    return dict(sorted(found.items()))
 
 
 def _retried(loc: Location, rel: str, what: str, action: Callable[[], T]) -> T:
@@ -106,10 +112,11 @@ def _retried(loc: Location, rel: str, what: str, action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def read_bytes(loc: Location, rel: str) -> bytes:
+def read_bytes(loc: Location, rel: str, limit: int | None = None) -> bytes:
+    """The object's bytes; with `limit`, at most limit + 1 of them (enough to tell it is over)."""
     def read() -> bytes:
         with loc.fs.open_input_stream(loc.path(rel)) as stream:
-            return stream.readall()
+            return stream.readall() if limit is None else stream.read(limit + 1)
 
     return _retried(loc, rel, "read", read)
 

@@ -16,6 +16,7 @@ import yaml
 from bulk_helpers import assert_rows_match, bulk_settings, comparable, expected_rows, folder_files, make_input
 from plantad.config import settings_to_dict
 from plantad.serving.bulk import read_results, run_bulk
+from plantad.serving.bulk.lock import LOCK
 from plantad.serving.bulk.plan import MANIFEST, PARTS, model_id, plan_parts
 from plantad.storage import open_location
 from plantad.tracking.model_source import resolve_model
@@ -63,14 +64,17 @@ def test_sigkill_of_the_driver_then_rerun_gives_exactly_one_row_per_image(ray_lo
     done = {p.name for p in (out / PARTS).glob("part-*.parquet")}
     plan = plan_parts(images, 4)
     assert not (out / MANIFEST).exists() and 3 <= len(done) < len(plan), (len(done), len(plan))
+    assert (out / LOCK).is_file()  # the killed driver's lock: its process has ended, so the re-run takes it
 
     settings = bulk_settings(*extra)
     resumed = run_bulk(settings, str(tmp_path / "in"), str(tmp_path / "out"), model_dir, progress=False)
-    assert resumed.skipped_parts == len(done)
-    assert resumed.scored == sum(len(p.relpaths) for p in plan if p.file not in done) < len(images)
+    planned = {p["file"].removeprefix(f"{PARTS}/"): p["rows"] for p in json.loads((out / MANIFEST).read_text())["parts"]}
+    assert len(planned) == len(plan) and done <= set(planned) and resumed.skipped_parts == len(done)
+    assert resumed.scored == sum(rows for name, rows in planned.items() if name not in done) < len(images)
     table = read_results(open_location(str(out), settings.s3))
     assert len(table) == len(images) == resumed.images and table["relpath"].is_unique
-    assert sorted(os.listdir(out / PARTS)) == sorted(p.file for p in plan)  # no temporary or stray files
+    assert sorted(os.listdir(out / PARTS)) == sorted(planned)  # no temporary or stray files
+    assert not (out / LOCK).exists()
     clean = run_bulk(settings, str(tmp_path / "in"), str(tmp_path / "clean"), model_dir, progress=False)
     assert clean.scored == len(images)
     reference = read_results(open_location(clean.output, settings.s3))
@@ -126,3 +130,53 @@ def test_dvc_stage_script_is_a_no_op_unless_enabled(ray_local, trained_tiny, dem
     assert record["enabled"] is True and record["images"] == len(images) and record["errors"] == 4
     assert len(read_results(open_location(record["output"], bulk_settings().s3))) == len(images)
     assert Path(record["output"]).parent == tmp_path / "scores"
+
+
+@pytest.mark.e2e
+def test_two_runs_racing_into_one_output_one_scores_and_new_settings_score_a_new_table(ray_local, trained_tiny,
+                                                                                       demo_root, tmp_path):
+    """The second run refuses naming the first; adding --maps later re-scores every part (with maps)
+    instead of skipping the parts scored without, and the old parts go once the new manifest is in."""
+    import threading
+
+    from plantad.serving.bulk.lock import LockHeld
+
+    _, result = trained_tiny
+    model_dir = str(result.model_path.parent)
+    images = make_input(demo_root, tmp_path / "in", limit=6)
+    settings = bulk_settings()
+    barrier, outcomes = threading.Barrier(2), []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(run_bulk(settings, str(tmp_path / "in"), str(tmp_path / "out"), model_dir, progress=False))
+        except LockHeld as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    refused = [o for o in outcomes if isinstance(o, LockHeld)]
+    scored = [o for o in outcomes if not isinstance(o, LockHeld)]
+    assert len(refused) == 1 and len(scored) == 1, outcomes
+    assert "is held by run " in str(refused[0]) and "another bulk scoring run is writing" in str(refused[0])
+    out = Path(scored[0].output)
+    assert scored[0].scored == len(images) and not (out / LOCK).exists()
+    first_parts = set(os.listdir(out / PARTS))
+
+    with_maps = run_bulk(settings, str(tmp_path / "in"), str(tmp_path / "out"), model_dir, str(tmp_path / "maps"),
+                         progress=False)
+    assert (with_maps.scored, with_maps.skipped_parts) == (len(images), 0)
+    table = read_results(open_location(str(out), settings.s3))
+    assert len(table) == len(images) and table["relpath"].is_unique
+    assert table.loc[table["error"].isna(), "map_path"].notna().all()
+    assert not set(os.listdir(out / PARTS)) & first_parts  # the table without maps is gone, not mixed in
+    assert json.loads((out / MANIFEST).read_text())["identity"]["maps"] == str(tmp_path / "maps" / out.name)
+    again = run_bulk(settings, str(tmp_path / "in"), str(tmp_path / "out"), model_dir, str(tmp_path / "maps"),
+                     progress=False)
+    assert again.scored == 0
+    without = run_bulk(settings, str(tmp_path / "in"), str(tmp_path / "out"), model_dir, progress=False)
+    assert without.scored == 0  # a finished table with heatmaps serves a run without them

@@ -4,6 +4,8 @@ The driver checks everything that can fail fast (MLflow, S3, the input listing) 
 resolves the model to one version, plans the parts, and streams the rows of the missing parts out
 of Ray Data (read tasks, then the scoring actor pool), committing each part as soon as all its
 rows are in. Killing the job at any point loses at most the parts not yet committed.
+One run at a time writes a model's table: the run holds the table's lock (lock.py) from planning
+to the manifest, and removes parts of other plans only after its manifest is committed.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import pyarrow as pa
 from plantad.cluster.capacity import Request, fit_request, holders_text, read_capacity
 from plantad.cluster.watch import watched_iter
 from plantad.config import BulkConfig, RayConfig, Settings
+from plantad.serving.bulk.lock import RunLock, held_lock
 from plantad.serving.bulk.plan import (
-    PARTS, Part, commit_part, done_parts, model_id, plan_parts, read_part, write_manifest,
+    PARTS, Entry, Part, commit_part, done_parts, identity_digest, listing_entries, manifest_identity, model_id,
+    model_sha256, plan_parts, read_part, table_identity, write_manifest,
 )
 from plantad.serving.bulk.scorer import BulkScorer, read_batch
-from plantad.storage import TMP_PREFIX, Location, delete, list_images, list_names, open_location
+from plantad.storage import TMP_PREFIX, Location, delete, list_image_sizes, list_names, open_location
 from plantad.tracking.model_source import ModelRef, resolve_model
 
 log = logging.getLogger(__name__)
@@ -122,18 +126,20 @@ def stall_reason(bulk: BulkConfig) -> str:
             f"held by: {holders_text()}")
 
 
-def scored_batches(pending: list[Part], src: Location, ref: ModelRef, mid: str, tracking_uri: str | None,
-                   bulk: BulkConfig, maps: Location | None) -> Iterable[pd.DataFrame]:
+def scored_batches(pending: list[Part], entries: dict[str, Entry], src: Location, ref: ModelRef, mid: str,
+                   tracking_uri: str | None, bulk: BulkConfig, maps: Location | None) -> Iterable[pd.DataFrame]:
     """Rows of the pending parts, streamed from Ray Data: read tasks -> scoring actor pool."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver has its own bar
-    items = [{"relpath": rel, "part": p.index} for p in pending for rel in p.relpaths]
+    items = [{"relpath": rel, "key": entries[rel].key, "size": entries[rel].size, "refused": entries[rel].refused,
+              "part": p.index} for p in pending for rel in p.relpaths]
     # about one input block per batch (capped): a read task merges its batches into one output block,
     # so fewer blocks would starve all but one actor and hold rows back until a whole block is read
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // bulk.batch_size), 2000)))
-    ds = ds.map_batches(read_batch, fn_kwargs={"src": src}, batch_size=bulk.batch_size, batch_format="pandas",
+    ds = ds.map_batches(read_batch, fn_kwargs={"src": src, "max_bytes": bulk.max_image_bytes},
+                        batch_size=bulk.batch_size, batch_format="pandas",
                         num_cpus=bulk.read_cpus)
     gpu = {"num_gpus": bulk.gpus_per_actor} if bulk.gpus_per_actor > 0 else {}
     ds = ds.map_batches(
@@ -146,7 +152,7 @@ def scored_batches(pending: list[Part], src: Location, ref: ModelRef, mid: str, 
 
 
 def commit_stream(batches: Iterable[pd.DataFrame], pending: list[Part], out: Location, mid: str,
-                  progress: bool) -> float:
+                  progress: bool, lock: RunLock) -> float:
     """Commit each part once all its rows have arrived; returns images/s after the first batch."""
     from tqdm import tqdm
 
@@ -163,6 +169,7 @@ def commit_stream(batches: Iterable[pd.DataFrame], pending: list[Part], out: Loc
                 buffers[index].append(rows)
                 counts[index] += len(rows)
                 if counts[index] == len(by_index[index].relpaths):
+                    lock.check()  # never commit into a table another run has taken over
                     commit_part(out, by_index[index], pd.concat(buffers.pop(index)))
                     log.info("committed %s", out.display(f"{PARTS}/{by_index[index].file}"))
             bar.update(len(batch))
@@ -175,7 +182,8 @@ def commit_stream(batches: Iterable[pd.DataFrame], pending: list[Part], out: Loc
 
 
 def tidy_parts(out: Location, parts: list[Part]) -> None:
-    """Remove temporary files of killed writers and parts of an earlier, different input listing."""
+    """Remove temporary files of killed writers and parts of an earlier plan (another input listing
+    or other settings); called under the lock, after the manifest that lists `parts` is committed."""
     planned = {p.file for p in parts}
     for name in list_names(out, PARTS):
         if name.startswith(TMP_PREFIX) or (name.startswith("part-") and name not in planned):
@@ -183,37 +191,62 @@ def tidy_parts(out: Location, parts: list[Part]) -> None:
             delete(out, f"{PARTS}/{name}")
 
 
+def plan_table(out: Location, relpaths: list[str], part_size: int, identity: dict,
+               done: set[str]) -> tuple[dict, list[Part]]:
+    """The identity and parts this run writes: its own, or, for a run without heatmaps, those of the
+    finished table that differs only by having them, when that table already holds every part."""
+    parts = plan_parts(relpaths, part_size, identity_digest(identity))
+    finished = manifest_identity(out)
+    if identity["maps"] is None and finished and finished.get("maps") and {**finished, "maps": None} == identity:
+        with_maps = plan_parts(relpaths, part_size, identity_digest(finished))
+        if all(p.file in done for p in with_maps):
+            return finished, with_maps
+    return identity, parts
+
+
+def publish_table(out: Location, parts: list[Part], info: dict) -> None:
+    """Commit the manifest of `parts`, then remove what it does not list: a crash in between leaves
+    stray files (removed by the next run), never a manifest that names a deleted part."""
+    write_manifest(out, parts, info)
+    tidy_parts(out, parts)
+
+
 def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str, maps_uri: str | None = None,
              progress: bool = True) -> BulkSummary:
     """Score every image under `input_uri` into `output_uri/<model id>/`; resumes a killed run."""
     bulk = settings.bulk
     src = open_location(input_uri, settings.s3)
-    relpaths = list_images(src, bulk.extensions)
+    entries = listing_entries(list_image_sizes(src, bulk.extensions))
     out_root = open_location(output_uri, settings.s3)
     maps = None if maps_uri is None else open_location(maps_uri, settings.s3)
     ref, tracking_uri = resolve_source(model_uri, settings)
-    mid = model_id(ref)
+    sha256 = model_sha256(ref)
+    mid = model_id(ref, sha256)
     out = out_root.child(mid)
-    parts = plan_parts(relpaths, bulk.part_size)
-    done = done_parts(out)
-    pending = [p for p in parts if p.file not in done]
-    log.info("%d images under %s in %d parts, %d to score with %s into %s",
-             len(relpaths), src.uri, len(parts), len(pending), ref.describe(), out.uri)
-    start = time.perf_counter()
-    scored, warm = sum(len(p.relpaths) for p in pending), 0.0
-    if pending:
-        fitted = start_ray(settings)
-        batches = watched_iter(lambda: scored_batches(pending, src, ref, mid, tracking_uri, fitted, maps),
-                               settings.ray.stall_timeout_s, lambda: stall_reason(fitted), "scored batch")
-        warm = commit_stream(batches, pending, out, mid, progress)
-    seconds = time.perf_counter() - start
-    tidy_parts(out, parts)
-    by_folder = folder_counts(read_part(out, p.file) for p in parts)
-    errors = sum(c["errors"] for c in by_folder.values())
-    anomalous = sum(c["anomalous"] for c in by_folder.values())
-    summary = BulkSummary(out.uri, ref.describe(), len(relpaths), len(parts), len(parts) - len(pending), scored,
-                          anomalous, errors, seconds, scored / seconds if scored and seconds > 0 else 0.0, warm,
-                          by_folder)
-    write_manifest(out, parts, {"model_uri": ref.version_uri, "model_id": mid, "input": src.uri,
-                                "finished_at": datetime.now(timezone.utc).isoformat(), "summary": summary.as_dict()})
+    identity = table_identity(ref, sha256, bulk, None if maps is None else maps.child(mid).uri)
+    with held_lock(out, settings.s3, bulk.lock_stale_s) as lock:
+        done = done_parts(out)
+        identity, parts = plan_table(out, list(entries), bulk.part_size, identity, done)
+        pending = [p for p in parts if p.file not in done]
+        log.info("%d images under %s in %d parts, %d to score with %s into %s",
+                 len(entries), src.uri, len(parts), len(pending), ref.describe(), out.uri)
+        start = time.perf_counter()
+        scored, warm = sum(len(p.relpaths) for p in pending), 0.0
+        if pending:
+            fitted = start_ray(settings)
+            batches = watched_iter(
+                lambda: scored_batches(pending, entries, src, ref, mid, tracking_uri, fitted, maps),
+                settings.ray.stall_timeout_s, lambda: stall_reason(fitted), "scored batch")
+            warm = commit_stream(batches, pending, out, mid, progress, lock)
+        seconds = time.perf_counter() - start
+        by_folder = folder_counts(read_part(out, p.file) for p in parts)
+        errors = sum(c["errors"] for c in by_folder.values())
+        anomalous = sum(c["anomalous"] for c in by_folder.values())
+        summary = BulkSummary(out.uri, ref.describe(), len(entries), len(parts), len(parts) - len(pending), scored,
+                              anomalous, errors, seconds, scored / seconds if scored and seconds > 0 else 0.0, warm,
+                              by_folder)
+        lock.check()
+        publish_table(out, parts, {"model_uri": ref.version_uri, "model_id": mid, "input": src.uri,
+                                   "identity": identity, "finished_at": datetime.now(timezone.utc).isoformat(),
+                                   "summary": summary.as_dict()})
     return summary
