@@ -355,8 +355,11 @@ class AutoscalingConfig(_Section):
 
 
 class ReplicaResources(_Section):
-    num_cpus: float = Field(1.0, ge=0.0)
+    num_cpus: float = Field(1.0, ge=0.0)  # also the replica's decoding threads (rounded up, at least 1)
     num_gpus: float = Field(0.0, ge=0.0)
+    # bytes Ray reserves for the replica: room for two versions during a swap (measured, see
+    # docs/explanation/rollout.md "Memory"); a swap that would not fit is refused; None: no reservation
+    memory: int | None = Field(1_610_612_736, ge=0)
 
 
 class DriftConfig(_Section):
@@ -407,9 +410,15 @@ class ServeConfig(_Section):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
     max_request_bytes: int = Field(100_000_000, ge=1)  # whole body (base64 JSON is 4/3 of the image bytes)
+    # decoded pixels of all images of one request (each image's header is read before it is decoded)
+    max_request_pixels: int = Field(64_000_000, ge=1)
+    max_heatmap_side: int = Field(1024, ge=16)  # heatmap PNGs are rendered at most this many pixels wide and high
+    request_timeout_s: float | None = Field(60.0, gt=0.0)  # Serve's HTTP deadline for a request; None: none
     max_lines: int = Field(256, ge=1)  # distinct `line` labels a replica's metrics keep; later new ones: "other"
     api_keys_env: str = "PLANTAD_API_KEYS"  # comma-separated keys in this variable of the replicas
     api_keys_file: str | None = None  # or one key per line in this file (never keys in params.yaml)
+    # a host other than loopback without any API key refuses to start unless this is true
+    allow_unauthenticated: bool = False
     webhook_secret_env: str = "PLANTAD_WEBHOOK_SECRET"  # MLflow webhook HMAC secret; unset: route off
     webhook_secret_file: str | None = None  # or the secret in this file
     golden_image: str | None = None  # self-test image for a new version; None: the packaged one
@@ -423,6 +432,9 @@ class ServeConfig(_Section):
                              f"({self.max_ongoing_requests}): batches could never fill")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
+        if self.max_image_pixels > self.max_request_pixels:
+            raise ValueError(f"serve.max_image_pixels ({self.max_image_pixels}) is above serve.max_request_pixels "
+                             f"({self.max_request_pixels}): an image within its own limit could never be scored")
         return self
 
     @property

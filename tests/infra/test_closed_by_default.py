@@ -2,14 +2,17 @@
 
 Servers are started the way the project starts them: a Ray head with `plantad serve --detach`'s
 `ray start --head` arguments and environment, the session's local cluster through
-`plantad.cluster.start_local`, Serve's proxy through `launch.start_http`, and `mlflow/ui.sh` (here
-with MLflow's basic-auth app). Serve's API keys are tested in tests/serving/test_app.py.
+`plantad.cluster.start_local`, the scoring app through `launch.deploy` (what `plantad serve` runs),
+and `mlflow/ui.sh` (here with MLflow's basic-auth app). Serve's API keys are tested in
+tests/serving/test_app.py; here, that keys given to `plantad serve` reach the replica unseen.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -151,19 +154,54 @@ def test_joining_the_ray_head_or_its_dashboard_needs_the_token(ray_head: Head) -
     assert http_status(f"{ray_head.dashboard}/api/version", {"Authorization": f"Bearer {token}"}) == 200
 
 
-def test_the_session_cluster_and_serves_proxy_listen_on_loopback_only(ray_local) -> None:
+def dashboard_json(path: str) -> str:
+    """A GET of the session cluster's dashboard (REST API), with the session's Ray token."""
+    import ray
+
+    base = ray._private.worker.global_worker.node.address_info["webui_url"]
+    request = urllib.request.Request(f"http://{base}{path}",
+                                     headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return r.read().decode()
+
+
+def test_the_session_cluster_and_a_served_app_listen_on_loopback_only(ray_local, trained_tiny, monkeypatch) -> None:
+    """`plantad serve`'s launch.deploy of the scoring app (a model folder) on the session's cluster:
+    every listening socket of every process, the replica's included (Serve starts its gRPC server on
+    `[::]:0`), is on loopback; the API key in the driver's environment reaches the replica but not
+    the Serve config, the dashboard's API or the replica's environment; the HTTP deadline is Serve's."""
+    import ray
     from ray import serve
+    from ray.serve.context import _get_global_client
 
-    from plantad.serving.launch import start_http
+    from plantad.serving.launch import deploy
+    from plantad.serving.security import key_digest
 
-    port = free_port()
-    start_http(ServeConfig(port=port))  # serve.host's default
+    _, result = trained_tiny
+    key = secrets.token_hex(16)
+    monkeypatch.setenv("PLANTAD_TEST_DRIVER_KEYS", key)  # the session's replicas started without it
+    cfg = ServeConfig(port=free_port(), app_name="closed", model_dir=str(result.model_path.parent),
+                      api_keys_env="PLANTAD_TEST_DRIVER_KEYS", ray_actor_options={"num_cpus": 0.5},
+                      request_timeout_s=42.0)
+    url = deploy(cfg)
     try:
         me = psutil.Process()
-        wait_for(lambda: any(p == port for _, _, p in listening(me)), 120, f"Serve's proxy listening on {port}")
         sockets = listening(me)  # pytest, moto's thread, and the processes of the session's Ray cluster
         assert any("gcs_server" in name for name, _, _ in sockets), sockets
+        replica_ports = [port for name, _, port in sockets if name.startswith("ray::ServeReplica")]
+        assert replica_ports, f"no listening socket of a Serve replica among {sockets}"
         assert not not_loopback(sockets), not_loopback(sockets)
+
+        assert http_status(f"{url}/model") == 401
+        assert http_status(f"{url}/model", {"Authorization": f"Bearer {key}"}) == 200
+        shown = dashboard_json("/api/serve/applications/") + dashboard_json("/api/v0/actors?detail=1&limit=10000")
+        assert '"closed"' in shown  # the app is listed, without its key
+        assert key not in shown and key_digest(key) not in shown
+        replicas = [p for p in me.children(recursive=True) if " ".join(p.cmdline()).startswith("ray::ServeReplica")]
+        assert replicas and all(key not in json.dumps(p.environ()) for p in replicas)
+
+        http = ray.get(_get_global_client()._controller.get_http_config.remote())
+        assert (http.host, http.port, http.request_timeout_s) == ("127.0.0.1", cfg.port, 42.0)
     finally:
         serve.shutdown()
 

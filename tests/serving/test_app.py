@@ -60,6 +60,7 @@ def test_http_scores_equal_in_process_score_batch(served, trained_tiny, pngs):
         assert all(r["threshold"] == pytest.approx(float(model.noisy_or.threshold)) for r in answer["results"])
     outputs = {o["name"]: o for o in v2["outputs"]}
     assert v2["model_version"] == served.registry.good[0] and v2["id"] == "r1"
+    assert v2["parameters"] == {"runtime": "torch"}  # what scored: the torch forward, no exported graph
     np.testing.assert_allclose(outputs["probability"]["data"], ref.probability.numpy(), rtol=1e-4, atol=1e-6)
     assert outputs["probability"]["datatype"] == "FP32" and outputs["is_anomalous"]["datatype"] == "BOOL"
     first = native["results"][0]
@@ -84,6 +85,7 @@ def test_probes_model_info_docs_and_v2_metadata(served):
     assert httpx.get(f"{served.url}/v2/health/ready").status_code == 200
     meta = httpx.get(f"{served.url}/v2/models/plantad-serve-test").json()
     assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["platform"] == "pytorch" and meta["parameters"]["runtime"] == "torch"
     unknown = httpx.get(f"{served.url}/v2/models/other")
     assert unknown.status_code == 400 and "unknown model 'other'" in unknown.json()["error"]
 
@@ -108,7 +110,7 @@ def test_malformed_corpus_gets_only_4xx_and_others_still_scored(served, pngs):
 
 @pytest.mark.parametrize("kind", ["empty", "json", "json-list", "keys", "b64", "ctype", "multipart", "length",
                                   "stream", "count", "v2-dtype", "v2-shape", "v2-b64", "v2-json", "line-json",
-                                  "line-form", "line-v2"])
+                                  "line-form", "line-v2", "v2-nan", "v2-text-threshold", "json-inf"])
 def test_bad_requests_get_4xx_json_errors(served, pngs, kind):
     url, v2 = f"{served.url}/score", f"{served.url}/v2/models/plantad-serve-test/infer"
     big = b"x" * 2_100_000
@@ -117,6 +119,7 @@ def test_bad_requests_get_4xx_json_errors(served, pngs, kind):
         for i in range(0, len(big), 65536):
             yield big[i:i + 65536]
 
+    v2_one = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(pngs[0])]}]}
     calls = {
         "empty": lambda: httpx.post(url, content=b"", headers={"content-type": "application/json"}),
         "json": lambda: httpx.post(url, content=b'{"images": [', headers={"content-type": "application/json"}),
@@ -140,6 +143,11 @@ def test_bad_requests_get_4xx_json_errors(served, pngs, kind):
                                         params={"line": "x" * 65}),
         "line-v2": lambda: httpx.post(v2, json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                                             "data": [b64(pngs[0])]}], "parameters": {"line": 7}}),
+        "v2-nan": lambda: httpx.post(v2, content=json.dumps({**v2_one, "parameters": {"threshold": float("nan")}}),
+                                     headers={"content-type": "application/json"}),  # JSON's NaN literal
+        "v2-text-threshold": lambda: httpx.post(v2, json={**v2_one, "parameters": {"threshold": "0.5"}}),
+        "json-inf": lambda: httpx.post(url, content=f'{{"images": ["{b64(pngs[0])}"], "threshold": 1e999}}',
+                                       headers={"content-type": "application/json"}),
     }
     expected = {"length": 413, "stream": 413, "count": 413, "ctype": 415}.get(kind, 400)
     r = calls[kind]()
@@ -148,6 +156,8 @@ def test_bad_requests_get_4xx_json_errors(served, pngs, kind):
     assert error
     if kind.startswith("line"):
         assert "is not a line name" in error, error
+    if kind in ("v2-nan", "v2-text-threshold", "json-inf"):
+        assert "threshold" in error and "is not" in error, error
 
 
 def test_converted_images_say_so(served):

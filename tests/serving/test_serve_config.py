@@ -11,7 +11,7 @@ import yaml
 
 from plantad.config import ConfigError, ServeConfig, load_settings, serve_config_from_dict
 from plantad.serving.inputs import ApiError
-from plantad.serving.security import check_bearer, load_api_keys, verify_webhook, webhook_signature
+from plantad.serving.security import check_bearer, key_digest, load_api_keys, verify_webhook, webhook_signature
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,11 @@ def test_serve_config_file_params_and_defaults_agree():
     defaults = ServeConfig().model_dump(mode="json")
     assert args == params == defaults
     doc = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
-    assert doc["http_options"] == {"host": args["host"], "port": args["port"]}
+    # what `plantad serve` starts Serve's proxy with (host, port, request deadline) is what `serve run` gets
+    from plantad.serving.launch import http_options
+
+    assert doc["http_options"] == http_options(ServeConfig()) == {
+        "host": args["host"], "port": args["port"], "request_timeout_s": args["request_timeout_s"]}
     assert doc["applications"][0]["import_path"] == "plantad.serving.app:build_app"
     from ray.serve.schema import ServeDeploySchema
 
@@ -39,7 +43,7 @@ def test_the_ray_cluster_manifest_gives_every_container_plantads_serve_env():
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
-            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]
 
 
@@ -63,9 +67,10 @@ def test_api_keys_from_env_and_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_KEYS", "env-a, env-b")
     cfg = ServeConfig(api_keys_env="TEST_KEYS", api_keys_file=str(keys_file))
     keys = load_api_keys(cfg)
-    assert keys == {"env-a", "env-b", "file-key"}
+    assert keys == {key_digest(k) for k in ("env-a", "env-b", "file-key")}  # a replica holds digests only
     check_bearer("Bearer env-b", keys)
-    for header in (None, "env-a", "Basic env-a", "Bearer nope", "Bearer "):
+    check_bearer("Bearer file-key", keys)
+    for header in (None, "env-a", "Basic env-a", "Bearer nope", "Bearer ", f"Bearer {key_digest('env-a')}"):
         with pytest.raises(ApiError) as err:
             check_bearer(header, keys)
         assert err.value.status == 401

@@ -45,8 +45,10 @@ def model_block(predictor: Predictor) -> dict[str, object]:
             "threshold": predictor.threshold}
 
 
-def image_entry(item: ImageInput, score: ImageScore, predictor: Predictor, heatmap: bool) -> dict[str, object]:
-    """One scored image of the native answer; heatmap and box are in the original image's pixels."""
+def image_entry(item: ImageInput, score: ImageScore, predictor: Predictor, heatmap: bool,
+                max_heatmap_side: int) -> dict[str, object]:
+    """One scored image of the native answer; the box is in the original image's pixels, the heatmap
+    at that size or scaled down to at most `max_heatmap_side` a side (serve.max_heatmap_side)."""
     assert item.decoded is not None
     entry: dict[str, object] = {
         "name": item.name, "status": 200,
@@ -57,7 +59,8 @@ def image_entry(item: ImageInput, score: ImageScore, predictor: Predictor, heatm
         "width": item.decoded.width, "height": item.decoded.height, "converted": item.decoded.converted,
     }
     if heatmap and score.anomaly_map is not None:
-        png = heatmap_overlay_png(item.decoded.image, score.anomaly_map, predictor.lambda_local)
+        png = heatmap_overlay_png(item.decoded.image, score.anomaly_map, predictor.lambda_local,
+                                  max_side=max_heatmap_side)
         entry["heatmap_png"] = base64.b64encode(png).decode()
         entry["box"] = anomaly_box(score.anomaly_map, item.decoded.width, item.decoded.height)
     return entry
@@ -72,11 +75,11 @@ def request_status(items: list[ImageInput]) -> int:
 
 
 def native_answer(items: list[ImageInput], scored: ScoredJob | None, heatmap: bool,
-                  current: Predictor) -> dict[str, object]:
+                  current: Predictor, max_heatmap_side: int) -> dict[str, object]:
     """{"model", "results": one entry per image in request order, "scored", "failed"}."""
     scores = iter(scored.scores) if scored else iter(())
     predictor = scored.predictor if scored else current
-    results = [image_entry(item, next(scores), predictor, heatmap) if item.decoded is not None
+    results = [image_entry(item, next(scores), predictor, heatmap, max_heatmap_side) if item.decoded is not None
                else {"name": item.name, "status": item.status, "error": item.error} for item in items]
     n_ok = sum(1 for item in items if item.decoded is not None)
     return {"model": model_block(predictor), "results": results, "scored": n_ok, "failed": len(items) - n_ok}

@@ -26,11 +26,13 @@ from plantad.serving.answers import (ScoredJob, ScoreJob, model_block, native_an
                                      v2_answer, v2_images)
 from plantad.serving.drift import LineDrift
 from plantad.serving.holder import ModelHolder, golden_image
-from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64, parse_json_body, parse_line,
-                                    parse_score_request, read_body)
+from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64_all, decode_executor, internal_error,
+                                    on_executor, parse_json_body, parse_line, parse_score_request, parse_threshold,
+                                    read_body)
 from plantad.serving.metrics import LineLabels, ServeMetrics
 from plantad.serving.predictor import Predictor
-from plantad.serving.security import check_bearer, load_api_keys, load_webhook_secret, verify_webhook
+from plantad.serving.security import (bind_replica_grpc_to_node_ip, check_auth_closed, check_bearer, load_api_keys,
+                                      load_webhook_secret, verify_webhook)
 
 log = logging.getLogger(__name__)
 WEBHOOK_MAX_BYTES = 65536
@@ -57,7 +59,10 @@ V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"s
 class ScoringServer:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.cfg: ServeConfig = serve_config_from_dict(settings, "the app's args")
+        bind_replica_grpc_to_node_ip()  # before Serve starts that server, right after this constructor
         self.keys = load_api_keys(self.cfg)
+        check_auth_closed(self.cfg, bool(self.keys))
+        self.decoder = decode_executor(self.cfg.ray_actor_options.num_cpus)
         self.webhook_secret = load_webhook_secret(self.cfg)
         self.metrics = ServeMetrics()
         self.lines = LineLabels(self.cfg.max_lines)
@@ -99,9 +104,8 @@ class ScoringServer:
             status, body = await handler()
         except ApiError as exc:
             status, body = exc.status, {"error": exc.message}
-        except Exception as exc:  # a bug or a failed batch: a JSON 500 that is counted, not a bare one
-            log.exception("%s failed", route)
-            status, body = 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        except Exception:  # a bug or a failed batch: a counted JSON 500 naming a request id, logged under it
+            status, body = 500, internal_error(route)
         self.metrics.request(route, status, time.perf_counter() - started)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(body, status_code=status, headers=headers)
@@ -135,7 +139,7 @@ class ScoringServer:
     @app.post("/score", openapi_extra=SCORE_BODY, summary="Score one or more images (multipart or base64 JSON)")
     async def score(self, request: Request) -> JSONResponse:
         async def run() -> tuple[int, Any]:
-            parsed = await parse_score_request(request, self.cfg)
+            parsed = await parse_score_request(request, self.cfg, self.decoder)
             line = self.lines.label(parsed.line)
             for item in parsed.images:
                 if item.decoded is None:
@@ -143,7 +147,7 @@ class ScoringServer:
             good = [item.decoded.image for item in parsed.images if item.decoded is not None]
             scored = await self._score(good, parsed.threshold, parsed.heatmap, line) if good else None
             answer = await asyncio.to_thread(native_answer, parsed.images, scored, parsed.heatmap,
-                                             self.holder.current)
+                                             self.holder.current, self.cfg.max_heatmap_side)
             return request_status(parsed.images), answer
         return await self._answer("score", request, run)
 
@@ -222,9 +226,11 @@ class ScoringServer:
             outputs = [{"name": o, "datatype": "BOOL" if o == "is_anomalous" else "FP32", "shape": [-1]}
                        for o in ("probability", "is_anomalous", "threshold", "p_local", "p_semantic",
                                  "local_score", "semantic_score")]
-            return 200, {"name": name, "versions": [current.ref.version], "platform": "pytorch",
+            runtime = current.info()["runtime"]  # what runs the forward: "torch" or "openvino <precision>"
+            return 200, {"name": name, "versions": [current.ref.version],
+                         "platform": "openvino" if runtime.startswith("openvino") else "pytorch",
                          "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs,
-                         "parameters": {"threshold": current.threshold}}
+                         "parameters": {"threshold": current.threshold, "runtime": runtime}}
         return await self._answer("v2_metadata", request, run)
 
     @app.get("/v2/models/{name}/ready")
@@ -243,18 +249,16 @@ class ScoringServer:
             if len(data) > self.cfg.max_images_per_request:
                 raise ApiError(413, f"{len(data)} images is over serve.max_images_per_request "
                                     f"({self.cfg.max_images_per_request})")
-            items = await asyncio.to_thread(lambda: [decode_base64(text, f"image[{i}]", self.cfg)
-                                                     for i, text in enumerate(data)])
+            threshold = parse_threshold(params.get("threshold"), "parameters", text=False)
+            items = await on_executor(self.decoder, decode_base64_all, data, "image", self.cfg)
             bad = [item for item in items if item.decoded is None]
             if bad:  # v2 has no per-element errors: the first bad image answers the request
                 raise ApiError(413 if bad[0].status == 413 else 400, bad[0].error or "bad image")
-            threshold = params.get("threshold")
-            if threshold is not None and not isinstance(threshold, (int, float)):
-                raise ApiError(400, f"parameters.threshold {threshold!r} is not a number")
             line = self.lines.label(parse_line(params.get("line"), "parameters"))
-            scored = await self._score([item.decoded.image for item in items],
-                                       None if threshold is None else float(threshold), False, line)
-            return 200, v2_answer(scored, wanted, doc.get("id"))
+            scored = await self._score([item.decoded.image for item in items], threshold, False, line)
+            # the runtime that scored: torch, or the exported graph ("openvino <precision>")
+            return 200, {**v2_answer(scored, wanted, doc.get("id")),
+                         "parameters": {"runtime": scored.predictor.info()["runtime"]}}
         return await self._answer("v2_infer", request, run)
 
 
@@ -266,7 +270,7 @@ def build_app(args: dict[str, Any]) -> Application:
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
-        "ray_actor_options": cfg.ray_actor_options.model_dump(),
+        "ray_actor_options": cfg.ray_actor_options.model_dump(exclude_none=True),  # memory None: no reservation
     }
     if cfg.autoscaling is not None:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()

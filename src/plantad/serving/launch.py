@@ -2,12 +2,13 @@
 
 With `detach`, a local cluster is started by `ray start --head` so that it and the app outlive
 the command; `plantad serve --stop` removes the app (the cluster stays until `ray stop`).
+API keys in this process's environment or `serve.api_keys_file` reach every replica as digests in
+the cluster's key-value store (serving/security.py), never in the app's args.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import httpx
 
 from plantad.cluster import check_ray_address, head_env, head_start_args, job_address, join, start_local
 from plantad.config import RayConfig, ServeConfig
+from plantad.serving.security import check_auth_closed, publish_api_keys, read_api_keys
 
 
 def _ray_executable() -> str:
@@ -68,24 +70,35 @@ def wait_ready(url: str, api_key: str | None, timeout_s: float = 300.0) -> dict:
     raise RuntimeError(f"{url}/readyz not ready after {timeout_s:.0f} s (last: {last})")
 
 
+def http_options(cfg: ServeConfig) -> dict[str, object]:
+    """Serve's HTTP options: serve.host:serve.port (127.0.0.1 unless configured otherwise) and the
+    request deadline (serve.request_timeout_s; Serve answers 408 past it)."""
+    return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s}
+
+
 def start_http(cfg: ServeConfig) -> None:
-    """Serve's HTTP proxy on serve.host:serve.port (127.0.0.1 unless configured otherwise)."""
+    """Serve's HTTP proxy with `http_options(cfg)`."""
     from ray import serve
 
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options=http_options(cfg))
 
 
 def deploy(cfg: ServeConfig) -> str:
-    """Start Serve's HTTP proxy and run the app; returns its base URL."""
+    """Start Serve's HTTP proxy and run the app with this process's API keys; returns its base URL.
+    Refuses, before anything starts, to serve without keys on a host other than loopback."""
     from ray import serve
 
     from plantad.serving.app import build_app
 
+    keys = read_api_keys(cfg)
+    check_auth_closed(cfg, bool(keys))
     start_http(cfg)
-    serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.app_name, route_prefix=cfg.route_prefix,
-              blocking=False)
+    publish_api_keys(cfg.app_name, keys)
+    # the replicas read the published digests; the file (a path on this machine) is not read again there
+    args = cfg.model_copy(update={"api_keys_file": None}).model_dump(mode="json")
+    serve.run(build_app(args), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     url = base_url(cfg)
-    wait_ready(url, os.environ.get(cfg.api_keys_env, "").split(",")[0].strip() or None)
+    wait_ready(url, min(keys) if keys else None)
     return url
 
 
@@ -103,4 +116,5 @@ def stop(ray_cfg: RayConfig, cfg: ServeConfig) -> str:
         serve.delete(cfg.app_name)
     except RayServeException as exc:  # no Serve on this cluster: nothing to stop
         return f"nothing to stop: {exc}"
+    publish_api_keys(cfg.app_name, frozenset())  # the app's key digests leave the cluster with it
     return f"deleted Serve app '{cfg.app_name}'; the Ray cluster keeps running (`ray stop` stops a local one)"
