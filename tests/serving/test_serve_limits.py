@@ -141,3 +141,29 @@ def test_a_versions_footprint_is_measured_from_the_process_memory():
     assert tensor_bytes(model) == (500 * 500 + 500) * 4
     held, grown = measure_growth(lambda: np.ones(64 * MIB // 8))  # 64 MiB touched
     assert held.nbytes == 64 * MIB and 60 * MIB <= grown <= 80 * MIB
+
+
+def test_a_predictors_measured_footprint_holds_at_least_its_weights(tmp_path):
+    """What the holder measures for a version (load and warm-up) is at least the version's tensors."""
+    from tiny import tiny_settings
+
+    from plantad.models.checkpoint import save_model
+    from plantad.models.factory import build_model
+    from plantad.serving.predictor import Predictor
+
+    settings = tiny_settings("model.teacher.timm_kwargs={depth: 4, embed_dim: 256, num_heads: 4, patch_size: 8, "
+                             "init_values: 1.0}")
+    model = build_model(settings, load_teacher_weights=False).eval()
+    for name in ("threshold", "ema_local", "ema_semantic"):  # calibrated, as save_model requires
+        getattr(model.noisy_or, name).fill_(0.5)
+    save_model(model, settings, tmp_path / "v1")
+    del model
+
+    def load() -> Predictor:
+        predictor = Predictor.load(str(tmp_path / "v1"), device="cpu")
+        predictor.warm_up()
+        return predictor
+
+    predictor, grown = measure_growth(load)
+    weights = tensor_bytes(predictor.model)
+    assert weights > 8 * MIB and grown >= weights, (weights, grown)
