@@ -261,3 +261,11 @@ def test_any_decoder_exception_is_that_image_s_error_row(trained_tiny, tmp_path,
     assert pd.isna(table.loc[0, "probability"]) and pd.isna(table.loc[1, "error"])
     assert 0.0 <= table.loc[1, "probability"] <= 1.0
     assert json.loads(table.loc[1, "teacher"])
+
+
+def test_a_damaged_lock_is_taken_over(output):
+    out, s3 = output
+    write_atomic(out, LOCK, b'{"run_id": "half')
+    lock = acquire(out, s3, stale_s=300)
+    assert read_holder(out) == lock.holder
+    lock.release()

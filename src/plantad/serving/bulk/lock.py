@@ -112,11 +112,16 @@ def create_exclusive(out: Location, rel: str, data: bytes, s3: S3Config) -> bool
 
 
 def read_holder(out: Location) -> Holder | None:
-    """The lock's holder; None when there is no lock."""
+    """The lock's holder; None when there is no lock. Every writer writes a lock whole, so one that
+    does not parse was damaged by something else: it reads as a holder without a heartbeat (stale)."""
     try:
-        return Holder(**json.loads(read_bytes(out, LOCK)))
+        raw = read_bytes(out, LOCK)
     except FileNotFoundError:
         return None
+    try:
+        return Holder(**json.loads(raw))
+    except (ValueError, TypeError):
+        return Holder("unreadable", "unknown", -1, 0.0, 0.0)
 
 
 class RunLock:

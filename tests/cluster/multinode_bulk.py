@@ -1,0 +1,96 @@
+"""A node lost under bulk scoring, in a process of its own (the test session's shared Ray cluster stays
+untouched): a three-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head of 1 CPU,
+two workers of 2 CPUs), one scoring actor per worker (2 CPUs each, so none fits on the head), and
+the worker of one actor removed (its raylet and workers killed, as a pre-empted VM) once both
+actors are up and a part is committed. Writes a JSON report: the summary, the table's row counts and the timings.
+
+    python tests/cluster/multinode_bulk.py <model dir> <input> <output> <report.json> [--replace]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+
+def scoring_actor_nodes() -> dict[str, str]:
+    """Alive map actors of Ray Data (the scoring pool) -> the node each runs on."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if "MapWorker" in (a.class_name or "")}
+
+
+def main(model_dir: str, input_uri: str, output_uri: str, report: str, replace: bool) -> int:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from plantad.serving.bulk import read_results, run_bulk
+    from plantad.storage import open_location
+    from tiny import tiny_settings
+
+    # a lost node is declared dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s)
+    health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+              "health_check_failure_threshold": 3}
+    from infra.fixtures import free_port
+
+    # its own ports: the test session's cluster holds Ray's defaults (GCS 6379, dashboard 8265)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port(), "gcs_server_port": free_port(),
+        "_system_config": health})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    settings = tiny_settings("bulk.part_size=4", "bulk.batch_size=2", "bulk.actors=2", "bulk.cpus_per_actor=2",
+                             "bulk.min_cpus_per_actor=2", "bulk.read_cpus=0.25", "ray.stall_timeout_s=120")
+    outcome: dict = {}
+
+    def score() -> None:
+        try:
+            outcome["summary"] = run_bulk(settings, input_uri, output_uri, model_dir, progress=False).as_dict()
+        except Exception as exc:  # reported, then asserted on by the test
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    def committed() -> int:
+        return len(list(Path(output_uri).glob("*/parts/part-*.parquet")))
+
+    started = time.monotonic()
+    job = threading.Thread(target=score, daemon=True)
+    job.start()
+    deadline = time.monotonic() + 240
+    nodes: dict[str, str] = {}
+    while time.monotonic() < deadline and job.is_alive() and (len(set(nodes.values())) < 2 or not committed()):
+        nodes = scoring_actor_nodes()
+        time.sleep(0.2)
+    on_two = sorted(set(nodes.values()))
+    victim = next((w for w in workers if w.node_id in on_two), None)
+    removed_at = None
+    if job.is_alive() and len(on_two) == 2 and victim is not None:
+        committed_before = committed()
+        cluster.remove_node(victim, allow_graceful=False)
+        removed_at = time.monotonic() - started
+        if replace:
+            time.sleep(2)
+            cluster.add_node(num_cpus=2)
+    job.join(timeout=300)
+    result = {"actor_nodes": len(on_two), "removed_at_s": removed_at, "seconds": time.monotonic() - started,
+              "job_alive": job.is_alive(), **outcome}
+    if removed_at is not None:
+        result["committed_before_removal"] = committed_before
+    if "summary" in outcome:
+        table = read_results(open_location(outcome["summary"]["output"], settings.s3))
+        result["rows"] = len(table)
+        result["unique_relpaths"] = int(table["relpath"].nunique())
+    Path(report).write_text(json.dumps(result, indent=2, default=str))
+    ray.shutdown()
+    cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:5], replace="--replace" in sys.argv[5:]))
