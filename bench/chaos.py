@@ -1,4 +1,5 @@
-"""Fault injection with figures: SIGKILLed `dvc repro` stages, SIGKILLed Ray Train workers, a flaky S3.
+"""Fault injection with figures: SIGKILLed `dvc repro` stages, SIGKILLed Ray Train workers, a flaky S3,
+a worker node lost under bulk scoring.
 
     python bench/chaos.py --k 3                 # every fault K times (the README's table)
     python bench/chaos.py --k 1 --only s3       # one family
@@ -25,7 +26,7 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests"), str(REPO / "tests" / "
 
 from chaos_common import Row, table  # noqa: E402
 
-FAMILIES = ("dvc", "ray", "s3")
+FAMILIES = ("dvc", "ray", "s3", "node")
 
 
 def run_families(families: list[str], work: Path, k: int, seed: int, s3, tracking_uri: str,
@@ -45,6 +46,10 @@ def run_families(families: list[str], work: Path, k: int, seed: int, s3, trackin
         from chaos_s3 import s3_fault_rows
 
         rows += s3_fault_rows(work / "s3", s3, tracking_uri, k, rng)
+    if "node" in families:
+        from chaos_node import node_loss_rows
+
+        rows += node_loss_rows(work / "node", k)
     return rows
 
 

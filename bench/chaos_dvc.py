@@ -72,7 +72,12 @@ def after_kill_problems(project: Project, run: Repro, tracking_uri: str, name: s
 
 def new_project(root: Path, env: dict[str, str], tracking_uri: str, names: dict[str, str]) -> Project:
     """The baseline project of tests/pipeline: tiny params, the user's dataset tracked with `dvc add`."""
-    params = merged(TINY_PARAMS, {"data": {"source": "path", "root": DATA},
+    # the score stage enabled (off in params.yaml), so that kills in it hit a running bulk job: the
+    # first registered version becomes champion, small parts so that a kill lands between commits
+    score = {"part_size": 4, "batch_size": 4, "stage": {
+        "enabled": True, "input": DATA, "output": "outputs/scores",
+        "model": f"models:/{names['registered_model']}@champion"}}
+    params = merged(TINY_PARAMS, {"data": {"source": "path", "root": DATA}, "bulk": score,
                                   "mlflow": {"tracking_uri": tracking_uri, "promote": "manual", **names}})
     project = create_project(root, env, params)
     project.run("plantad", "demo-data", DATA, "--seed", "1")
@@ -166,4 +171,20 @@ def final_problems(project: Project, final: Repro, ref: Project, tracking_uri: s
     problems = [f"dvc status not clean: {project.status()}"] if project.status() else []
     want, got = lock_entries(ref, DETERMINISTIC), lock_entries(project, DETERMINISTIC)
     problems += [f"dvc.lock of {s} differs from the uninterrupted run" for s in DETERMINISTIC if want[s] != got[s]]
-    return problems + version_problems(tracking_uri, name, scratch)
+    return problems + score_table_problems(project) + version_problems(tracking_uri, name, scratch)
+
+
+def score_table_problems(project: Project) -> list[str]:
+    """When the score stage ran: its table must hold exactly one row per image it counted."""
+    from plantad.config import S3Config
+    from plantad.serving.bulk import read_results
+    from plantad.storage import open_location
+
+    record = json.loads((project.root / "outputs" / "score.json").read_text())
+    if not record.get("enabled"):
+        return []
+    table = read_results(open_location(record["output"], S3Config()))
+    if len(table) != record["images"] or not table["relpath"].is_unique:
+        return [f"score table {record['output']}: {len(table)} rows, {table['relpath'].nunique()} images, "
+                f"{record['images']} listed"]
+    return []
