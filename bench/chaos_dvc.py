@@ -180,7 +180,8 @@ def score_table_problems(project: Project) -> list[str]:
     from plantad.serving.bulk import read_results
     from plantad.storage import open_location
 
-    record = json.loads((project.root / "outputs" / "score.json").read_text())
+    path = project.root / "outputs" / "score.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
     if not record.get("enabled"):
         return []
     table = read_results(open_location(record["output"], S3Config()))
