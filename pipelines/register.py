@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
 from plantad.logs import quiet_library_logs
+from plantad.serving.review import reviewed_images
 from plantad.tracking.experiment import log_evaluation
 from plantad.tracking.pyfunc import log_pyfunc_model
 from plantad.tracking.promotion import champion_rescorer
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         info = log_pyfunc_model(Path(args.model), example)
     name = settings.mlflow.registered_model
     tags = {**lineage, "teacher_source": meta["teacher"]["source"], settings.mlflow.promotion_metric:
-            str(metrics.get(settings.mlflow.promotion_metric))}
+            str(metrics.get(settings.mlflow.promotion_metric)),
+            "reviewed_images": str(reviewed_images(manifest))}  # added by the line's review (plantad review export)
     version = register_version(client, name, run_id, "model", tags=tags, model_id=info.model_id)
     metric = settings.mlflow.promotion_metric
     rescore = champion_rescorer(client, uri, manifest, Path(args.data), settings, metric)

@@ -294,6 +294,32 @@ def cmd_teacher_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review_export(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from plantad.serving.review import export_reviewed
+    from plantad.storage import open_location
+
+    settings = _settings(args)
+    store = args.store or settings.serve.store
+    if store is None:
+        raise ValueError("no store: set serve.store in params.yaml or give --store (where the serving app keeps "
+                         "reviews)")
+    try:
+        since = datetime.fromisoformat(args.since).timestamp() if args.since else None
+    except ValueError as exc:
+        raise ValueError(f"--since {args.since!r} is not an ISO 8601 time such as 2026-03-01T06:00") from exc
+    result = export_reviewed(open_location(store, settings.serve.store_s3), Path(args.data),
+                             settings.serve.line_categories, since)
+    print(f"wrote {len(result.written)} reviewed image(s) into {args.data}, skipped {result.skipped_present} "
+          "already there")
+    for rel in result.written:
+        print(f"  {rel}")
+    if result.written:
+        print(f"next: dvc add {args.data} (or commit its .dvc change) and dvc repro")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted params key")
@@ -390,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="drift-report", help="folder for report.html and its figures")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the version's MLflow run")
     p.set_defaults(func=cmd_drift_report)
+
+    review = sub.add_parser("review", help="the line's review queue back into the versioned dataset"
+                            ).add_subparsers(dest="review_command", required=True)
+    p = review.add_parser("export", help="write reviewed images into a DVC-tracked MVTec-layout dataset")
+    _common(p)
+    p.add_argument("--data", required=True, help="the dataset folder: normal -> <category>/train/good/, "
+                   "defective -> <category>/test/<defect>/ (category from serve.line_categories)")
+    p.add_argument("--store", help="the serving app's store (default: serve.store)")
+    p.add_argument("--since", help="only verdicts given at or after this ISO 8601 time")
+    p.set_defaults(func=cmd_review_export)
 
     teacher = sub.add_parser("teacher", help="teacher checkpoints for air-gapped clusters").add_subparsers(
         dest="teacher_command", required=True)

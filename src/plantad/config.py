@@ -383,6 +383,19 @@ class DriftConfig(_Section):
         return self
 
 
+class RecordsConfig(_Section):
+    """A record per scored part (serving/records.py), appended in Parquet parts to `serve.store`.
+    Off by default: images and part ids of a line are the plant's data, kept only when asked."""
+
+    enabled: bool = False
+    flush_s: float = Field(2.0, gt=0.0)  # a replica writes its pending rows at least this often
+    part_rows: int = Field(512, ge=1)  # rows per Parquet part at most
+    buffer_rows: int = Field(10000, ge=1)  # rows waiting per replica; beyond: dropped and counted, never blocking
+    images: bool = True  # keep the images of REVIEW and NG parts (the review queue)
+    ok_image_share: float = Field(0.0, ge=0.0, le=1.0)  # and this sampled share of OK parts' images
+    images_max_bytes: int = Field(2_000_000_000, ge=0)  # image store cap, counted per replica from its start
+
+
 class ServeConfig(_Section):
     """The Ray Serve scoring application (`plantad serve`, deploy/serve_config.yaml's args)."""
 
@@ -423,6 +436,15 @@ class ServeConfig(_Section):
     webhook_secret_file: str | None = None  # or the secret in this file
     golden_image: str | None = None  # self-test image for a new version; None: the packaged one
     drift: DriftConfig = DriftConfig()  # line health: drift of each line's images from the version's reference
+    # the line's window (docs/how-to/inspection.md): bands, audit log, records and reviews live here,
+    # a folder or s3://bucket/prefix shared by all replicas; None: bands fixed at the calibrated threshold
+    store: str | None = None
+    store_s3: S3Config = S3Config()  # endpoint of an s3:// store (MinIO, Ceph, ...)
+    bands_poll_s: float = Field(2.0, gt=0.0)  # how often each replica reads new band changes from the store
+    records: RecordsConfig = RecordsConfig()
+    recent_traffic: int = Field(0, ge=0)  # last N scored images a replica keeps for the page; 0: off (privacy)
+    line_categories: dict[str, str] = {}  # line -> dataset category (review export); non-empty: the only lines
+    mlflow_ui_url: str | None = None  # the page links a version's run there (e.g. http://mlflow:5000)
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ServeConfig:

@@ -25,6 +25,7 @@ from plantad.tracking.registry import CHAMPION, register_version, set_alias
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "plantad-serve-test"
+LINE_CATEGORIES = {"press-1": "weave", "press-2": "weave", "press-3": "weave"}  # main's lines (band and export tests)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Served:
     api_key: str
     webhook_secret: str
     registry: Registry
+    store: Path  # main's serve.store: bands, audit log, part records, reviews (serving/inspection.py)
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +94,12 @@ def served(ray_local, registry, tmp_path_factory) -> Served:
     (secrets_dir / "keys").write_text(f"# line PCs\n{api_key}\n")
     (secrets_dir / "webhook").write_text(webhook_secret)
     port = free_port()
+    store = tmp_path_factory.mktemp("line-store")
     common = {"model_name": MODEL, "tracking_uri": registry.uri, "ray_actor_options": {"num_cpus": 0.5}}
     main = {**config_file_args(), **common, "alias_poll_s": 0.5, "max_image_bytes": MAX_IMAGE_BYTES,
             "max_image_pixels": MAX_IMAGE_PIXELS, "max_request_bytes": 2_000_000, "max_concurrent_batches": 2,
-            "port": port}
+            "port": port, "store": str(store), "bands_poll_s": 0.5, "recent_traffic": 500,
+            "records": {"enabled": True, "flush_s": 0.5}, "line_categories": LINE_CATEGORIES}
     strict = {**config_file_args(), **common, "app_name": "strict", "route_prefix": "/strict",
               "model_alias": "staging", "alias_poll_s": 3600.0, "api_keys_file": str(secrets_dir / "keys"),
               "webhook_secret_file": str(secrets_dir / "webhook"), "max_ongoing_requests": 1,
@@ -105,6 +109,6 @@ def served(ray_local, registry, tmp_path_factory) -> Served:
         serve.run(build_app(main), name="main", route_prefix="/", blocking=False)
         serve.run(build_app(strict), name="strict", route_prefix="/strict", blocking=False)
         yield Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/strict", api_key, webhook_secret,
-                     registry)
+                     registry, store)
     finally:
         serve.shutdown()

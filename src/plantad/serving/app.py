@@ -17,15 +17,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 
 from plantad.config import ServeConfig, serve_config_from_dict
 from plantad.serving.answers import (ScoredJob, ScoreJob, model_block, native_answer, request_status, score_jobs,
                                      v2_answer, v2_images)
+from plantad.serving.bands import key_id
 from plantad.serving.drift import LineDrift
 from plantad.serving.holder import ModelHolder, golden_image
+from plantad.serving.inspection import Inspection, page_html, part_ids, query_limit, query_line
 from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64_all, decode_executor, internal_error,
                                     on_executor, parse_json_body, parse_line, parse_score_request, parse_threshold,
                                     read_body)
@@ -33,6 +35,7 @@ from plantad.serving.metrics import LineLabels, ServeMetrics
 from plantad.serving.predictor import Predictor
 from plantad.serving.security import (bind_replica_grpc_to_node_ip, check_auth_closed, check_bearer, load_api_keys,
                                       load_webhook_secret, verify_webhook)
+from plantad.serving.swagger import SWAGGER_FILES, swagger_asset
 
 log = logging.getLogger(__name__)
 WEBHOOK_MAX_BYTES = 65536
@@ -68,6 +71,7 @@ class ScoringServer:
         self.lines = LineLabels(self.cfg.max_lines)
         self.drift = LineDrift(self.cfg.drift)
         self._drift_tests: set[asyncio.Future] = set()  # running tests, kept referenced until done
+        self.inspection = Inspection(self.cfg)  # bands, records, review queue (serving/inspection.py)
         self.holder = ModelHolder(self.cfg.model_uri, self.cfg.tracking_uri, self.cfg.device, self.cfg.alias_poll_s,
                                   golden_image(self.cfg.golden_image), runtime=self.cfg.runtime)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
@@ -80,6 +84,9 @@ class ScoringServer:
         holder = getattr(self, "holder", None)
         if holder is not None:
             holder.stop()
+        inspection = getattr(self, "inspection", None)
+        if inspection is not None:
+            inspection.stop()
 
     def check_health(self) -> None:
         """Serve's periodic health check: exports the served version and the swap state (never raises:
@@ -140,6 +147,7 @@ class ScoringServer:
     async def score(self, request: Request) -> JSONResponse:
         async def run() -> tuple[int, Any]:
             parsed = await parse_score_request(request, self.cfg, self.decoder)
+            ids = part_ids(request.headers.get("x-part-id"), len(parsed.images))
             line = self.lines.label(parsed.line)
             for item in parsed.images:
                 if item.decoded is None:
@@ -148,6 +156,9 @@ class ScoringServer:
             scored = await self._score(good, parsed.threshold, parsed.heatmap, line) if good else None
             answer = await asyncio.to_thread(native_answer, parsed.images, scored, parsed.heatmap,
                                              self.holder.current, self.cfg.max_heatmap_side)
+            if scored is not None:  # the line's OK / REVIEW / NG band, the part records
+                await asyncio.to_thread(self.inspection.decide, parsed.images, answer, parsed.line, line, ids,
+                                        scored.predictor)
             return request_status(parsed.images), answer
         return await self._answer("score", request, run)
 
@@ -175,7 +186,97 @@ class ScoringServer:
         if check.status_code != 200:
             return check
         root = request.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=app.title)
+        # assets from the package (fastapi-offline ships them), not a CDN: the line PC may have no internet
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=app.title,
+                                   swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/docs/assets/favicon.png")
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    async def docs_asset(self, name: str) -> Response:
+        if name not in SWAGGER_FILES:
+            return JSONResponse({"error": f"no docs asset {name!r}"}, status_code=404)
+        return Response(swagger_asset(name), media_type=SWAGGER_FILES[name],
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+    # --- the line's window: inspection page, bands, review queue, recent traffic (serving/inspection.py) ---
+
+    @app.get("/", response_class=HTMLResponse, summary="Inspection page (HTML; its API calls ask for a key)")
+    async def page(self, request: Request) -> HTMLResponse:
+        return HTMLResponse(page_html(request.scope.get("root_path", "")))
+
+    def _who(self, request: Request) -> str:
+        return key_id(request.headers.get("authorization"), self.keys)
+
+    @app.get("/bands", summary="Every line's OK / REVIEW / NG band, the default and the calibrated threshold")
+    async def bands(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            return self.inspection.bands_status(self.holder.current)
+        return await self._answer("bands", request, run)
+
+    @app.put("/bands/{line}", summary="Set a line's band {low, high} (line `default`: every line without one); audited")
+    async def set_band(self, line: str, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            doc = parse_json_body(await read_body(request, WEBHOOK_MAX_BYTES))
+            return await asyncio.to_thread(self.inspection.save_band, line, doc, self._who(request),
+                                           self.holder.current)
+        return await self._answer("set_band", request, run)
+
+    @app.get("/bands/audit", summary="Band changes, newest first: when, who (API key id), line, old, new, version")
+    async def band_audit(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            q = request.query_params
+            return await asyncio.to_thread(self.inspection.audit, query_line(q.get("line")),
+                                           query_limit(q.get("limit")))
+        return await self._answer("band_audit", request, run)
+
+    @app.get("/review/queue", summary="Stored REVIEW / NG (and sampled OK) images not yet reviewed, newest first")
+    async def review_queue(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            q = request.query_params
+            return await asyncio.to_thread(self.inspection.queue, query_line(q.get("line")),
+                                           query_limit(q.get("limit")))
+        return await self._answer("review_queue", request, run)
+
+    @app.get("/review/images/{sha}", summary="A stored part image (PNG) by its sha256")
+    async def review_image(self, sha: str, request: Request) -> Response:
+        image: list[bytes] = []
+
+        async def run() -> tuple[int, Any]:
+            image.append(await asyncio.to_thread(self.inspection.image, sha))
+            return 200, {}
+        answer = await self._answer("review_image", request, run)
+        return Response(image[0], media_type="image/png") if image else answer
+
+    @app.post("/review", summary="An operator's verdict on a stored image: normal, or defective with a defect name")
+    async def review(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            doc = parse_json_body(await read_body(request, WEBHOOK_MAX_BYTES))
+            return await asyncio.to_thread(self.inspection.review, doc, self._who(request))
+        return await self._answer("review", request, run)
+
+    @app.get("/review/verdicts", summary="Operators' verdicts, newest first (the review audit trail)")
+    async def review_verdicts(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            return await asyncio.to_thread(self.inspection.reviews, query_limit(request.query_params.get("limit")))
+        return await self._answer("review_verdicts", request, run)
+
+    @app.get("/traffic", summary="This replica's last scored images (serve.recent_traffic), decision rates")
+    async def traffic(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            q = request.query_params
+            return self.inspection.recent(query_line(q.get("line")), q.get("decision") or None,
+                                          query_limit(q.get("limit")))
+        return await self._answer("traffic", request, run)
+
+    @app.get("/inspection", summary="What the page needs to know: records on, traffic on, lines, MLflow UI URL")
+    async def inspection_info(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            cfg = self.cfg
+            return 200, {"records": cfg.records.enabled and cfg.store is not None, "store": cfg.store is not None,
+                         "recent_traffic": cfg.recent_traffic, "lines": sorted(cfg.line_categories),
+                         "mlflow_ui_url": cfg.mlflow_ui_url, "keys": bool(self.keys)}
+        return await self._answer("inspection", request, run)
 
     @staticmethod
     def _ok(body: Any) -> Callable[[], Awaitable[tuple[int, Any]]]:
