@@ -15,16 +15,32 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from plantad.config import load_settings
+from plantad.config import Settings, load_settings
 from plantad.data.manifest import read_manifest
 from plantad.logs import quiet_library_logs
 from plantad.serving.review import reviewed_images
+from plantad.serving.golden import golden_images
+from plantad.serving.predictor import Predictor
 from plantad.tracking.experiment import log_evaluation
+from plantad.tracking.golden import graph_agreement, record_golden
 from plantad.tracking.pyfunc import log_pyfunc_model
 from plantad.tracking.promotion import champion_rescorer
-from plantad.tracking.registry import apply_decision, promotion_decision, register_version
+from plantad.tracking.registry import GRAPH_TAG, apply_decision, promotion_decision, register_version
 from plantad.tracking.s3 import storage_env
 from plantad.tracking.store import TrackingStoreError, check_tracking_server, resolve_tracking_uri
+
+
+def record_golden_outputs(client: MlflowClient, name: str, version: str, run_id: str, model_dir: Path,
+                          settings: Settings) -> str:
+    """The version's answers on the golden images (torch), then whether the runtime the endpoint
+    will use reproduces them; tagged on the version, where the promotion gate reads it."""
+    images = golden_images([settings.serve.golden_image] if settings.serve.golden_image else None)
+    expected = record_golden(client, name, version, run_id, Predictor.load(str(model_dir), device="cpu",
+                                                                           runtime="torch"), images)
+    runtime = settings.serve.runtime or settings.scoring.runtime
+    graph = graph_agreement(model_dir, runtime, images, expected, settings.serve.rollout.golden_atol)
+    client.set_model_version_tag(name, version, GRAPH_TAG, graph)
+    return graph
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             str(metrics.get(settings.mlflow.promotion_metric)),
             "reviewed_images": str(reviewed_images(manifest))}  # added by the line's review (plantad review export)
     version = register_version(client, name, run_id, "model", tags=tags, model_id=info.model_id)
+    graph = record_golden_outputs(client, name, version.version, run_id, Path(args.model), settings)
+    print(f"golden outputs recorded with v{version.version}; serving graph {graph.split(':')[0]}")
     metric = settings.mlflow.promotion_metric
     rescore = champion_rescorer(client, uri, manifest, Path(args.data), settings, metric)
     decision = promotion_decision(client, name, version.version, metric, settings.mlflow.promote,

@@ -241,6 +241,33 @@ def cmd_score_online(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """`status`: the declared versions and each replica's; `report`: write the shadow comparison now."""
+    import os
+
+    from plantad.client import ScoringClient
+    from plantad.serving.rollout import markdown_table
+
+    key = os.environ.get(args.api_key_env, "").strip() or None if args.api_key_env else None
+    with ScoringClient(args.url, api_key=key) as client:
+        if args.action == "report":
+            table = client.rollout_report()
+            print(markdown_table(table), end="")
+            print(f"written to v{table['shadow']} (tags shadow.*, artifact rollout/shadow-v{table['shadow']}/)")
+            return 0
+        state = client.rollout()
+    d = state["declared"]
+    print(f"declared: champion v{d['champion']}, last-known-good v{d['last_known_good']}, "
+          f"previous v{d['previous']}, shadow v{d['shadow']}, canary v{d['canary']} on {list(d['canary_lines'])}")
+    for replica, r in sorted(state["replicas"].items()):
+        err = (r.get("last_error") or {}).get("error")
+        print(f"replica {replica} on {r['node']}: serving v{r['serving']}, loaded {r['loaded']}"
+              + (" (last-known-good)" if r["serving_last_known_good"] else "") + (f"; last error: {err}" if err else ""))
+    for version, ended in state["canary_ended"].items():
+        print(f"canary v{version} rolled back: {ended['reason']}")
+    return 0
+
+
 def cmd_drift_report(args: argparse.Namespace) -> int:
     from datetime import datetime
 
@@ -405,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="PLANTAD_API_KEY", metavar="VAR",
                    help="environment variable holding the API key (default PLANTAD_API_KEY)")
     p.set_defaults(func=cmd_score_online)
+
+    p = sub.add_parser("rollout", help="the scoring service's rollout: declared and served versions, or the "
+                                       "shadow comparison written to the registry now")
+    p.add_argument("action", choices=["status", "report"])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key-env", default="PLANTAD_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (default PLANTAD_API_KEY)")
+    p.set_defaults(func=cmd_rollout)
 
     drift = sub.add_parser("drift", help="line health: drift of each line's images from the version's reference"
                            ).add_subparsers(dest="drift_command", required=True)

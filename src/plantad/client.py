@@ -70,6 +70,12 @@ class ScoringClient:
     def model(self) -> dict[str, Any]:
         return self._call("GET", "/model").json()
 
+    def rollout(self) -> dict[str, Any]:
+        return self._call("GET", "/rollout").json()
+
+    def rollout_report(self) -> dict[str, Any]:
+        return self._call("POST", "/rollout/report").json()
+
     def ready(self) -> bool:
         return self._call("GET", "/readyz", ok=(200, 503)).status_code == 200
 

@@ -383,6 +383,38 @@ class DriftConfig(_Section):
         return self
 
 
+class CanaryConfig(_Section):
+    """A canary: the lines it answers, and when the controller ends it on its own."""
+
+    alias: str = "canary"  # the registry alias of the canary version (set it in the MLflow UI)
+    lines: list[str] = []  # these lines are answered by the canary ...
+    share: float = Field(0.0, ge=0.0, le=1.0)  # ... and this share of the others (sticky per line)
+    margin: float = Field(0.05, ge=0.0, le=1.0)  # reject-rate (or error-rate) excess the canary may show
+    min_images: int = Field(50, ge=1)  # canary images before the rollback test may act
+    alpha: float = Field(0.01, gt=0.0, lt=1.0)  # one-sided two-proportion test level
+
+
+class ShadowConfig(_Section):
+    """A shadow version scores live images after the answer is sent, for comparison only."""
+
+    alias: str = "challenger"
+    share: float = Field(1.0, ge=0.0, le=1.0)  # of the lines (sticky per line)
+    queue: int = Field(64, ge=1)  # images waiting per replica; beyond it they are dropped and counted
+    report_every_s: float = Field(600.0, gt=0.0)  # comparison written to the shadow version this often
+
+
+class RolloutConfig(_Section):
+    """One controller per application decides which versions the replicas serve (serving/rollout.py)."""
+
+    last_known_good_alias: str = "last-known-good"  # set by the controller once every replica serves a champion
+    follow_s: float = Field(0.5, gt=0.0)  # how often each replica asks the controller what to serve
+    keep_previous_s: float = Field(600.0, ge=0.0)  # the previous champion stays loaded this long after a move
+    declared_bound_s: float = Field(120.0, gt=0.0)  # /readyz fails when a replica lags the declared version longer
+    golden_atol: float = Field(0.01, gt=0.0, le=1.0)  # |probability difference| allowed against recorded outputs
+    shadow: ShadowConfig | None = None  # None: no shadow scoring
+    canary: CanaryConfig | None = None  # None: no canary
+
+
 class RecordsConfig(_Section):
     """A record per scored part (serving/records.py), appended in Parquet parts to `serve.store`.
     Off by default: images and part ids of a line are the plant's data, kept only when asked."""
@@ -418,7 +450,7 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(16, ge=1)  # requests per @serve.batch call
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     max_concurrent_batches: int = Field(1, ge=1)  # batches a replica scores at once (overlaps decoding and answers)
-    alias_poll_s: float = Field(5.0, gt=0.0)
+    alias_poll_s: float = Field(1.0, gt=0.0)  # the rollout controller's registry poll (one per application)
     max_image_bytes: int = Field(20_000_000, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
@@ -435,6 +467,7 @@ class ServeConfig(_Section):
     webhook_secret_env: str = "PLANTAD_WEBHOOK_SECRET"  # MLflow webhook HMAC secret; unset: route off
     webhook_secret_file: str | None = None  # or the secret in this file
     golden_image: str | None = None  # self-test image for a new version; None: the packaged one
+    rollout: RolloutConfig = RolloutConfig()
     drift: DriftConfig = DriftConfig()  # line health: drift of each line's images from the version's reference
     # the line's window (docs/how-to/inspection.md): bands, audit log, records and reviews live here,
     # a folder or s3://bucket/prefix shared by all replicas; None: bands fixed at the calibrated threshold

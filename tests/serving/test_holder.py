@@ -1,5 +1,6 @@
-"""Following the alias through a store outage: a version that could not be fetched is fetched again
-(with a backoff) once the store answers, without the alias moving; a broken version is not retried."""
+"""A replica following its rollout controller (in-process here; the Serve app uses a Ray actor):
+store outages retried, broken versions refused, recorded golden outputs checked, last-known-good
+at start, and a move back during a slow load honoured."""
 
 from __future__ import annotations
 
@@ -11,50 +12,109 @@ from urllib.parse import urlsplit
 import pytest
 
 from infra.fixtures import wait_for
-from plantad.serving.holder import ModelHolder, golden_image
+from plantad.config import ServeConfig
+from plantad.serving import predictor as predictor_module
+from plantad.serving.holder import LocalLink, ModelHolder
+from plantad.serving.rollout import RolloutController
 from plantad.tracking.registry import set_alias
+from rollout_versions import versions  # noqa: F401  (module fixture)
 
 MODEL = "plantad-serve-test"  # the registry fixture's (conftest.py)
 ALIAS = "line-7"
 
 
-def artifacts_of(registry, version: str) -> Path:
-    uri = registry.client.get_model_version_download_uri(MODEL, version)
+def artifacts_of(client, name: str, version: str) -> Path:
+    uri = client.get_model_version_download_uri(name, version)
     return Path(urlsplit(uri).path if uri.startswith("file:") else uri)
+
+
+def follow(uri: str, name: str, alias: str) -> tuple[RolloutController, ModelHolder]:
+    cfg = ServeConfig(model_name=name, model_alias=alias, tracking_uri=uri, alias_poll_s=0.2,
+                      rollout={"follow_s": 0.2, "last_known_good_alias": f"{alias}-lkg"})
+    controller = RolloutController(cfg)
+    controller.start()
+    return controller, ModelHolder(cfg, LocalLink(controller), "replica-1")
 
 
 @pytest.fixture
 def holder(registry):
     set_alias(registry.client, MODEL, ALIAS, registry.good[0])
-    h = ModelHolder(f"models:/{MODEL}@{ALIAS}", registry.uri, "cpu", 0.2, golden_image(None))
+    controller, h = follow(registry.uri, MODEL, ALIAS)
     yield h
     h.stop()
+    controller.stop()
 
 
 def test_a_version_the_store_did_not_deliver_is_fetched_again_when_it_answers(registry, holder):
     old, new = registry.good
-    folder = artifacts_of(registry, new)
+    folder = artifacts_of(registry.client, MODEL, new)
     hidden = folder.with_name(folder.name + ".offline")
     folder.rename(hidden)  # the artifact store is down for this version's files
     try:
         set_alias(registry.client, MODEL, ALIAS, new)
-        wait_for(lambda: (holder.last_swap_error or 0) and holder.last_swap_error.failures >= 2, 30,
-                 "two failed fetches")
+        wait_for(lambda: new in holder.waiting and holder.waiting[new].failures >= 2, 30, "two failed fetches")
         err = holder.status()["last_swap_error"]
         assert err["version"] == new and "cannot download" in err["error"] and err["retry_at"] > err["at"]
         assert holder.current.ref.version == old
     finally:
         hidden.rename(folder)
     wait_for(lambda: holder.current.ref.version == new, 60, "the swap once the store answers")
-    assert holder.last_swap_error is None and holder.swaps == 1
+    assert holder.last_error() is None and holder.swaps == 1
 
 
 def test_a_broken_version_is_not_loaded_again(registry, holder, caplog):
     caplog.set_level(logging.WARNING, logger="plantad.serving.holder")
     set_alias(registry.client, MODEL, ALIAS, registry.broken)
-    wait_for(lambda: holder.last_swap_error is not None, 30, "the refused version")
+    wait_for(lambda: holder.last_error() is not None, 30, "the refused version")
     time.sleep(1.5)  # seven more polls
     err = holder.status()["last_swap_error"]
     assert err["version"] == registry.broken and err["retry_at"] is None and "model.pt" in err["error"]
     refused = [r for r in caplog.records if "not served" in r.getMessage()]
     assert len(refused) == 1 and holder.current.ref.version == registry.good[0]
+
+
+def test_recorded_golden_outputs_refuse_a_version_and_a_restart_serves_last_known_good(versions):
+    c, name = versions.client, versions.name
+    set_alias(c, name, "line-9", versions.a)
+    controller, holder = follow(versions.uri, name, "line-9")
+    try:
+        assert holder.status()["self_test"].startswith("1 golden image(s) within 0.01")
+        wait_for(lambda: controller.state().last_known_good == versions.a, 30, "v-a becoming last-known-good")
+        set_alias(c, name, "line-9", versions.bad)  # valid files, outputs recorded are not its own
+        wait_for(lambda: holder.last_error() is not None, 60, "the golden check refusing the version")
+        err = holder.last_error()
+        assert err.version == versions.bad and "golden.png probability" in err.error and "recorded" in err.error
+        assert holder.current.ref.version == versions.a and err.retry_at is None
+        restarted = ModelHolder(holder.cfg, holder.link, "replica-2")  # a replica that starts now
+        try:
+            assert restarted.current.ref.version == versions.a and restarted.serving_last_known_good
+            assert restarted.status()["serving_last_known_good"] and restarted.status()["declared_champion"] == versions.bad
+        finally:
+            restarted.stop()
+    finally:
+        holder.stop()
+        controller.stop()
+
+
+def test_a_move_back_during_a_slow_load_wins(versions, monkeypatch):
+    c, name = versions.client, versions.name
+    set_alias(c, name, "line-11", versions.a)
+    controller, holder = follow(versions.uri, name, "line-11")
+    real_warm_up = predictor_module.Predictor.warm_up
+    moved = []
+
+    def warm_up_while_a_person_moves_back(self):  # the person rolls back while v-b is loading
+        if self.ref.version == versions.b and not moved:
+            set_alias(c, name, "line-11", versions.a)
+            moved.append(time.time())
+        real_warm_up(self)
+
+    monkeypatch.setattr(predictor_module.Predictor, "warm_up", warm_up_while_a_person_moves_back)
+    try:
+        set_alias(c, name, "line-11", versions.b)
+        wait_for(lambda: moved, 30, "the load of v-b")
+        time.sleep(1.0)  # five polls after the load
+        assert holder.current.ref.version == versions.a and holder.swaps == 0
+    finally:
+        holder.stop()
+        controller.stop()

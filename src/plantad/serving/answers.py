@@ -18,6 +18,7 @@ class ScoreJob:
     images: list[Image.Image]
     threshold: float | None
     with_maps: bool
+    line: str = "unknown"  # routes the job to the canary on the canary's lines
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,15 @@ from plantad.serving.answers import (ScoredJob, ScoreJob, model_block, native_an
                                      v2_answer, v2_images)
 from plantad.serving.bands import key_id
 from plantad.serving.drift import LineDrift
-from plantad.serving.holder import ModelHolder, golden_image
+from plantad.serving.holder import FixedLink, ModelHolder
 from plantad.serving.inspection import Inspection, page_html, part_ids, query_limit, query_line
 from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64_all, decode_executor, internal_error,
                                     on_executor, parse_json_body, parse_line, parse_score_request, parse_threshold,
                                     read_body)
 from plantad.serving.metrics import LineLabels, ServeMetrics
 from plantad.serving.predictor import Predictor
+from plantad.serving.rollout import ActorLink, canary_serves, shadow_scores
+from plantad.serving.traffic import ShadowJob, ShadowScorer, TrafficBook
 from plantad.serving.security import (bind_replica_grpc_to_node_ip, check_auth_closed, check_bearer, load_api_keys,
                                       load_webhook_secret, verify_webhook)
 from plantad.serving.swagger import SWAGGER_FILES, swagger_asset
@@ -57,6 +59,14 @@ V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"s
     "parameters": {"threshold": 0.5, "line": "press-3"}}}}}}}
 
 
+def _replica_id() -> str:
+    """This replica's id (defined above the class: Serve pickles the class when it is decorated)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (tests building the class directly)
+        return f"pid-{os.getpid()}"
+
+
 @serve.deployment
 @serve.ingress(app)
 class ScoringServer:
@@ -72,8 +82,10 @@ class ScoringServer:
         self.drift = LineDrift(self.cfg.drift)
         self._drift_tests: set[asyncio.Future] = set()  # running tests, kept referenced until done
         self.inspection = Inspection(self.cfg)  # bands, records, review queue (serving/inspection.py)
-        self.holder = ModelHolder(self.cfg.model_uri, self.cfg.tracking_uri, self.cfg.device, self.cfg.alias_poll_s,
-                                  golden_image(self.cfg.golden_image), runtime=self.cfg.runtime)
+        self.book = TrafficBook()  # canary and shadow counts, handed to the rollout controller
+        self.shadow = ShadowScorer(self.book, self.cfg.rollout.shadow.queue if self.cfg.rollout.shadow else 1,
+                                   on_result=self._shadow_result)
+        self.holder = ModelHolder(self.cfg, self._link(), _replica_id(), on_poll=self._hand_over)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
         # batch queue is made, and only the config knows it
         self.batched_score = serve.batch(max_batch_size=self.cfg.max_batch_size,
@@ -88,18 +100,51 @@ class ScoringServer:
         if inspection is not None:
             inspection.stop()
 
+    def _link(self):
+        if self.cfg.model_dir is not None:  # a folder: one version, nothing to follow
+            from plantad.tracking.model_source import resolve_model
+
+            return FixedLink(resolve_model(self.cfg.model_uri, None))
+        return ActorLink(self.cfg)
+
+    def _aliases(self) -> tuple[str, ...]:
+        """The registry aliases the rollout follows (champion, last-known-good, shadow, canary)."""
+        r = self.cfg.rollout
+        return (self.cfg.model_alias, r.last_known_good_alias, *((r.shadow.alias,) if r.shadow else ()),
+                *((r.canary.alias,) if r.canary else ()))
+
+    def _hand_over(self) -> None:
+        """After each poll of the controller: this replica's traffic counts go to it."""
+        canary, shadow, pair = self.book.take()
+        if canary or shadow:
+            self.holder.link.add_traffic(canary, shadow, pair)
+
     def check_health(self) -> None:
-        """Serve's periodic health check: exports the served version and the swap state (never raises:
-        a failing swap leaves the old version serving, so the replica stays healthy)."""
+        """Serve's periodic health check: exports the served version and the swap state. A failing
+        swap leaves the old version serving, so the replica stays healthy; a dead follower does not."""
         current = self.holder.current
-        self.metrics.holder_state(current.ref.name, current.ref.version, self.holder.last_swap_error is not None)
+        self.metrics.holder_state(current.ref.name, current.ref.version, self.holder.last_error() is not None)
+        self.metrics.rollout_state(self.holder.serving_last_known_good, self.holder.behind_for(),
+                                   self.shadow.dropped)
+        if not self.holder.alive:
+            raise RuntimeError("the thread that follows the rollout controller died")
 
     async def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoredJob]:
-        predictor = self.holder.current  # read once: the whole batch is scored by one version
-        self.metrics.version(predictor.ref.name, predictor.ref.version)
+        # read once: each job is scored by one version (the champion, or the canary on its lines)
+        current, canary, declared = self.holder.current, self.holder.canary, self.holder.declared
+        self.metrics.version(current.ref.name, current.ref.version)
         self.metrics.batch_requests.observe(len(jobs))
         self.metrics.batch_images.observe(sum(len(j.images) for j in jobs))
-        return await asyncio.to_thread(score_jobs, predictor, jobs)
+        on_canary = [canary is not None and canary_serves(declared, j.line) for j in jobs]
+        if not any(on_canary):
+            return await asyncio.to_thread(score_jobs, current, jobs)
+        out: list[ScoredJob | None] = [None] * len(jobs)
+        for predictor, flag in ((current, False), (canary, True)):
+            idx = [i for i, c in enumerate(on_canary) if c == flag]
+            if idx:
+                for i, done in zip(idx, await asyncio.to_thread(score_jobs, predictor, [jobs[i] for i in idx])):
+                    out[i] = done
+        return out
 
     async def _answer(self, route: str, request: Request, handler: Callable[[], Awaitable[tuple[int, Any]]],
                       auth: bool = True) -> JSONResponse:
@@ -118,10 +163,22 @@ class ScoringServer:
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def _score(self, images: list, threshold: float | None, heatmap: bool, line: str) -> ScoredJob:
-        scored = await self.batched_score(ScoreJob(images, threshold, heatmap))
+        declared = self.holder.declared
+        role = "canary" if declared.canary and canary_serves(declared, line) else "champion"
+        started = time.perf_counter()
+        try:
+            scored = await self.batched_score(ScoreJob(images, threshold, heatmap, line))
+        except Exception:
+            if declared.canary:
+                self.book.failed(role, len(images))
+            raise
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
         for s in scored.scores:
             self.metrics.scored(s.probability, s.is_anomalous, line)
         predictor = scored.predictor
+        if declared.canary:
+            self.book.scored("canary" if predictor is self.holder.canary else "champion", scored.scores)
+        self._offer_shadow(line, images, scored, elapsed_ms)
         try:
             due = self.drift.record(line, predictor.ref.version, predictor.drift_reference, scored.scores)
         except Exception:  # line health must never fail scoring: a broken reference is logged, not answered
@@ -133,6 +190,23 @@ class ScoringServer:
             self._drift_tests.add(task)
             task.add_done_callback(self._drift_tests.discard)
         return scored
+
+    def _offer_shadow(self, line: str, images: list, scored: ScoredJob, elapsed_ms: float) -> None:
+        """Queue the images for the shadow version (scored after this answer is sent), on its lines."""
+        shadow, cfg = self.holder.shadow, self.cfg.rollout.shadow
+        if shadow is None or cfg is None or scored.predictor is self.holder.canary:
+            return
+        if shadow_scores(self.holder.declared, line, cfg.share):
+            pair = (shadow.ref.version, scored.predictor.ref.version)
+            job = ShadowJob(shadow, line, images, scored.scores, elapsed_ms, pair)
+            if not self.shadow.offer(job):
+                self.metrics.shadow_dropped.inc(len(images), tags={"line": line})
+
+    def _shadow_result(self, job: ShadowJob, scores: list) -> None:
+        for a, b in zip(job.champion, scores):
+            self.metrics.shadow_images.inc(tags={"line": job.line,
+                                                 "agreement": "agree" if a.is_anomalous == b.is_anomalous
+                                                 else "disagree"})
 
     def _drift_test(self, line: str, predictor: Predictor) -> None:
         try:
@@ -166,9 +240,38 @@ class ScoringServer:
     async def healthz(self, request: Request) -> JSONResponse:
         return await self._answer("healthz", request, self._ok({"status": "ok"}), auth=False)
 
-    @app.get("/readyz", summary="Readiness: a model is loaded")
+    @app.get("/readyz", summary="Readiness: a model is loaded and it is the declared one (or not for long)")
     async def readyz(self, request: Request) -> JSONResponse:
-        return await self._answer("readyz", request, self._ok({"ready": True, **model_block(self.holder.current)}))
+        async def run() -> tuple[int, Any]:
+            behind, bound = self.holder.behind_for(), self.cfg.rollout.declared_bound_s
+            body = {"ready": behind <= bound, **model_block(self.holder.current),
+                    "declared_champion": self.holder.declared.champion}
+            if behind > bound:
+                body["error"] = (f"serving v{self.holder.current.ref.version} for {behind:.0f} s while the "
+                                 f"declared champion is v{self.holder.declared.champion} "
+                                 f"(serve.rollout.declared_bound_s {bound:g})")
+                return 503, body
+            return 200, body
+        return await self._answer("readyz", request, run)
+
+    @app.get("/rollout", summary="Declared rollout state and each replica's actual version, load state, error")
+    async def rollout(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            return 200, await asyncio.to_thread(self.holder.link.status)
+        return await self._answer("rollout", request, run)
+
+    @app.post("/rollout/report", summary="Write the shadow comparison to the shadow version in the registry now")
+    async def rollout_report(self, request: Request) -> JSONResponse:
+        async def run() -> tuple[int, Any]:
+            link = self.holder.link
+            if not isinstance(link, ActorLink):
+                raise ApiError(409, "a model folder is served: there is no shadow version")
+            await asyncio.to_thread(self._hand_over)
+            try:
+                return 200, await asyncio.to_thread(link.write_shadow_report)
+            except ValueError as exc:
+                raise ApiError(409, str(exc)) from exc
+        return await self._answer("rollout_report", request, run)
 
     @app.get("/model", summary="Served version, data version, metrics, teacher, load time, last swap error")
     async def model(self, request: Request) -> JSONResponse:
@@ -291,9 +394,9 @@ class ScoringServer:
             verify_webhook(self.webhook_secret, {k.lower(): v for k, v in request.headers.items()}, payload)
             doc = parse_json_body(payload)
             data = doc.get("data", doc) if isinstance(doc.get("data", doc), dict) else {}
-            ours = data.get("name") == self.cfg.model_name and data.get("alias") in (None, self.cfg.model_alias)
-            if ours:
-                self.holder.check_now()
+            ours = data.get("name") == self.cfg.model_name and data.get("alias") in (None, *self._aliases())
+            if ours:  # the controller reads the registry now; every replica follows within rollout.follow_s
+                await asyncio.to_thread(self.holder.check_now)
             return 200, {"check": "scheduled" if ours else "ignored"}
         # signed by the MLflow server, not by an API key (MLflow cannot send one)
         return await self._answer("webhook", request, run, auth=False)

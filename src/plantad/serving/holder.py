@@ -1,38 +1,40 @@
-"""The model a replica serves, and how it follows the registry alias without losing capacity.
+"""The versions a replica holds, and how it follows its application's rollout controller.
 
-A daemon thread polls `resolve_model(models:/<name>@<alias>)` every `alias_poll_s` (a webhook can
-wake it early). On a new version it loads a second Predictor beside the serving one, warms it up,
-self-tests it on the golden image and then swaps one reference. A batch reads the reference once
-at its start, so requests in flight finish on the version they started with and none fails. A
-version that cannot be swapped in is reported (`status()["last_swap_error"]`) and the old one keeps
-serving. One that could not be fetched (store or network down) is tried again with a backoff, so no
-replica stays behind after a blip; one that loads but is broken is not retried until the alias moves.
+A daemon thread asks the controller (serving/rollout.py) every `serve.rollout.follow_s` what to
+serve and loads what it lacks beside the serving version: fetch, warm up, then the self-test against
+the outputs recorded with that version (serving/golden.py). Right before a new champion is swapped
+in, the controller reads the registry again, so a move back during a slow load wins. The swap is one
+reference: a batch reads it once, so requests in flight finish on the version they started with.
+
+A version that fails its self-test or cannot be built is refused until the alias leaves it; one that
+could not be fetched or ran out of memory is tried again with a backoff. A replica that starts while
+the champion cannot be served starts on the last-known-good version and says so.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import math
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
+from plantad.config import ServeConfig
+from plantad.serving.golden import SelfTestError, golden_images, self_test
 from plantad.serving.predictor import Predictor
-from plantad.tracking.model_source import ModelFetchError, ModelRef, resolve_model
+from plantad.serving.rollout import Declared, RolloutController
+from plantad.tracking.golden import load_golden
+from plantad.tracking.model_source import ModelFetchError, ModelRef
 
+__all__ = ["ModelHolder", "SelfTestError", "golden_image"]
 log = logging.getLogger(__name__)
-MAX_RETRY_S = 300.0  # longest wait between two fetches of a version that could not be fetched
-
-
-class SelfTestError(RuntimeError):
-    """A newly loaded version whose answer on the golden image is unusable."""
+MAX_RETRY_S = 300.0  # longest wait between two tries of a version that could not be fetched or fit
 
 
 @dataclass(frozen=True)
@@ -40,82 +42,190 @@ class SwapError:
     version: str | None
     error: str
     at: float
-    retry_at: float | None = None  # set when the version could not be fetched and will be tried again
+    retry_at: float | None = None  # set when the failure may pass (store down, out of memory)
     failures: int = 1
 
 
 def golden_image(path: str | None) -> Image.Image:
-    """The self-test image: `path`, else the one packaged with plantad (a demo weave, 64 px)."""
-    data = Path(path).read_bytes() if path else resources.files("plantad.serving").joinpath("golden.png").read_bytes()
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    """The first golden image: `path`, else the one packaged with plantad (a demo weave, 64 px)."""
+    return golden_images([path] if path else None)[-1].image()
 
 
-def self_test(predictor: Predictor, image: Image.Image) -> float:
-    """Score the golden image twice: the probability must be finite, in [0, 1] and repeatable."""
-    first, second = predictor.score([image, image.copy()])
-    p = first.probability
-    if not math.isfinite(p) or not 0.0 <= p <= 1.0:
-        raise SelfTestError(f"{predictor.ref.describe()} gives probability {p} on the golden image")
-    if abs(p - second.probability) > 1e-5:
-        raise SelfTestError(f"{predictor.ref.describe()} is not deterministic on the golden image "
-                            f"({p} then {second.probability})")
-    return p
+class Link(Protocol):
+    """How a holder reaches its controller: in-process (tests, a fixed folder) or a Ray actor."""
+
+    def state(self, fresh: bool = False) -> Declared: ...
+    def report(self, replica: str, actual: dict[str, Any]) -> None: ...
+    def add_traffic(self, canary: dict, shadow: dict, pair: tuple) -> None: ...
+    def wake(self) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class LocalLink:
+    """A controller in this process."""
+
+    def __init__(self, controller: RolloutController) -> None:
+        self.controller = controller
+
+    def state(self, fresh: bool = False) -> Declared:
+        return self.controller.state(fresh)
+
+    def report(self, replica: str, actual: dict[str, Any]) -> None:
+        self.controller.report(replica, actual)
+
+    def add_traffic(self, canary: dict, shadow: dict, pair: tuple) -> None:
+        self.controller.add_traffic(canary, shadow, pair)
+
+    def wake(self) -> None:
+        self.controller.check_now()
+
+    def status(self) -> dict[str, Any]:
+        return self.controller.status()
+
+
+class FixedLink:
+    """A model folder: one version, nothing to follow."""
+
+    def __init__(self, ref: ModelRef) -> None:
+        self.declared = Declared(epoch=1, champion="folder", refs={"folder": ref}, checked_at=time.time())
+        self.replicas: dict[str, dict[str, Any]] = {}
+
+    def state(self, fresh: bool = False) -> Declared:
+        return self.declared
+
+    def report(self, replica: str, actual: dict[str, Any]) -> None:
+        self.replicas[replica] = actual
+
+    def add_traffic(self, canary: dict, shadow: dict, pair: tuple) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {"declared": self.declared.summary(), "replicas": self.replicas}
+
+
+def _transient(exc: BaseException) -> bool:
+    """Failures worth trying again: the store did not deliver, or memory ran out while loading."""
+    return isinstance(exc, (ModelFetchError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _key(version: str | None) -> str:
+    return "folder" if version is None else str(version)
 
 
 class ModelHolder:
-    """One serving Predictor, swapped atomically by a background poller."""
+    """The serving Predictor plus a canary, a shadow and the previous champion, as declared."""
 
-    def __init__(self, uri: str, tracking_uri: str | None, device: str, poll_s: float,
-                 golden: Image.Image, cache_dir: Path | None = None, runtime: str | None = None) -> None:
-        self.uri, self.tracking_uri, self.device, self.poll_s = uri, tracking_uri, device, poll_s
-        self.golden, self.cache_dir, self.runtime = golden, cache_dir, runtime
+    def __init__(self, cfg: ServeConfig, link: Link, replica: str, cache_dir: Path | None = None,
+                 on_poll: Callable[[], None] | None = None) -> None:
+        """`on_poll` runs after each poll (the replica hands its traffic counts to the controller)."""
+        self.cfg, self.link, self.replica, self.cache_dir, self.on_poll = cfg, link, replica, cache_dir, on_poll
+        self.poll_s = cfg.rollout.follow_s
+        self.extra_golden = [cfg.golden_image] if cfg.golden_image else []
         self._client = self._mlflow_client()
         self.run_metrics: dict[str, dict[str, float | None]] = {}
-        self.current: Predictor = self._load(resolve_model(uri, self._client))  # fails the replica start
-        self.last_swap_error: SwapError | None = None
-        self.last_check: float = time.time()
+        self.checked: dict[str, str] = {}  # version -> what its self-test checked
+        self.loaded: dict[str, Predictor] = {}
+        self.refused: dict[str, SwapError] = {}  # not tried again while the alias stays on it
+        self.waiting: dict[str, SwapError] = {}  # tried again at retry_at
         self.swaps = 0
-        self._failed_version: str | None = None
+        self.last_check = time.time()
+        self.behind_since: float | None = None
+        self.declared = link.state(fresh=True)
+        self.current: Predictor = self._start(self.declared)
+        self.canary: Predictor | None = None
+        self.shadow: Predictor | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll_forever, name="plantad-alias-poller", daemon=True)
+        self._thread = threading.Thread(target=self._poll_forever, name="plantad-follower", daemon=True)
         self._thread.start()
 
     def _mlflow_client(self) -> Any:
-        if not self.uri.startswith("models:/"):
+        if self.cfg.model_dir is not None:
             return None
         from mlflow import MlflowClient
 
-        return MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
+        return MlflowClient(self.cfg.tracking_uri, registry_uri=self.cfg.tracking_uri)
 
+    # --- loading ----------------------------------------------------------------------------------
     def _load(self, ref: ModelRef) -> Predictor:
         started = time.perf_counter()
         metrics = self._run_metrics(ref)  # before the download: a registry that fails here fails cheaply
-        predictor = Predictor.from_ref(ref, self.tracking_uri, self.device, self.cache_dir, runtime=self.runtime)
+        golden = load_golden(self._client, ref) if ref.registered else None
+        predictor = Predictor.from_ref(ref, self.cfg.tracking_uri, self.cfg.device, self.cache_dir,
+                                       runtime=self.cfg.runtime)
         predictor.warm_up()
-        p = self_test(predictor, self.golden)
-        self.run_metrics[str(ref.version)] = metrics
-        log.info("loaded %s in %.1f s (golden image p=%.4f)", ref.describe(), time.perf_counter() - started, p)
+        images, expected = golden if golden else (golden_images(self.extra_golden), None)
+        checked = self_test(predictor, images, expected, self.cfg.rollout.golden_atol)
+        self.run_metrics[_key(ref.version)] = metrics
+        self.checked[_key(ref.version)] = checked
+        log.info("loaded %s in %.1f s (%s)", ref.describe(), time.perf_counter() - started, checked)
         return predictor
 
     def _run_metrics(self, ref: ModelRef) -> dict[str, float | None]:
         """The evaluation metrics of the run that produced the version (for /model)."""
+        import math
+
         if self._client is None or not ref.run_id:
             return {}
         try:
             metrics = self._client.get_run(ref.run_id).data.metrics
         except Exception as exc:  # MLflow and HTTP errors: the tracking server did not answer
-            raise ModelFetchError(f"cannot read run {ref.run_id} of {ref.describe()} from {self.tracking_uri}: "
-                                   f"{exc}") from exc
-        return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # JSON has no NaN
+            raise ModelFetchError(f"cannot read run {ref.run_id} of {ref.describe()} from {self.cfg.tracking_uri}: "
+                                  f"{exc}") from exc
+        return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
 
+    def _try(self, version: str, ref: ModelRef) -> Predictor | None:
+        """Load `version` or record why not (refused for good, or waiting for a retry)."""
+        try:
+            predictor = self._load(ref)
+        except Exception as exc:  # any failure leaves the serving version alone
+            now = time.time()
+            if _transient(exc):
+                before = self.waiting.get(version)
+                failures = before.failures + 1 if before else 1
+                retry_at = now + min(self.poll_s * 4 * 2 ** failures, MAX_RETRY_S)
+                self.waiting[version] = SwapError(version, f"{ref.describe()} not served yet: {exc}", now,
+                                                  retry_at, failures)
+                log.warning("%s; trying again in %.0f s", self.waiting[version].error, retry_at - now)
+            else:
+                self.refused[version] = SwapError(version, f"{ref.describe()} not served: {type(exc).__name__}: "
+                                                           f"{exc}", now)
+                log.error("%s", self.refused[version].error)
+            return None
+        self.waiting.pop(version, None)
+        self.loaded[version] = predictor
+        return predictor
+
+    def _start(self, d: Declared) -> Predictor:
+        """The first version: the champion, else the last-known-good; neither fails the replica start."""
+        for version in dict.fromkeys(v for v in (d.champion, d.last_known_good) if v is not None):
+            predictor = self._try(version, d.refs[version])
+            if predictor is not None:
+                if version != d.champion:
+                    log.warning("starting on last-known-good v%s: the champion v%s cannot be served", version,
+                                d.champion)
+                return predictor
+        errors = "; ".join(e.error for e in (*self.refused.values(), *self.waiting.values()))
+        raise RuntimeError(f"no version of {self.cfg.model_uri} can be served "
+                           f"(champion {d.champion}, last-known-good {d.last_known_good}): {errors or d.error}")
+
+    # --- following --------------------------------------------------------------------------------
     def check_now(self) -> None:
-        """Wake the poller (a webhook said the alias moved); the poll decides what to do."""
+        """A webhook said an alias moved: the controller reads the registry, this replica follows."""
+        self.link.wake()
         self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _poll_forever(self) -> None:
         while not self._stop.is_set():
@@ -123,61 +233,83 @@ class ModelHolder:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self.poll_once()
+            try:
+                self.poll_once()
+                if self.on_poll is not None:
+                    self.on_poll()
+            except Exception:  # the controller is restarting: the next poll asks again
+                log.exception("following the rollout controller failed")
 
     def poll_once(self) -> None:
-        """Resolve the alias; load, test and swap in a new version; record a failure, keep serving."""
-        if self._client is None:
-            return  # a fixed model folder: nothing to follow
-        try:
-            ref = resolve_model(self.uri, self._client)
-        except Exception as exc:  # registry unreachable or alias deleted: keep serving, report it
-            self.last_swap_error = SwapError(None, f"cannot resolve {self.uri}: {exc}", time.time())
-            log.warning("%s", self.last_swap_error.error)
-            return
-        self.last_check = time.time()
-        if self.last_swap_error is not None and self.last_swap_error.version is None:
-            self.last_swap_error = None  # the registry answers again
-        if ref.version in (self.current.ref.version, self._failed_version):
-            return
-        retry = self.last_swap_error
-        if retry is not None and retry.version == ref.version and retry.retry_at and time.time() < retry.retry_at:
-            return
-        try:
-            new = self._load(ref)
-        except ModelFetchError as exc:  # not fetched: the store, not the version, may be at fault
-            failures = retry.failures + 1 if retry is not None and retry.version == ref.version else 1
-            now = time.time()
-            retry_at = now + min(self.poll_s * 2 ** failures, MAX_RETRY_S)
-            self.last_swap_error = SwapError(ref.version, f"{ref.describe()} not served yet: {exc}", now,
-                                             retry_at, failures)
-            log.warning("%s; still serving %s, trying again in %.0f s", self.last_swap_error.error,
-                        self.current.ref.describe(), retry_at - now)
-            return
-        except Exception as exc:  # the version itself cannot be built or fails its self-test: keep the old one
-            self._failed_version = ref.version
-            self.last_swap_error = SwapError(ref.version, f"{ref.describe()} not served: {type(exc).__name__}: "
-                                                          f"{exc}", time.time())
-            log.error("%s; still serving %s", self.last_swap_error.error, self.current.ref.describe())
-            return
-        old, self.current = self.current, new  # the one atomic swap; batches already running keep `old`
-        self._failed_version, self.last_swap_error = None, None
-        self.swaps += 1
-        log.info("swapped %s -> %s", old.ref.describe(), new.ref.describe())
+        """Load what is declared and missing, swap in the champion once it passed, drop what is not wanted."""
+        d = self.link.state()
+        self.last_check = now = time.time()
+        wanted = d.wanted(now)
+        for version in list(self.refused):
+            if version not in wanted:
+                del self.refused[version]  # the alias left it: it may be tried again when it comes back
+        for version in wanted:
+            wait = self.waiting.get(version)
+            if version in self.loaded or version in self.refused or (wait and now < (wait.retry_at or 0)):
+                continue
+            if self._try(version, d.refs[version]) is not None and version == d.champion:
+                d = self.link.state(fresh=True)  # the alias again, right before the swap: a move back wins
+        target = self.loaded.get(d.champion) if d.champion else None
+        if target is not None and target is not self.current:
+            old, self.current = self.current, target  # the one atomic swap; running batches keep `old`
+            self.swaps += 1
+            log.info("swapped %s -> %s", old.ref.describe(), target.ref.describe())
+        self.canary = self.loaded.get(d.canary) if d.canary else None
+        self.shadow = self.loaded.get(d.shadow) if d.shadow else None
+        keep = set(d.wanted(time.time())) | {_key(self.current.ref.version)}
+        for version in [v for v in self.loaded if v not in keep]:
+            del self.loaded[version]
+        self.behind_since = None if d.champion in (None, _key(self.current.ref.version)) else (self.behind_since or now)
+        self.declared = d
+        self.link.report(self.replica, self.actual())
+
+    # --- what it says -----------------------------------------------------------------------------
+    @property
+    def serving_last_known_good(self) -> bool:
+        d = self.declared
+        return d.champion != _key(self.current.ref.version) and _key(self.current.ref.version) == d.last_known_good
+
+    def behind_for(self) -> float:
+        """Seconds this replica has served something other than the declared champion."""
+        return 0.0 if self.behind_since is None else time.time() - self.behind_since
+
+    def last_error(self) -> SwapError | None:
+        errors = [e for e in (*self.refused.values(), *self.waiting.values())]
+        return max(errors, key=lambda e: e.at) if errors else None
+
+    def actual(self) -> dict[str, Any]:
+        err = self.last_error()
+        return {"serving": _key(self.current.ref.version), "loaded": sorted(self.loaded, key=str),
+                "canary": None if self.canary is None else _key(self.canary.ref.version),
+                "shadow": None if self.shadow is None else _key(self.shadow.ref.version),
+                "serving_last_known_good": self.serving_last_known_good, "behind_s": self.behind_for(),
+                "last_error": None if err is None else {"version": err.version, "error": err.error, "at": err.at,
+                                                        "retry_at": err.retry_at},
+                "node": os.uname().nodename, "pid": os.getpid()}
 
     def status(self) -> dict[str, Any]:
-        err = self.last_swap_error
+        err = self.last_error()
+        current = self.current
         return {
-            **self.current.info(),
-            "metrics": self.run_metrics.get(str(self.current.ref.version), {}),
+            **current.info(),
+            "metrics": self.run_metrics.get(_key(current.ref.version), {}),
             # the registry version's tags (train/register stages): data_dvc_md5, data_manifest_sha256, git_commit
-            "data_version": {**self.current.info()["data_version"],
-                             **{k: v for k, v in self.current.ref.tags.items() if k.startswith(("data_", "git_"))}},
+            "data_version": {**current.info()["data_version"],
+                             **{k: v for k, v in current.ref.tags.items() if k.startswith(("data_", "git_"))}},
             "torch_threads": torch.get_num_threads(),  # Ray sets OMP_NUM_THREADS from the replica's num_cpus
-            "following": self.uri,
+            "following": self.cfg.model_uri,
+            "declared_champion": self.declared.champion,
+            "serving_last_known_good": self.serving_last_known_good,
+            "self_test": self.checked.get(_key(current.ref.version)),
             "poll_s": self.poll_s,
             "last_check": self.last_check,
             "swaps": self.swaps,
             "last_swap_error": None if err is None else {"version": err.version, "error": err.error, "at": err.at,
                                                          "retry_at": err.retry_at},
         }
+

@@ -62,6 +62,17 @@ class ServeMetrics:
                                    tag_keys=("model",))
         self.swap_error = Gauge("plantad_swap_error", description="1 while the replica's last attempt to follow "
                                 "the alias failed (it keeps serving its version), else 0", tag_keys=("model",))
+        # rollout (serving/rollout.py, traffic.py)
+        self.serving_last_known_good = Gauge("plantad_serving_last_known_good", description="1 while the replica "
+                                             "serves the last-known-good version because the champion cannot be "
+                                             "served, else 0")
+        self.behind_declared_s = Gauge("plantad_behind_declared_seconds", description="seconds the replica has "
+                                       "served a version other than the declared champion (0: it serves it)")
+        self.shadow_images = Counter("plantad_shadow_images", description="images the shadow version scored after "
+                                     "the answer, by line and whether its decision agreed with the answer's",
+                                     tag_keys=("line", "agreement"))
+        self.shadow_dropped = Counter("plantad_shadow_dropped", description="images not shadow-scored because the "
+                                      "replica's shadow queue was full, by line", tag_keys=("line",))
 
         # line health (serving/drift.py): the last test of each line's window in this replica
         self.drift_tests = Counter("plantad_drift_tests", description="drift tests of a line's window by result "
@@ -105,6 +116,10 @@ class ServeMetrics:
         every few seconds, so the gauges are there without traffic)."""
         self.version(name, version)
         self.swap_error.set(1.0 if swap_failing else 0.0, tags={"model": name or "local"})
+
+    def rollout_state(self, last_known_good: bool, behind_s: float, shadow_dropped: int) -> None:
+        self.serving_last_known_good.set(1.0 if last_known_good else 0.0)
+        self.behind_declared_s.set(behind_s)
 
     def version(self, name: str | None, version: str | None) -> None:
         self.model_version.set(float(version) if version and version.isdigit() else 0.0,

@@ -177,6 +177,11 @@ def run_metric(client: MlflowClient, version: ModelVersion, metric: str) -> tupl
 ChampionScorer = Callable[["ModelVersion"], tuple[float | None, str]]
 
 
+CANARY_TAG = "rollout.canary"  # "rolled back": the rollout controller ended this version's canary
+ROLLED_BACK = "rolled back"
+GRAPH_TAG = "golden_graph"  # "agrees" or "disagrees: ..." (the serving runtime's graph against torch)
+
+
 def pretrained_teacher(version: ModelVersion) -> bool:
     """True when the version's `teacher_source` tag says its teacher has real weights (checkpoint/hub);
     a random or unrecorded teacher is False."""
@@ -229,6 +234,12 @@ def _decide(candidate: ModelVersion, champion: ModelVersion | None, cand_value: 
     """(promote, why) from what promotion_decision read."""
     if champion is not None and champion.version == candidate.version:
         return False, f"v{candidate.version} is already '{CHAMPION}'"
+    if candidate.tags.get(GRAPH_TAG, "").startswith("disagrees"):
+        return False, (f"its exported graph does not reproduce its torch forward on the golden images "
+                       f"({candidate.tags[GRAPH_TAG]}): never '{CHAMPION}' by the register stage")
+    if candidate.tags.get(CANARY_TAG) == ROLLED_BACK:
+        return False, (f"its canary was rolled back ({candidate.tags.get('rollout.canary_reason', 'no reason recorded')})"
+                       ": never promoted automatically")
     if champion is not None and mode == "manual":
         return False, f"manual mode: set alias '{CHAMPION}' in the MLflow UI to promote"
     if not pretrained_teacher(candidate) and not allow_random_teacher:
