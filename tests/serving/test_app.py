@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import io
 import json
 import time
@@ -316,13 +317,18 @@ def test_prometheus_metrics_reach_the_ray_metrics_endpoint(served, pngs):
 
 
 def test_replicas_run_serves_throughput_mode_behind_the_one_proxy_port(served):
-    """plantad.cluster.SERVE_ENV reaches the replicas of a cluster plantad starts, and no replica
-    opens an HTTP port of its own (direct ingress stays off: clients keep Serve's proxy address)."""
+    """plantad.cluster.SERVE_ENV reaches the replicas of a cluster plantad starts, no replica
+    opens an HTTP port of its own (direct ingress stays off: clients keep Serve's proxy address),
+    and what a replica listens on is on loopback."""
     import psutil
     from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT as HIGH,
                                               RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT as LOW)
 
     from plantad.cluster import SERVE_ENV
+
+    def loopback(ip: str) -> bool:  # a dual-stack socket shows 127.0.0.1 as ::ffff:127.0.0.1
+        addr = ipaddress.ip_address(ip)
+        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
     def command(proc: psutil.Process) -> str:
         try:
@@ -336,6 +342,8 @@ def test_replicas_run_serves_throughput_mode_behind_the_one_proxy_port(served):
     for proc in replicas:
         env = proc.environ()
         assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
-        ports = [c.laddr.port for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-        assert not [port for port in ports if LOW <= port <= HIGH], ports
+        listening = [c.laddr for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert not [a.port for a in listening if LOW <= a.port <= HIGH], listening
+        # Serve's inter-deployment gRPC server, rebound from [::] to the node IP (serving/security.py)
+        assert listening and all(loopback(a.ip) for a in listening), listening
     assert httpx.get(f"{served.url}/healthz", timeout=30).status_code == 200

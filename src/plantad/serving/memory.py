@@ -45,6 +45,13 @@ def measure_growth(load: Callable[[], T]) -> tuple[T, int]:
     return result, max(0, resident_bytes() - before)
 
 
+def predictor_footprint(model: nn.Module, grown: int) -> int:
+    """A loaded version's footprint: its measured growth (measure_growth of its load and warm-up),
+    but never less than its tensors. Growth undercounts when the allocator reuses memory freed
+    earlier (a second load in one process), tensor bytes leave out activations and runtime state."""
+    return max(grown, tensor_bytes(model))
+
+
 def check_swap_fits(current_bytes: int, new_bytes: int, reserved_bytes: int | None) -> None:
     """Raise SwapDoesNotFit unless `current_bytes` (the replica's resident memory now, one version
     loaded) plus `new_bytes` (the new version's footprint) fit in `reserved_bytes`
