@@ -468,6 +468,9 @@ class ServeConfig(_Section):
     webhook_secret_file: str | None = None  # or the secret in this file
     golden_image: str | None = None  # self-test image for a new version; None: the packaged one
     rollout: RolloutConfig = RolloutConfig()
+    # each node fetches a version once, for all its replicas; None: plantad-models in the node's temp folder
+    model_cache_dir: str | None = None
+    model_cache_keep: int = Field(4, ge=1)  # most recently used versions per model kept in that cache
     drift: DriftConfig = DriftConfig()  # line health: drift of each line's images from the version's reference
     # the line's window (docs/how-to/inspection.md): bands, audit log, records and reviews live here,
     # a folder or s3://bucket/prefix shared by all replicas; None: bands fixed at the calibrated threshold

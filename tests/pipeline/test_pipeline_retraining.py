@@ -65,6 +65,12 @@ def test_first_repro_registers_a_challenger_with_metrics_artifacts_and_lineage(
     assert baseline.run("git", "show", f"{tags['git_commit']}:{DATA}.dvc").stdout == dvc_file
     for key in ("git_commit", "data_dvc_md5", "data_manifest_sha256"):
         assert version.tags[key] == tags[key], key
+    # the golden outputs the endpoint checks every load against, and the serving graph's verdict
+    assert version.tags["golden_outputs"] == f"golden/v{version.version}"
+    assert version.tags["golden_graph"].startswith("agrees"), version.tags["golden_graph"]
+    golden = download_artifacts(run_id=reg["run_id"], artifact_path=f"golden/v{version.version}/expected.json",
+                                dst_path=str(tmp_path), tracking_uri=mlflow_server)
+    assert 0.0 <= json.loads(Path(golden).read_text())["images"]["golden.png"]["probability"] <= 1.0
 
     shown = baseline.run("dvc", "metrics", "show")
     assert "image_auroc" in shown.stdout

@@ -16,6 +16,7 @@ from plantad.config import ServeConfig
 from plantad.serving import predictor as predictor_module
 from plantad.serving.holder import LocalLink, ModelHolder
 from plantad.serving.rollout import RolloutController
+from plantad.tracking.model_source import cache_entry
 from plantad.tracking.registry import set_alias
 from rollout_versions import versions  # noqa: F401  (module fixture)
 
@@ -28,8 +29,9 @@ def artifacts_of(client, name: str, version: str) -> Path:
     return Path(urlsplit(uri).path if uri.startswith("file:") else uri)
 
 
-def follow(uri: str, name: str, alias: str) -> tuple[RolloutController, ModelHolder]:
+def follow(uri: str, name: str, alias: str, cache: Path | None = None) -> tuple[RolloutController, ModelHolder]:
     cfg = ServeConfig(model_name=name, model_alias=alias, tracking_uri=uri, alias_poll_s=0.2,
+                      model_cache_dir=None if cache is None else str(cache),
                       rollout={"follow_s": 0.2, "last_known_good_alias": f"{alias}-lkg"})
     controller = RolloutController(cfg)
     controller.start()
@@ -117,4 +119,25 @@ def test_a_move_back_during_a_slow_load_wins(versions, monkeypatch):
         assert holder.current.ref.version == versions.a and holder.swaps == 0
     finally:
         holder.stop()
+        controller.stop()
+
+
+def test_a_node_fetches_a_version_once_and_fetches_a_damaged_copy_again(registry, tmp_path):
+    set_alias(registry.client, MODEL, "line-13", registry.good[0])
+    controller, first = follow(registry.uri, MODEL, "line-13", tmp_path / "node-cache")
+    second = third = None
+    try:
+        entry = cache_entry(tmp_path / "node-cache", first.current.ref)
+        weights = next(entry.rglob("model.pt"))
+        fetched = weights.stat().st_ino
+        second = ModelHolder(first.cfg, first.link, "replica-2")  # another replica on the node: no download
+        assert next(entry.rglob("model.pt")).stat().st_ino == fetched
+        weights.write_bytes(b"bit rot")  # the cached copy is damaged
+        third = ModelHolder(first.cfg, first.link, "replica-3")
+        assert third.current.ref.version == registry.good[0] and third.last_error() is None
+        assert next(entry.rglob("model.pt")).read_bytes() != b"bit rot"
+    finally:
+        for h in (first, second, third):
+            if h is not None:
+                h.stop()
         controller.stop()

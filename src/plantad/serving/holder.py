@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,11 +27,12 @@ import torch
 from PIL import Image
 
 from plantad.config import ServeConfig
+from plantad.models.checkpoint import ModelLoadError
 from plantad.serving.golden import SelfTestError, golden_images, self_test
 from plantad.serving.predictor import Predictor
 from plantad.serving.rollout import Declared, RolloutController
 from plantad.tracking.golden import load_golden
-from plantad.tracking.model_source import ModelFetchError, ModelRef
+from plantad.tracking.model_source import ModelFetchError, ModelRef, cache_entry, prune_cache
 
 __all__ = ["ModelHolder", "SelfTestError", "golden_image"]
 log = logging.getLogger(__name__)
@@ -106,6 +108,22 @@ class FixedLink:
         return {"declared": self.declared.summary(), "replicas": self.replicas}
 
 
+def node_cache_dir(cfg: ServeConfig) -> Path:
+    """The node's model cache, shared by every replica on it."""
+    import tempfile
+
+    return Path(cfg.model_cache_dir) if cfg.model_cache_dir else Path(tempfile.gettempdir()) / "plantad-models"
+
+
+def drop_cached(cache_dir: Path, ref: ModelRef) -> None:
+    from filelock import FileLock
+
+    entry = cache_entry(cache_dir, ref)
+    with FileLock(str(entry) + ".lock"):
+        shutil.rmtree(entry, ignore_errors=True)
+    log.warning("the cached copy of %s in %s was damaged: fetching it again", ref.describe(), entry)
+
+
 def _transient(exc: BaseException) -> bool:
     """Failures worth trying again: the store did not deliver, or memory ran out while loading."""
     return isinstance(exc, (ModelFetchError, MemoryError)) or (
@@ -122,7 +140,8 @@ class ModelHolder:
     def __init__(self, cfg: ServeConfig, link: Link, replica: str, cache_dir: Path | None = None,
                  on_poll: Callable[[], None] | None = None) -> None:
         """`on_poll` runs after each poll (the replica hands its traffic counts to the controller)."""
-        self.cfg, self.link, self.replica, self.cache_dir, self.on_poll = cfg, link, replica, cache_dir, on_poll
+        self.cfg, self.link, self.replica, self.on_poll = cfg, link, replica, on_poll
+        self.cache_dir = cache_dir or node_cache_dir(cfg)
         self.poll_s = cfg.rollout.follow_s
         self.extra_golden = [cfg.golden_image] if cfg.golden_image else []
         self._client = self._mlflow_client()
@@ -155,8 +174,17 @@ class ModelHolder:
         started = time.perf_counter()
         metrics = self._run_metrics(ref)  # before the download: a registry that fails here fails cheaply
         golden = load_golden(self._client, ref) if ref.registered else None
-        predictor = Predictor.from_ref(ref, self.cfg.tracking_uri, self.cfg.device, self.cache_dir,
-                                       runtime=self.cfg.runtime)
+        try:
+            predictor = Predictor.from_ref(ref, self.cfg.tracking_uri, self.cfg.device, self.cache_dir,
+                                           runtime=self.cfg.runtime)
+        except ModelLoadError:
+            if not ref.registered:
+                raise
+            drop_cached(self.cache_dir, ref)  # a damaged copy in the node's cache: fetched again, once
+            predictor = Predictor.from_ref(ref, self.cfg.tracking_uri, self.cfg.device, self.cache_dir,
+                                           runtime=self.cfg.runtime)
+        if ref.registered:
+            prune_cache(cache_entry(self.cache_dir, ref).parent, self.cfg.model_cache_keep)
         predictor.warm_up()
         images, expected = golden if golden else (golden_images(self.extra_golden), None)
         checked = self_test(predictor, images, expected, self.cfg.rollout.golden_atol)

@@ -7,7 +7,9 @@ promotion that lands while a model downloads can never mix two versions in one a
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +102,9 @@ def find_model_dir(root: Path) -> Path:
 def download_model(ref: ModelRef, tracking_uri: str | None, cache_dir: Path | None = None) -> Path:
     """Local model directory of `ref`: the folder itself, or the version's artifacts downloaded.
 
-    A version is immutable, so `cache_dir/<name>/<version>` is reused once complete; without a
-    `cache_dir` the download goes to a new temporary folder that the caller owns.
+    A version is immutable, so its entry in `cache_dir` (cache_entry) is reused once complete, and
+    one process per node downloads it (a file lock); without a `cache_dir` the download goes to a
+    new temporary folder that the caller owns.
     """
     if not ref.registered:
         assert ref.local_dir is not None
@@ -109,17 +112,47 @@ def download_model(ref: ModelRef, tracking_uri: str | None, cache_dir: Path | No
     import mlflow.artifacts
     from mlflow import MlflowClient
 
+    from filelock import FileLock
+
     dest_root = Path(cache_dir or tempfile.mkdtemp(prefix="plantad-model-"))
-    dest = dest_root / re.sub(r"[^A-Za-z0-9._-]", "_", ref.name or "model") / str(ref.version)
-    if (dest / ".complete").is_file():
-        return find_model_dir(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    try:  # the version's own source: the registry URI would go through the global registry URI
-        source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
-            ref.name, ref.version)
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri)
-    except Exception as exc:  # MLflow, S3 and HTTP errors: all mean "cannot fetch this version"
-        raise ModelFetchError(f"cannot download {ref.describe()} from {tracking_uri}: {exc}") from exc
-    model_dir = find_model_dir(dest)
-    (dest / ".complete").write_text(ref.version_uri)
+    dest = cache_entry(dest_root, ref)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # one download per node: replicas of several apps on one node share the cache, the first fetches
+    with FileLock(str(dest) + ".lock"):
+        if (dest / ".complete").is_file():
+            os.utime(dest / ".complete")  # last use, for prune_cache
+            return find_model_dir(dest)
+        shutil.rmtree(dest, ignore_errors=True)  # a download cut short by a crash
+        dest.mkdir(parents=True)
+        try:  # the version's own source: the registry URI would go through the global registry URI
+            source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+                ref.name, ref.version)
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri)
+        except Exception as exc:  # MLflow, S3 and HTTP errors: all mean "cannot fetch this version"
+            raise ModelFetchError(f"cannot download {ref.describe()} from {tracking_uri}: {exc}") from exc
+        model_dir = find_model_dir(dest)
+        (dest / ".complete").write_text(ref.version_uri)
     return model_dir
+
+
+def cache_entry(cache_dir: Path, ref: ModelRef) -> Path:
+    """Where `ref` lives in a node's cache: a registered version's files never change; its run id
+    tells apart two registries that both have a version 3, and each load checks model.pt against
+    the sha256 recorded in its model.json."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", ref.name or "model")
+    return Path(cache_dir) / safe / f"{ref.version}-{(ref.run_id or 'norun')[:16]}"
+
+
+def prune_cache(folder: Path, keep: int) -> None:
+    """Keep the `keep` most recently used complete versions of one model in the node's cache; an
+    entry another process is downloading (its lock held) is left alone."""
+    from filelock import FileLock, Timeout
+
+    done = sorted((p for p in folder.iterdir() if (p / ".complete").is_file()),
+                  key=lambda p: (p / ".complete").stat().st_mtime, reverse=True)
+    for old in done[keep:]:
+        try:
+            with FileLock(str(old) + ".lock", timeout=0):
+                shutil.rmtree(old, ignore_errors=True)
+        except Timeout:
+            continue
