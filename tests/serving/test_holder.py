@@ -15,6 +15,7 @@ from infra.fixtures import wait_for
 from plantad.config import ServeConfig
 from plantad.serving import predictor as predictor_module
 from plantad.serving.holder import LocalLink, ModelHolder
+from plantad.serving.memory import resident_bytes
 from plantad.serving.rollout import RolloutController
 from plantad.tracking.model_source import cache_entry
 from plantad.tracking.registry import set_alias
@@ -140,4 +141,23 @@ def test_a_node_fetches_a_version_once_and_fetches_a_damaged_copy_again(registry
         for h in (first, second, third):
             if h is not None:
                 h.stop()
+        controller.stop()
+
+
+def test_a_swap_that_does_not_fit_the_reserved_memory_is_refused_naming_the_sizes(registry):
+    set_alias(registry.client, MODEL, "line-15", registry.good[0])
+    cfg = ServeConfig(model_name=MODEL, model_alias="line-15", tracking_uri=registry.uri, alias_poll_s=0.2,
+                      rollout={"follow_s": 0.2, "last_known_good_alias": "line-15-lkg"})
+    controller = RolloutController(cfg)
+    controller.start()
+    holder = ModelHolder(cfg, LocalLink(controller), "replica-1", reserved_bytes=resident_bytes() + 1)
+    try:
+        assert holder.footprints[registry.good[0]] > 0
+        set_alias(registry.client, MODEL, "line-15", registry.good[1])
+        wait_for(lambda: registry.good[1] in holder.waiting, 30, "the refused swap")
+        err = holder.waiting[registry.good[1]]
+        assert "it reserves (serve.ray_actor_options.memory)" in err.error and "MiB" in err.error, err.error
+        assert err.retry_at is not None and holder.current.ref.version == registry.good[0]
+    finally:
+        holder.stop()
         controller.stop()

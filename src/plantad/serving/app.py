@@ -85,7 +85,8 @@ class ScoringServer:
         self.book = TrafficBook()  # canary and shadow counts, handed to the rollout controller
         self.shadow = ShadowScorer(self.book, self.cfg.rollout.shadow.queue if self.cfg.rollout.shadow else 1,
                                    on_result=self._shadow_result)
-        self.holder = ModelHolder(self.cfg, self._link(), _replica_id(), on_poll=self._hand_over)
+        self.holder = ModelHolder(self.cfg, self._link(), _replica_id(), on_poll=self._hand_over,
+                                  reserved_bytes=self.cfg.ray_actor_options.memory)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
         # batch queue is made, and only the config knows it
         self.batched_score = serve.batch(max_batch_size=self.cfg.max_batch_size,

@@ -29,6 +29,7 @@ from PIL import Image
 from plantad.config import ServeConfig
 from plantad.models.checkpoint import ModelLoadError
 from plantad.serving.golden import SelfTestError, golden_images, self_test
+from plantad.serving.memory import check_swap_fits, measure_growth, predictor_footprint, resident_bytes
 from plantad.serving.predictor import Predictor
 from plantad.serving.rollout import Declared, RolloutController
 from plantad.tracking.golden import load_golden
@@ -138,8 +139,12 @@ class ModelHolder:
     """The serving Predictor plus a canary, a shadow and the previous champion, as declared."""
 
     def __init__(self, cfg: ServeConfig, link: Link, replica: str, cache_dir: Path | None = None,
-                 on_poll: Callable[[], None] | None = None) -> None:
-        """`on_poll` runs after each poll (the replica hands its traffic counts to the controller)."""
+                 on_poll: Callable[[], None] | None = None, reserved_bytes: int | None = None) -> None:
+        """`on_poll` runs after each poll (the replica hands its traffic counts to the controller);
+        `reserved_bytes`: the memory Ray reserved for the replica, which a version loaded beside
+        those held must fit in (None: not checked)."""
+        self.reserved_bytes = reserved_bytes
+        self.footprints: dict[str, int] = {}  # version -> measured bytes of its load and warm-up
         self.cfg, self.link, self.replica, self.on_poll = cfg, link, replica, on_poll
         self.cache_dir = cache_dir or node_cache_dir(cfg)
         self.poll_s = cfg.rollout.follow_s
@@ -209,7 +214,10 @@ class ModelHolder:
     def _try(self, version: str, ref: ModelRef) -> Predictor | None:
         """Load `version` or record why not (refused for good, or waiting for a retry)."""
         try:
-            predictor = self._load(ref)
+            if self.loaded and self.reserved_bytes is not None:  # a new version beside those held
+                check_swap_fits(resident_bytes(), max(self.footprints.values(), default=0), self.reserved_bytes)
+            predictor, grown = measure_growth(lambda: self._load(ref))
+            self.footprints[version] = predictor_footprint(predictor.model, grown)
         except Exception as exc:  # any failure leaves the serving version alone
             now = time.time()
             if _transient(exc):
@@ -292,6 +300,7 @@ class ModelHolder:
         keep = set(d.wanted(time.time())) | {_key(self.current.ref.version)}
         for version in [v for v in self.loaded if v not in keep]:
             del self.loaded[version]
+            self.footprints.pop(version, None)
         self.behind_since = None if d.champion in (None, _key(self.current.ref.version)) else (self.behind_since or now)
         self.declared = d
         self.link.report(self.replica, self.actual())
