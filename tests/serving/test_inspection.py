@@ -139,6 +139,8 @@ def test_records_feed_the_review_queue_and_the_export_into_the_dataset(served, w
     assert not set(shas) & left
     verdicts = httpx.get(f"{served.url}/review/verdicts").json()["reviews"]
     assert {v["sha256"] for v in verdicts} >= set(shas)
+    state = httpx.get(f"{served.url}/inspection").json()
+    assert state["records_written"] >= 2 and state["records_dropped"] == 0 and state["records_error"] is None
 
     data = tmp_path / "data"
     shutil.copytree(demo_root / "weave", data / "weave")
@@ -226,6 +228,11 @@ def test_the_page_scores_redecides_saves_bands_and_reviews(served, browser, demo
                      timeout=60).json()
     assert shown == pytest.approx(sorted(r["probability"] for r in api["results"]), abs=6e-5)  # 4 decimals shown
     assert len(browser.find_elements(By.CSS_SELECTOR, "#cards img.heat")) == 2
+    unnamed = browser.execute_script(  # every control has an accessible name (a label, aria-label or text)
+        "return [...document.querySelectorAll('input, select, button, textarea, canvas')].filter(e => "
+        "!(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())"
+        ".map(e => e.id || e.outerHTML.slice(0, 80))")
+    assert unnamed == []
     SHOTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(SHOTS / "inspection-page.png"))
 
@@ -267,6 +274,15 @@ def test_the_page_scores_redecides_saves_bands_and_reviews(served, browser, demo
     verdicts = httpx.get(f"{served.url}/review/verdicts").json()["reviews"]
     assert any(v["sha256"] == sha and v["verdict"] == "normal" for v in verdicts)
     assert not resources_outside(browser, served.url)
+    browser.set_window_size(820, 1180)  # a tablet held upright: nothing wider than the screen
+    try:
+        wide = browser.execute_script(
+            "return [...document.querySelectorAll('body *')].filter(e => !e.closest('table') && "  # tables scroll
+            "e.getBoundingClientRect().right > window.innerWidth + 1).map(e => e.id || e.tagName + '.' + e.className)"
+            ".slice(0, 10)")
+        assert wide == []
+    finally:
+        browser.set_window_size(1280, 800)
 
 
 def test_docs_render_without_a_cdn(served, browser):

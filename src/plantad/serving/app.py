@@ -373,13 +373,10 @@ class ScoringServer:
                                           query_limit(q.get("limit")))
         return await self._answer("traffic", request, run)
 
-    @app.get("/inspection", summary="What the page needs to know: records on, traffic on, lines, MLflow UI URL")
+    @app.get("/inspection", summary="Page settings (records, traffic, lines, MLflow UI) and store write errors, drops")
     async def inspection_info(self, request: Request) -> JSONResponse:
         async def run() -> tuple[int, Any]:
-            cfg = self.cfg
-            return 200, {"records": cfg.records.enabled and cfg.store is not None, "store": cfg.store is not None,
-                         "recent_traffic": cfg.recent_traffic, "lines": sorted(cfg.line_categories),
-                         "mlflow_ui_url": cfg.mlflow_ui_url, "keys": bool(self.keys)}
+            return self.inspection.info(bool(self.keys))
         return await self._answer("inspection", request, run)
 
     @staticmethod

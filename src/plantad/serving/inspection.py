@@ -161,6 +161,16 @@ class Inspection:
     def reviews(self, limit: int) -> tuple[int, Any]:
         return 200, {"reviews": list(reversed(read_verdicts(self._store(), self._verdicts)[-limit:]))}
 
+    def info(self, keys_on: bool) -> tuple[int, Any]:
+        """What the page needs, and the state of the writes to the store (errors, drops)."""
+        cfg, rec = self.cfg, self.recorder
+        return 200, {"records": rec is not None, "store": None if self.loc is None else self.loc.uri,
+                     "recent_traffic": cfg.recent_traffic, "lines": sorted(cfg.line_categories),
+                     "mlflow_ui_url": cfg.mlflow_ui_url, "keys": keys_on, "bands_error": self.bands.last_error,
+                     "records_error": None if rec is None else rec.last_error,
+                     "records_written": 0 if rec is None else rec.written_rows,
+                     "records_dropped": 0 if rec is None else rec.dropped}
+
     def recent(self, line: str | None, decision: str | None, limit: int) -> tuple[int, Any]:
         if self.traffic is None:
             return 200, {"enabled": False, "items": [], "rates": {}}

@@ -9,6 +9,7 @@ function lineName() { return $("line").value.trim() || null; }
 
 async function api(path, options = {}, retry = true) {
   let response;
+  const sent = sessionStorage.getItem(KEY);
   for (let attempt = 0; attempt < 4; attempt++) {  // 503: Serve's queue is full for a moment; try again
     const headers = new Headers(options.headers || {});
     const key = sessionStorage.getItem(KEY);
@@ -18,7 +19,7 @@ async function api(path, options = {}, retry = true) {
     await new Promise((done) => setTimeout(done, 250 * 2 ** attempt));
   }
   if (response.status === 401 && retry) {
-    await askKey();
+    if (sessionStorage.getItem(KEY) === sent) await askKey();  // else a key was given meanwhile: use it
     return api(path, options, false);
   }
   return response;
@@ -31,12 +32,16 @@ async function json(path, options) {
   return body;
 }
 
+let keyPrompt = null;  // one prompt, however many requests were refused at once
 function askKey() {
-  return new Promise((resolve) => {
-    const dialog = $("key-dialog");
-    dialog.addEventListener("close", () => resolve(), { once: true });
-    if (!dialog.open) dialog.showModal();
-  });
+  if (!keyPrompt) {
+    keyPrompt = new Promise((resolve) => {
+      const dialog = $("key-dialog");
+      dialog.addEventListener("close", () => { keyPrompt = null; resolve(); }, { once: true });
+      if (!dialog.open) dialog.showModal();
+    });
+  }
+  return keyPrompt;
 }
 
 function decide(p, band) { return p < band.low ? "OK" : p >= band.high ? "NG" : "REVIEW"; }
