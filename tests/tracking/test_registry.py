@@ -201,3 +201,21 @@ def test_manual_mode_first_version_becomes_champion_later_ones_wait(tracking, tm
     v3 = register(client, name, log_marker_model(experiment_id, "v3", {METRIC: 0.60}, code))
     apply_decision(client, name, promotion_decision(client, name, v3.version, METRIC, "manual"))
     assert get_alias_version(client, name, CHAMPION).version == "3"
+
+
+@pytest.mark.e2e
+def test_a_version_whose_serving_graph_disagrees_or_whose_canary_was_rolled_back_is_never_promoted(
+        tracking, tmp_path: Path) -> None:
+    client, experiment_id = tracking
+    code = tmp_path / "marker.py"
+    code.write_text(MODEL_CODE)
+    name = "plantad-gate-golden"
+    first = register(client, name, log_marker_model(experiment_id, "a", {METRIC: 0.5}, code))
+    assert gate(client, name, first.version)  # no champion yet
+    for tag, value, why in (("golden_graph", "disagrees: golden.png probability 0.9 instead of 0.1", "exported graph"),
+                            ("rollout.canary", "rolled back", "canary was rolled back")):
+        version = register(client, name, log_marker_model(experiment_id, "b", {METRIC: 0.99}, code))
+        client.set_model_version_tag(name, version.version, tag, value)
+        decision = promotion_decision(client, name, version.version, METRIC, "auto")
+        assert not decision.promote and why in decision.reason
+    assert get_alias_version(client, name, CHAMPION).version == first.version
