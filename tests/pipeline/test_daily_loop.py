@@ -1,9 +1,12 @@
 """The daily loop as a user runs it, on one cluster: the main job's endpoint stays up (its replica
-holds a CPU of the cluster) while `dvc repro` retrains twice on tracked data that grows, a person
-moves `champion` to the newest version, and the endpoint answers with it; no probe request fails."""
+holds a CPU of the cluster) while `dvc repro` retrains twice on tracked data that grows (new normal
+images, then parts the line scored, an operator marked normal in the review queue and `plantad
+review export` wrote into the data), a person moves `champion` to the newest version, and the
+endpoint answers with it; no probe request fails."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -12,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 from pipeline_project import DATA, Project
 
 from infra.fixtures import free_port, wait_for
@@ -66,6 +71,30 @@ def retrain_on_new_normals(project: Project, seed: int) -> tuple[str, float]:
     return str(project.registration()["version"]), time.monotonic() - started
 
 
+def reviewed_into_the_data(project: Project, url: str) -> list[str]:
+    """Three new parts of line press-1 (its band sends every part to REVIEW) scored over HTTP with
+    records on, marked normal in the review queue, exported into the tracked data: their sha256s."""
+    assert httpx.put(f"{url}/bands/press-1", json={"low": 0.0, "high": 1.0}, timeout=30).status_code == 200
+    goods = sorted((project.root / DATA / "weave" / "train" / "good").glob("*.png"))[:3]
+    parts = []
+    for path in goods:  # mirrored: parts the dataset does not hold yet
+        out = io.BytesIO()
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, format="PNG")
+        parts.append(out.getvalue())
+    answer = httpx.post(f"{url}/score", files=[("files", (f"p{i}.png", b, "image/png")) for i, b in enumerate(parts)],
+                        data={"line": "press-1"}, headers={"X-Part-Id": "P-1,P-2,P-3"}, timeout=60).json()
+    assert [r["decision"] for r in answer["results"]] == ["REVIEW"] * 3, answer
+    shas = [r["sha256"] for r in answer["results"]]
+    wait_for(lambda: set(shas) <= {i["sha256"] for i in httpx.get(f"{url}/review/queue", timeout=30).json()["items"]},
+             30, "the three parts in the review queue")
+    for sha in shas:
+        r = httpx.post(f"{url}/review", json={"sha256": sha, "verdict": "normal"}, timeout=30)
+        assert r.status_code == 200, r.text
+    exported = project.run("plantad", "review", "export", "--data", DATA).stdout
+    assert "wrote 3 reviewed image(s)" in exported, exported
+    return shas
+
+
 @pytest.mark.e2e
 def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, mlflow_server: str,
                                                               registry_names: dict[str, str]) -> None:
@@ -80,7 +109,10 @@ def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, 
                                 model_id=logged_model_id(baseline_champion)).version
     set_alias(client, name, CHAMPION, champion)
     port = free_port()
-    project.set_params({"serve": {"port": port, "model_name": name, "alias_poll_s": 0.5},
+    project.set_params({"serve": {"port": port, "model_name": name, "alias_poll_s": 0.5,
+                                  "store": str(project.root.parent / "line-store"), "bands_poll_s": 0.5,
+                                  "records": {"enabled": True, "flush_s": 0.5},
+                                  "line_categories": {"press-1": "weave"}},
                         "mlflow": {"registered_model": name}})
     project.commit("serve on a free port; this test's registered model")
     url = f"http://127.0.0.1:{port}"
@@ -98,8 +130,13 @@ def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, 
         thread.start()
 
         first, first_s = retrain_on_new_normals(project, seed=1)
+        reviewed = reviewed_into_the_data(project, url)  # the line's review loop feeds the second retrain
         second, second_s = retrain_on_new_normals(project, seed=2)
         assert int(champion) < int(first) < int(second)
+        assert client.get_model_version(name, second).tags["reviewed_images"] == "3"
+        assert client.get_model_version(name, first).tags["reviewed_images"] == "0"
+        manifest = pd.read_parquet(project.root / "outputs" / "manifest.parquet")
+        assert sum(any(sha[:16] in p for sha in reviewed) for p in manifest["path"]) == 3
         assert served_version(url) == champion  # a registered challenger changes nothing online
 
         refused = project.run("plantad", "promote", "999", check=False)  # a typo moves nothing
