@@ -46,11 +46,14 @@ def moved_copy(src: Path, out: Path) -> Path:
     return out
 
 
-def register(uri: str, model_dir: Path, png: bytes) -> str:
+def register(uri: str, model_dir: Path, png: bytes, artifacts: Path) -> str:
     client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("shadow-bench")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        "shadow-bench", artifact_location=str(artifacts))  # not ./mlruns in the working folder
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run(experiment_id=mlflow.set_experiment("shadow-bench").experiment_id) as run:
+        with mlflow.start_run(experiment_id=experiment_id) as run:
             info = log_pyfunc_model(model_dir, png)
         return str(register_version(client, NAME, run.info.run_id, "model", model_id=info.model_id).version)
     finally:
@@ -87,8 +90,8 @@ def main() -> None:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     pngs = png_images(32, args.size)
     first = random_model_dir(args.config, args.size, tmp / "a")
-    champion = register(uri, first, pngs[0])
-    shadow = register(uri, moved_copy(first, tmp / "b"), pngs[0])
+    champion = register(uri, first, pngs[0], tmp / "artifacts")
+    shadow = register(uri, moved_copy(first, tmp / "b"), pngs[0], tmp / "artifacts")
     client = MlflowClient(uri)
     set_alias(client, NAME, CHAMPION, champion)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
