@@ -62,12 +62,15 @@ def register(uri: str, model_dir: Path, png: bytes, artifacts: Path) -> str:
 
 def wait_shadow(url: str, want: str | None, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
+    replicas: list = []
     while time.monotonic() < deadline:
-        replicas = httpx.get(f"{url}/rollout", timeout=60).json()["replicas"].values()
+        replicas = list(httpx.get(f"{url}/rollout", timeout=60).json()["replicas"].values())
         if replicas and all(r["shadow"] == want for r in replicas):
             return
         time.sleep(0.5)
-    raise TimeoutError(f"the replica did not {'load' if want else 'drop'} the shadow within {timeout_s:.0f} s")
+    errors = [r.get("last_error") for r in replicas]
+    raise TimeoutError(f"the replica did not {'load' if want else 'drop'} the shadow within {timeout_s:.0f} s "
+                       f"(last errors: {errors})")
 
 
 def main() -> None:
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per condition and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--memory-gib", type=float, default=4.0, help="serve.ray_actor_options.memory")
     args = parser.parse_args()
 
     os.environ.update(with_serve_env(os.environ))
@@ -99,7 +103,9 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_name": NAME, "tracking_uri": uri, "device": "cpu", "port": port,
                          "max_queued_requests": 1024, "alias_poll_s": 0.5, "drift": {"enabled": False},
-                         "ray_actor_options": {"num_cpus": cpus},
+                         # three versions may be held (champion, shadow, the previous champion): the
+                         # production architecture needs more than the demo's 1.5 GiB default
+                         "ray_actor_options": {"num_cpus": cpus, "memory": args.memory_gib * 2**30},
                          "rollout": {"follow_s": 0.25, "shadow": {"alias": "challenger", "share": 1.0}}}),
               name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
