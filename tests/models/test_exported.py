@@ -168,7 +168,8 @@ def test_the_fleet_chooses_the_runtime_whatever_the_version_was_saved_with(train
 
     from plantad.config import ConfigError
     from plantad.serving.bulk.scorer import BulkScorer
-    from plantad.serving.holder import ModelHolder, golden_image
+    from plantad.config import ServeConfig
+    from plantad.serving.holder import FixedLink, ModelHolder
     from plantad.storage import open_location
     from plantad.tracking.model_source import resolve_model
     from tiny import tiny_settings
@@ -181,7 +182,8 @@ def test_the_fleet_chooses_the_runtime_whatever_the_version_was_saved_with(train
     save_model(model, with_runtime(settings, "openvino"), graph_dir)
     images = [Image.open(demo_root / p).convert("RGB") for p in demo_manifest["path"].head(4)]
 
-    holder = ModelHolder(str(torch_dir), None, "cpu", 3600.0, golden_image(None), runtime="openvino")
+    cfg = ServeConfig(model_dir=str(torch_dir), device="cpu", runtime="openvino")
+    holder = ModelHolder(cfg, FixedLink(resolve_model(cfg.model_uri, None)), "replica-1")
     try:
         served = holder.current
         assert served.info()["runtime"] == "openvino f32" and served.settings.scoring.runtime == "openvino"

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from PIL import Image
 
 from plantad.config import ServeConfig
 from plantad.models.checkpoint import ModelLoadError
@@ -35,7 +34,7 @@ from plantad.serving.rollout import Declared, RolloutController
 from plantad.tracking.golden import load_golden
 from plantad.tracking.model_source import ModelFetchError, ModelRef, cache_entry, prune_cache
 
-__all__ = ["ModelHolder", "SelfTestError", "golden_image"]
+__all__ = ["ModelHolder", "SelfTestError"]
 log = logging.getLogger(__name__)
 MAX_RETRY_S = 300.0  # longest wait between two tries of a version that could not be fetched or fit
 
@@ -47,11 +46,6 @@ class SwapError:
     at: float
     retry_at: float | None = None  # set when the failure may pass (store down, out of memory)
     failures: int = 1
-
-
-def golden_image(path: str | None) -> Image.Image:
-    """The first golden image: `path`, else the one packaged with plantad (a demo weave, 64 px)."""
-    return golden_images([path] if path else None)[-1].image()
 
 
 class Link(Protocol):
