@@ -17,7 +17,7 @@ from plantad.models.checkpoint import load_model
 from plantad.scoring import score_batch
 from plantad.serving.predictor import Predictor
 from plantad.serving.render import anomaly_box, heatmap_overlay_png, pixel_probability
-from plantad.tracking.model_source import ModelSourceError, parse_registry_uri, resolve_model
+from plantad.tracking.model_source import ModelSourceError, cache_entry, parse_registry_uri, resolve_model
 from plantad.tracking.registry import CHAMPION, set_alias
 
 
@@ -71,7 +71,7 @@ def test_registry_alias_is_pinned_to_a_version(tmp_path, trained_tiny, demo_root
     set_alias(client, "pinned", CHAMPION, versions[1].version)  # moves after resolution: ref stays pinned
     predictor = Predictor.from_ref(ref, uri, cache_dir=tmp_path / "cache")
     assert predictor.info()["version"] == str(versions[0].version)
-    assert (tmp_path / "cache" / "pinned" / str(versions[0].version) / ".complete").is_file()  # kept: a cache
+    assert (cache_entry(tmp_path / "cache", ref) / ".complete").is_file()  # kept: a cache
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))

@@ -203,7 +203,13 @@ class ScoringServer:
             if not self.shadow.offer(job):
                 self.metrics.shadow_dropped.inc(len(images), tags={"line": line})
 
-    def _shadow_result(self, job: ShadowJob, scores: list) -> None:
+    def _shadow_result(self, job: ShadowJob, scores: list, shadow_ms: float) -> None:
+        self.metrics.shadow_latency_ms.observe(job.champion_ms, tags={"line": job.line, "role": "champion"})
+        self.metrics.shadow_latency_ms.observe(shadow_ms, tags={"line": job.line, "role": "shadow"})
+        for role, decided in (("champion", job.champion), ("shadow", scores)):
+            rejects = sum(1 for s in decided if s.is_anomalous)
+            if rejects:
+                self.metrics.shadow_rejects.inc(rejects, tags={"line": job.line, "role": role})
         for a, b in zip(job.champion, scores):
             self.metrics.shadow_images.inc(tags={"line": job.line,
                                                  "agreement": "agree" if a.is_anomalous == b.is_anomalous

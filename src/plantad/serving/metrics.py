@@ -71,6 +71,12 @@ class ServeMetrics:
         self.shadow_images = Counter("plantad_shadow_images", description="images the shadow version scored after "
                                      "the answer, by line and whether its decision agreed with the answer's",
                                      tag_keys=("line", "agreement"))
+        self.shadow_rejects = Counter("plantad_shadow_rejects", description="shadow-compared images decided "
+                                      "anomalous, by line and by the version that decided (champion, shadow)",
+                                      tag_keys=("line", "role"))
+        self.shadow_latency_ms = Histogram("plantad_shadow_latency_ms", description="ms to score a shadow-compared "
+                                           "request, by line and version (champion: in the answer's batch; shadow: "
+                                           "after it)", boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("line", "role"))
         self.shadow_dropped = Counter("plantad_shadow_dropped", description="images not shadow-scored because the "
                                       "replica's shadow queue was full, by line", tag_keys=("line",))
 

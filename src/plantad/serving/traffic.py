@@ -123,4 +123,7 @@ class ShadowScorer:
             self.book.shadowed(job.line, job.pair, job.champion, scores, job.champion_ms, ms)
             self.scored += len(scores)
             if self.on_result is not None:
-                self.on_result(job, scores)
+                try:
+                    self.on_result(job, scores, ms)
+                except Exception:  # metrics must not stop the shadow thread
+                    log.exception("recording the shadow result of line %r failed", job.line)
