@@ -22,6 +22,8 @@ from PIL import Image
 from pipeline_project import DATA, Project
 
 from infra.fixtures import free_port, wait_for
+from plantad.data.manifest import read_manifest
+from plantad.tracking.lineage import manifest_fingerprint
 from plantad.tracking.registry import CHAMPION, logged_model_id, register_version, set_alias
 
 TRAINED = ["prepare", "validate", "train", "evaluate", "register", "score"]
@@ -58,13 +60,23 @@ def served_version(url: str) -> str:
 
 
 def retrain_on_new_normals(project: Project, seed: int) -> tuple[str, float]:
-    """`plantad demo-data --add-normal`, `dvc add`, commit, `dvc repro`: the version it registered."""
+    """`plantad demo-data --add-normal`, `dvc add`, commit, `dvc repro`: the version it registered,
+    trained on the grown data (the demo is not regenerated) and tagged with its lineage."""
+    before = read_manifest(project.root / "outputs" / "manifest.parquet")
     project.run("plantad", "demo-data", DATA, "--add-normal", "3", "--seed", str(seed))
     project.run("dvc", "add", DATA)
-    project.commit(f"3 more normal images per category (seed {seed})")
+    head = project.commit(f"3 more normal images per category (seed {seed})")
     started = time.monotonic()
     repro = project.repro(timeout=600)
-    assert repro.ran == TRAINED, repro.tail()
+    assert repro.ran == TRAINED and "demo_data" in repro.skipped, repro.tail()
+    manifest = read_manifest(project.root / "outputs" / "manifest.parquet")
+    grown = (manifest["split"] == "train").groupby(manifest["category"]).sum() - \
+        (before["split"] == "train").groupby(before["category"]).sum()
+    assert (grown >= 3).all(), grown.to_dict()
+    reg = project.registration()
+    tags = MlflowClient(reg["tracking_uri"]).get_model_version(reg["registered_model"], reg["version"]).tags
+    assert tags["data_dvc_md5"] == project.dvc_md5(DATA) and tags["data_manifest_sha256"] == manifest_fingerprint(manifest)
+    assert MlflowClient(reg["tracking_uri"]).get_run(reg["run_id"]).data.tags["git_commit"] == head
     # the train stage joined the endpoint's cluster and fitted its workers beside the replica
     assert "so the 2 training workers reserve 0.37 CPU each" in repro.output, repro.tail()
     assert project.status() == {}

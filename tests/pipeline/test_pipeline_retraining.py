@@ -1,5 +1,6 @@
-"""The retraining story, as a user lives it: `dvc repro` registers a challenger with its lineage,
-new data retrains, an evaluate-only change re-evaluates, and nothing else re-runs."""
+"""The retraining story, as a user lives it: `dvc repro` registers a challenger with its lineage and
+golden record, and an evaluate-only change re-evaluates and nothing else re-runs. Retraining on new
+data is the daily-loop test's (tests/pipeline/test_daily_loop.py)."""
 
 from __future__ import annotations
 
@@ -76,45 +77,6 @@ def test_first_repro_registers_a_challenger_with_metrics_artifacts_and_lineage(
     assert "image_auroc" in shown.stdout
     as_json = json.loads(baseline.run("dvc", "metrics", "show", "--json").stdout)
     assert as_json[""]["data"]["outputs/metrics.json"]["data"]["image_auroc"] == pytest.approx(metrics["image_auroc"])
-
-
-@pytest.mark.e2e
-def test_new_data_retrains_without_regenerating_the_demo(
-    project: Project, mlflow_server: str, registry_names: dict[str, str]
-) -> None:
-    client, name = MlflowClient(mlflow_server), registry_names["registered_model"]
-    before, lock_before = project.registration(), project.lock()
-    old = client.get_model_version(name, before["version"])
-    expected = next_version(client, name)
-
-    project.run("plantad", "demo-data", DATA, "--add-normal", "3", "--seed", "1")
-    project.run("dvc", "add", DATA)
-    head = project.commit("3 more normal images per category")
-    status = project.status()
-    assert "prepare" in status and "demo_data" not in status, status
-
-    repro = project.repro()
-    assert repro.ran == ["prepare", "validate", "train", "evaluate", "register", "score"], repro.tail()
-    assert "demo_data" in repro.skipped, repro.tail()
-    lock = project.lock()
-    assert lock["demo_data"] == lock_before["demo_data"]
-    prepare_data = next(d for d in lock["prepare"]["deps"] if d["path"] == DATA)
-    assert prepare_data["md5"] == project.dvc_md5(DATA) != old.tags["data_dvc_md5"]
-    assert project.status() == {}
-
-    manifest = read_manifest(project.root / "outputs" / "manifest.parquet")
-    assert (manifest["split"] == "train").groupby(manifest["category"]).sum().to_dict() == \
-        {"metal": 15, "nut": 15, "weave": 15}
-    reg = project.registration()
-    assert (reg["version"], reg["aliases"]) == (expected, ["challenger"])
-    assert reg["run_id"] != before["run_id"]
-    new = client.get_model_version(name, expected)
-    assert new.tags["data_dvc_md5"] == project.dvc_md5(DATA)
-    assert new.tags["data_manifest_sha256"] == manifest_fingerprint(manifest) != old.tags["data_manifest_sha256"]
-    assert client.get_run(reg["run_id"]).data.tags["git_commit"] == head
-    assert client.get_registered_model(name).aliases["challenger"] == expected
-    assert client.get_model_version(name, before["version"]).aliases == ["champion"]  # challenger moved on
-    assert client.get_registered_model(name).aliases["champion"] == before["version"]  # manual: a person moves it
 
 
 @pytest.mark.e2e
