@@ -257,8 +257,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             return 0
         state = client.rollout()
     d = state["declared"]
-    print(f"declared: champion v{d['champion']}, last-known-good v{d['last_known_good']}, "
-          f"previous v{d['previous']}, shadow v{d['shadow']}, canary v{d['canary']} on {list(d['canary_lines'])}")
+
+    def v(key: str) -> str:
+        return "none" if d[key] is None else f"v{d[key]}"
+    canary = f"{v('canary')} on {', '.join(d['canary_lines']) or 'no named line'}" if d["canary"] else "none"
+    print(f"declared: champion {v('champion')}, last-known-good {v('last_known_good')}, previous {v('previous')}, "
+          f"shadow {v('shadow')}, canary {canary}")
     for replica, r in sorted(state["replicas"].items()):
         err = (r.get("last_error") or {}).get("error")
         print(f"replica {replica} on {r['node']}: serving v{r['serving']}, loaded {r['loaded']}"

@@ -231,3 +231,16 @@ def test_the_shadow_comparison_reaches_the_challenger_in_the_registry(app, versi
     run_id = versions.client.get_model_version(versions.name, versions.b).run_id
     listed = [f.path for f in versions.client.list_artifacts(run_id, f"rollout/shadow-v{versions.b}")]
     assert f"rollout/shadow-v{versions.b}/shadow.md" in listed
+
+
+def test_plantad_rollout_prints_the_declared_and_served_versions_and_writes_the_report(app, versions, capsys):
+    from plantad.cli import main as cli_main
+
+    assert cli_main(["rollout", "status", "--url", app.url]) == 0
+    out = capsys.readouterr().out
+    assert f"declared: champion v{versions.a}, last-known-good v{versions.a}" in out and f"shadow v{versions.b}" in out
+    assert out.count(f"serving v{versions.a}") == 2, out
+    assert f"canary v{versions.flagging} rolled back: canary reject rate" in out
+    assert cli_main(["rollout", "report", "--url", app.url]) == 0
+    out = capsys.readouterr().out
+    assert f"Shadow v{versions.b} against champion v{versions.a}" in out and "| (all) |" in out

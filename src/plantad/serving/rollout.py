@@ -205,7 +205,8 @@ class RolloutController:
             new_champion = None if champion is None else champion.version
             if old.champion is not None and new_champion != old.champion:
                 previous, until = old.champion, now + self.rollout.keep_previous_s
-            refs = {r.version: r for r in (champion, lkg, shadow, canary) if r is not None}
+            # the champion's ref last, so a version that is also last-known-good is described as champion
+            refs = {r.version: r for r in (canary, shadow, lkg, champion) if r is not None}
             if previous is not None and previous not in refs and previous in old.refs:
                 refs[previous] = old.refs[previous]
             canary_cfg = self.rollout.canary
