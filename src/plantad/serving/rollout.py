@@ -24,7 +24,7 @@ import math
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,9 +104,8 @@ class RoleCounts:
     errors: int = 0
 
     def add(self, other: dict[str, int]) -> None:
-        self.images += other.get("images", 0)
-        self.rejects += other.get("rejects", 0)
-        self.errors += other.get("errors", 0)
+        for k, v in other.items():
+            setattr(self, k, getattr(self, k) + v)
 
 
 @dataclass
@@ -189,7 +188,7 @@ class RolloutController:
             canary = self._resolve(self.rollout.canary.alias) if self.rollout.canary else None
         except Exception as exc:  # MLflow/HTTP errors: the registry is down; replicas keep what they serve
             with self._lock:
-                self.declared = _replace(self.declared, error=f"cannot read the registry: {exc}",
+                self.declared = replace(self.declared, error=f"cannot read the registry: {exc}",
                                          checked_at=time.time())
             log.warning("rollout: cannot read the registry: %s", exc)
             return self.declared
@@ -218,7 +217,7 @@ class RolloutController:
                 canary_share=canary_cfg.share if canary_cfg and canary else 0.0,
                 refs=refs, error=None, checked_at=now)
             if _changed(old, new):
-                new = _replace(new, epoch=old.epoch + 1)
+                new = replace(new, epoch=old.epoch + 1)
                 if new.canary != old.canary:
                     self.canary_counts = {"champion": RoleCounts(), "canary": RoleCounts()}
                 log.info("rollout: champion %s, last-known-good %s, canary %s, shadow %s", new.champion,
@@ -465,12 +464,6 @@ def markdown_table(table: dict[str, Any]) -> str:
     for line, row in [("(all)", table["overall"]), *table["lines"].items()]:
         rows.append(f"| {line} | " + " | ".join(cell(row.get(c)) for c in cols) + " |")
     return "\n".join(rows) + "\n"
-
-
-def _replace(d: Declared, **kw: Any) -> Declared:
-    from dataclasses import replace
-
-    return replace(d, **kw)
 
 
 def _changed(old: Declared, new: Declared) -> bool:
