@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -142,6 +144,38 @@ def test_publishing_never_overwrites_other_bytes(published, moto_s3, tmp_path):
     bucket, key = split_s3_uri(uri)
     stored = s3_client(moto_s3).get_object(Bucket=bucket, Key=key)["Body"].read()
     assert stored == same.read_bytes()
+
+
+def test_publishers_racing_to_one_key_leave_one_object_and_the_loser_is_refused(moto_s3, tmp_path):
+    """Four publishers start together on one fresh key: two with weights A, two with B. The
+    conditional put lets exactly one object land; the publishers of its bytes succeed (nothing
+    written for all but one), the others are refused naming the key, and the stored bytes are the
+    winner's. Without `If-None-Match` all four succeed and the last writer's bytes stay."""
+    files = {}
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}").mkdir()
+        files[seed] = tiny_teacher_file(tmp_path / f"s{seed}" / "race.safetensors", seed=seed)[0]
+    digests = {seed: checked_checkpoint(path) for seed, path in files.items()}
+    prefix = f"s3://{moto_s3.bucket}/race-{uuid.uuid4().hex[:8]}"
+    barrier = threading.Barrier(4)
+
+    def publish(seed: int):
+        barrier.wait()
+        try:
+            return seed, publish_to_s3(files[seed], prefix, moto_s3, digests[seed])
+        except PublishError as exc:
+            return seed, exc
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(publish, (0, 1, 0, 1)))
+    uri = f"{prefix}/race.safetensors"
+    bucket, key = split_s3_uri(uri)
+    stored = s3_client(moto_s3).get_object(Bucket=bucket, Key=key)["Body"].read()
+    winner = next(seed for seed, path in files.items() if path.read_bytes() == stored)
+    assert [out for seed, out in outcomes if seed == winner] == [uri, uri]
+    for seed, out in outcomes:
+        if seed != winner:
+            assert isinstance(out, PublishError) and f"{uri} already exists with other bytes" in str(out)
 
 
 def test_publish_refuses_a_file_that_is_not_plain_weights(tmp_path):

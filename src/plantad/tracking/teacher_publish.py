@@ -9,6 +9,7 @@ object is never overwritten: the same bytes are left as they are, different byte
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from plantad.config import MlflowConfig, S3Config
@@ -17,6 +18,7 @@ from plantad.models.safe_load import UnverifiedFileError, file_sha256, load_weig
 log = logging.getLogger(__name__)
 
 SHA256_METADATA = "sha256"  # S3 object metadata (x-amz-meta-sha256) of a published checkpoint
+_CONFLICT_RETRIES = 3  # S3 answers 409 to a conditional put racing another one; it is retried
 
 
 class PublishError(RuntimeError):
@@ -45,7 +47,12 @@ def checked_checkpoint(path: Path) -> str:
 
 
 def publish_to_s3(path: Path, prefix: str, s3: S3Config, digest: str) -> str:
-    """Upload to `<prefix>/<file name>` with the hash as object metadata; returns the object URI."""
+    """Upload to `<prefix>/<file name>` with the hash as object metadata; returns the object URI.
+
+    The put is conditional (`If-None-Match: *`): the store itself refuses it when the key exists, so
+    of two publishers racing to one key exactly one writes and the other compares hashes (the same
+    bytes: the object is left as it is; other bytes: refused, naming the key). No existence check
+    comes first: it would open a window between check and write. A single PUT, so up to 5 GB."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from plantad.tracking.s3 import endpoint_name, s3_client, split_s3_uri
@@ -55,22 +62,38 @@ def publish_to_s3(path: Path, prefix: str, s3: S3Config, digest: str) -> str:
     uri = f"s3://{bucket}/{key}"
     client = s3_client(s3)
     try:
-        try:
-            head = client.head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
-                raise
-        else:
-            stored = head.get("Metadata", {}).get(SHA256_METADATA)
-            if stored == digest:
-                log.info("%s already holds this checkpoint; not uploaded again", uri)
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                with path.open("rb") as body:
+                    client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*",
+                                      Metadata={SHA256_METADATA: digest})
                 return uri
-            raise PublishError(f"{uri} already exists with other bytes (sha256 {stored or 'not recorded'}, this "
-                               f"file's is {digest}); it is left as it is: publish under another prefix or name")
-        client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {SHA256_METADATA: digest}})
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("ConditionalRequestConflict", "409") and attempt < _CONFLICT_RETRIES:
+                    time.sleep(0.5 * (attempt + 1))  # another upload to the key is in progress: see who wins
+                    continue
+                if code in ("NotImplemented", "501"):
+                    raise PublishError(f"the S3 endpoint {endpoint_name(s3)} does not support conditional writes "
+                                       f"(If-None-Match), which publishing {uri} without overwriting needs; "
+                                       "nothing was published") from exc
+                if code not in ("PreconditionFailed", "412"):
+                    raise
+            _same_or_refused(client, bucket, key, uri, digest)
+            return uri
+        raise PublishError(f"{uri}: another upload to this key kept conflicting; nothing was published")
     except (BotoCoreError, ClientError) as exc:
         raise PublishError(f"cannot upload {path} to {uri} at {endpoint_name(s3)}: {exc}") from exc
-    return uri
+
+
+def _same_or_refused(client, bucket: str, key: str, uri: str, digest: str) -> None:
+    """The key exists: fine when it holds these bytes (by its recorded sha256), else PublishError."""
+    stored = client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SHA256_METADATA)
+    if stored == digest:
+        log.info("%s already holds this checkpoint; not uploaded again", uri)
+        return
+    raise PublishError(f"{uri} already exists with other bytes (sha256 {stored or 'not recorded'}, this "
+                       f"file's is {digest}); it is left as it is: publish under another prefix or name")
 
 
 def publish_to_mlflow(path: Path, tracking_uri: str, cfg: MlflowConfig, name: str, digest: str) -> str:
