@@ -113,13 +113,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, {cpus} CPUs; {args.config} random weights at {args.size} px; one replica with "
           f"{cpus} CPUs; {serve_mode}; champion v{champion}, shadow v{shadow} (share 1.0); conditions alternate per "
           f"round, {args.rounds} rounds of {args.requests} requests each")
-    print("| concurrency | shadow | p50 ms | p95 ms | img/s | p50 on/off | img/s on/off | shadow-scored | dropped |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| concurrency | shadow | p50 ms | p95 ms | img/s | p50 on/off | img/s on/off | noise: round p50 max/min "
+          "| shadow-scored | dropped |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
         for c in args.concurrency:
             lat: dict[bool, list[float]] = {False: [], True: []}
             rate: dict[bool, list[float]] = {False: [], True: []}
+            round_p50: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(args.rounds):
                 for on in (False, True):
                     if on:
@@ -133,6 +135,7 @@ def main() -> None:
                         wait_shadow(url, None)
                     round_lat, wall = asyncio.run(load_test(url, pngs, c, args.requests))
                     lat[on] += round_lat
+                    round_p50[on].append(pct(round_lat, 50))
                     rate[on].append(args.requests / wall)
             table = httpx.get(f"{url}/rollout", timeout=60).json()["shadow"]["overall"]
             for on in (False, True):
@@ -140,8 +143,10 @@ def main() -> None:
                          f"{(sum(rate[True]) / len(rate[True])) / (sum(rate[False]) / len(rate[False])):.2f}"
                          if on else " | ")
                 extra = f"{table.get('images', 0)} | {table.get('dropped', 0)}" if on else " | "
+                # the spread of one condition's rounds: the bench's own noise, to read the ratio against
+                noise = max(round_p50[on]) / min(round_p50[on])
                 print(f"| {c} | {'on' if on else 'off'} | {pct(lat[on], 50):.0f} | {pct(lat[on], 95):.0f} | "
-                      f"{sum(rate[on]) / len(rate[on]):.2f} | {ratio} | {extra} |", flush=True)
+                      f"{sum(rate[on]) / len(rate[on]):.2f} | {ratio} | {noise:.2f} | {extra} |", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -83,8 +83,9 @@ class ScoringServer:
         self._drift_tests: set[asyncio.Future] = set()  # running tests, kept referenced until done
         self.inspection = Inspection(self.cfg)  # bands, records, review queue (serving/inspection.py)
         self.book = TrafficBook()  # canary and shadow counts, handed to the rollout controller
+        self._in_flight = 0  # score requests between arrival and answer; the shadow waits for 0
         self.shadow = ShadowScorer(self.book, self.cfg.rollout.shadow.queue if self.cfg.rollout.shadow else 1,
-                                   on_result=self._shadow_result)
+                                   on_result=self._shadow_result, idle=lambda: self._in_flight == 0)
         self.holder = ModelHolder(self.cfg, self._link(), _replica_id(), on_poll=self._hand_over,
                                   reserved_bytes=self.cfg.ray_actor_options.memory)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
@@ -167,12 +168,15 @@ class ScoringServer:
         declared = self.holder.declared
         role = "canary" if declared.canary and canary_serves(declared, line) else "champion"
         started = time.perf_counter()
+        self._in_flight += 1
         try:
             scored = await self.batched_score(ScoreJob(images, threshold, heatmap, line))
         except Exception:
             if declared.canary:
                 self.book.failed(role, len(images))
             raise
+        finally:
+            self._in_flight -= 1
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         for s in scored.scores:
             self.metrics.scored(s.probability, s.is_anomalous, line)
