@@ -17,12 +17,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -154,6 +156,17 @@ def test_joining_the_ray_head_or_its_dashboard_needs_the_token(ray_head: Head) -
     assert http_status(f"{ray_head.dashboard}/api/version", {"Authorization": f"Bearer {token}"}) == 200
 
 
+def png_bytes() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def dashboard_json(path: str) -> str:
     """A GET of the session cluster's dashboard (REST API), with the session's Ray token."""
     import ray
@@ -169,7 +182,8 @@ def test_the_session_cluster_and_a_served_app_listen_on_loopback_only(ray_local,
     """`plantad serve`'s launch.deploy of the scoring app (a model folder) on the session's cluster:
     every listening socket of every process, the replica's included (Serve starts its gRPC server on
     `[::]:0`), is on loopback; the API key in the driver's environment reaches the replica but not
-    the Serve config, the dashboard's API or the replica's environment; the HTTP deadline is Serve's."""
+    the Serve config, the dashboard's API or the replica's environment; the HTTP deadline is Serve's,
+    and a request past it gets a 408 while the replica goes on answering."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -182,7 +196,8 @@ def test_the_session_cluster_and_a_served_app_listen_on_loopback_only(ray_local,
     monkeypatch.setenv("PLANTAD_TEST_DRIVER_KEYS", key)  # the session's replicas started without it
     cfg = ServeConfig(port=free_port(), app_name="closed", model_dir=str(result.model_path.parent),
                       api_keys_env="PLANTAD_TEST_DRIVER_KEYS", ray_actor_options={"num_cpus": 0.5},
-                      request_timeout_s=42.0)
+                      # a lone /score request waits 30 s for its batch to fill: slower than the deadline
+                      request_timeout_s=3.0, max_batch_size=4, batch_wait_timeout_s=30.0)
     url = deploy(cfg)
     try:
         me = psutil.Process()
@@ -201,7 +216,13 @@ def test_the_session_cluster_and_a_served_app_listen_on_loopback_only(ray_local,
         assert replicas and all(key not in json.dumps(p.environ()) for p in replicas)
 
         http = ray.get(_get_global_client()._controller.get_http_config.remote())
-        assert (http.host, http.port, http.request_timeout_s) == ("127.0.0.1", cfg.port, 42.0)
+        assert (http.host, http.port, http.request_timeout_s) == ("127.0.0.1", cfg.port, 3.0)
+        started = time.monotonic()
+        slow = httpx.post(f"{url}/score", files={"image": ("slow.png", png_bytes(), "image/png")},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        waited = time.monotonic() - started
+        assert slow.status_code == 408 and 3.0 <= waited < 20.0, (slow.status_code, slow.text[:300], waited)
+        assert http_status(f"{url}/model", {"Authorization": f"Bearer {key}"}) == 200  # still answering
     finally:
         serve.shutdown()
 

@@ -5,10 +5,12 @@ at start, and a move back during a slow load honoured."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import mlflow
 import pytest
 
 from infra.fixtures import wait_for
@@ -17,8 +19,9 @@ from plantad.serving import predictor as predictor_module
 from plantad.serving.holder import LocalLink, ModelHolder
 from plantad.serving.memory import resident_bytes
 from plantad.serving.rollout import RolloutController
-from plantad.tracking.model_source import cache_entry
-from plantad.tracking.registry import set_alias
+from plantad.models.checkpoint import SHA256_KEY
+from plantad.tracking.model_source import ModelSourceError, cache_entry, download_model, resolve_model
+from plantad.tracking.registry import logged_model_id, register_version, set_alias
 from rollout_versions import versions  # noqa: F401  (module fixture)
 
 MODEL = "plantad-serve-test"  # the registry fixture's (conftest.py)
@@ -40,9 +43,9 @@ def follow(uri: str, name: str, alias: str, cache: Path | None = None) -> tuple[
 
 
 @pytest.fixture
-def holder(registry):
+def holder(registry, tmp_path):
     set_alias(registry.client, MODEL, ALIAS, registry.good[0])
-    controller, h = follow(registry.uri, MODEL, ALIAS)
+    controller, h = follow(registry.uri, MODEL, ALIAS, tmp_path / "node-cache")
     yield h
     h.stop()
     controller.stop()
@@ -53,6 +56,8 @@ def test_a_version_the_store_did_not_deliver_is_fetched_again_when_it_answers(re
     folder = artifacts_of(registry.client, MODEL, new)
     hidden = folder.with_name(folder.name + ".offline")
     folder.rename(hidden)  # the artifact store is down for this version's files
+    # and the node has no copy: the two versions hold the same files, so they share one cache entry
+    shutil.rmtree(cache_entry(holder.cache_dir, resolve_model(f"models:/{MODEL}/{new}", registry.client)))
     try:
         set_alias(registry.client, MODEL, ALIAS, new)
         wait_for(lambda: new in holder.waiting and holder.waiting[new].failures >= 2, 30, "two failed fetches")
@@ -142,6 +147,28 @@ def test_a_node_fetches_a_version_once_and_fetches_a_damaged_copy_again(registry
             if h is not None:
                 h.stop()
         controller.stop()
+
+
+def test_the_node_cache_is_keyed_by_the_files_sha256_and_refuses_files_other_than_registered(registry, tmp_path):
+    client, cache = registry.client, tmp_path / "node-cache"
+    first, second = (resolve_model(f"models:/{MODEL}/{v}", client) for v in registry.good)  # the same files
+    digest = first.tags[SHA256_KEY]
+    assert cache_entry(cache, first) == cache_entry(cache, second) == cache / MODEL / f"sha256-{digest}"
+    fetched = download_model(first, registry.uri, cache)
+    assert download_model(second, registry.uri, cache) == fetched  # one copy for both versions
+    # a version whose tag names other files than its artifact holds: refused, nothing cached as complete
+    good = client.get_model_version(MODEL, registry.good[0])
+    mlflow.set_tracking_uri(registry.uri)  # the SQL registry looks the logged model up in the global store
+    try:
+        other = register_version(client, "plantad-sha-test", good.run_id, "model", tags={SHA256_KEY: "0" * 64},
+                                 model_id=logged_model_id(good))
+    finally:
+        mlflow.set_tracking_uri(None)
+    ref = resolve_model(f"models:/plantad-sha-test/{other.version}", client)
+    with pytest.raises(ModelSourceError, match=f"registered with model.pt sha256 {'0' * 64}.*record {digest}"):
+        download_model(ref, registry.uri, cache)
+    assert not (cache_entry(cache, ref) / ".complete").exists()
+    assert (cache_entry(cache, first) / ".complete").is_file()  # the good copy is untouched
 
 
 def test_a_swap_that_does_not_fit_the_reserved_memory_is_refused_naming_the_sizes(registry):

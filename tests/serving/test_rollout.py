@@ -155,6 +155,10 @@ def test_both_replicas_follow_a_promotion_under_load_and_answer_with_the_new_wei
         sent = move(app, versions, CHAMPION, versions.b)
         wait_for(lambda: rollout(app.url)["declared"]["champion"] == versions.b, 5, "the controller's declaration")
         declared_s = time.monotonic() - sent
+        epoch = rollout(app.url)["declared"]["epoch"]
+        wait_for(lambda: all(r["epoch"] >= epoch for r in rollout(app.url)["replicas"].values()), 5,
+                 "both replicas taking the new declaration (loading v-b)")
+        followed_s = time.monotonic() - sent
         wait_for(lambda: serving(app.url) == {versions.b}, 120, "both replicas serving v-b")
         swapped = time.monotonic()
         wait_for(lambda: sum(1 for a in loop.answers if a[0] > swapped) >= 6, 60, "answers after the swap")
@@ -168,6 +172,7 @@ def test_both_replicas_follow_a_promotion_under_load_and_answer_with_the_new_wei
             t.join(60)
     assert loop.failures == [], loop.failures[:3]
     assert declared_s < 1.0, f"the webhook reached the controller's declaration in {declared_s:.2f} s"
+    assert followed_s < 1.0, f"both replicas took the declaration {followed_s:.2f} s after the webhook"
     assert back_s < 2.0, f"moving back to the warm previous champion took {back_s:.2f} s"
     after = [a for a in loop.answers if swapped < a[0] < sent_back]
     assert after and all(v == versions.b for _, v, _, _ in after)

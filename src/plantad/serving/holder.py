@@ -282,6 +282,8 @@ class ModelHolder:
             wait = self.waiting.get(version)
             if version in self.loaded or version in self.refused or (wait and now < (wait.retry_at or 0)):
                 continue
+            # said before the load, which may take minutes: the controller sees this replica follow at once
+            self.link.report(self.replica, self.actual(epoch=d.epoch, loading=version))
             if self._try(version, d.refs[version]) is not None and version == d.champion:
                 d = self.link.state(fresh=True)  # the alias again, right before the swap: a move back wins
         target = self.loaded.get(d.champion) if d.champion else None
@@ -297,7 +299,7 @@ class ModelHolder:
             self.footprints.pop(version, None)
         self.behind_since = None if d.champion in (None, _key(self.current.ref.version)) else (self.behind_since or now)
         self.declared = d
-        self.link.report(self.replica, self.actual())
+        self.link.report(self.replica, self.actual(epoch=d.epoch))
 
     # --- what it says -----------------------------------------------------------------------------
     @property
@@ -313,9 +315,12 @@ class ModelHolder:
         errors = [e for e in (*self.refused.values(), *self.waiting.values())]
         return max(errors, key=lambda e: e.at) if errors else None
 
-    def actual(self) -> dict[str, Any]:
+    def actual(self, epoch: int | None = None, loading: str | None = None) -> dict[str, Any]:
+        """What this replica serves and holds; `epoch`: the controller's declaration it has taken,
+        `loading`: the version it is loading now."""
         err = self.last_error()
         return {"serving": _key(self.current.ref.version), "loaded": sorted(self.loaded, key=str),
+                "epoch": self.declared.epoch if epoch is None else epoch, "loading": loading,
                 "canary": None if self.canary is None else _key(self.canary.ref.version),
                 "shadow": None if self.shadow is None else _key(self.shadow.ref.version),
                 "serving_last_known_good": self.serving_last_known_good, "behind_s": self.behind_for(),

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from plantad.models.checkpoint import MODEL_FILE
+from plantad.models.checkpoint import META_FILE, MODEL_FILE, SHA256_KEY, recorded_sha256
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -131,15 +132,40 @@ def download_model(ref: ModelRef, tracking_uri: str | None, cache_dir: Path | No
         except Exception as exc:  # MLflow, S3 and HTTP errors: all mean "cannot fetch this version"
             raise ModelFetchError(f"cannot download {ref.describe()} from {tracking_uri}: {exc}") from exc
         model_dir = find_model_dir(dest)
+        check_registered_sha256(ref, model_dir)
         (dest / ".complete").write_text(ref.version_uri)
     return model_dir
 
 
+def registered_sha256(ref: ModelRef) -> str | None:
+    """model.pt's sha256 as the register stage tagged the version (`model_sha256`); None for versions
+    registered without it."""
+    value = ref.tags.get(SHA256_KEY, "").strip().lower()
+    return value if _SHA256.match(value) else None
+
+
+def check_registered_sha256(ref: ModelRef, model_dir: Path) -> None:
+    """The downloaded files are the ones registered: model.json's hash equals the version's tag (and
+    loading checks model.pt against model.json)."""
+    tagged = registered_sha256(ref)
+    if tagged is None:
+        return
+    found = recorded_sha256(model_dir / META_FILE)
+    if found != tagged:
+        raise ModelSourceError(f"{ref.describe()} was registered with model.pt sha256 {tagged}, but the files "
+                               f"the store delivered record {found or 'no hash'}: the artifact was replaced or "
+                               "damaged after registration; register the model again")
+
+
 def cache_entry(cache_dir: Path, ref: ModelRef) -> Path:
-    """Where `ref` lives in a node's cache: a registered version's files never change; its run id
-    tells apart two registries that both have a version 3, and each load checks model.pt against
-    the sha256 recorded in its model.json."""
+    """Where `ref` lives in a node's cache, keyed by model.pt's sha256 (the version's `model_sha256`
+    tag): two versions or registries with the same files share one copy, and a version number that
+    means other files in another registry never hits it. Versions registered without the tag fall
+    back to their version and run id. Each load still checks model.pt against model.json."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", ref.name or "model")
+    digest = registered_sha256(ref)
+    if digest is not None:
+        return Path(cache_dir) / safe / f"sha256-{digest}"
     return Path(cache_dir) / safe / f"{ref.version}-{(ref.run_id or 'norun')[:16]}"
 
 
