@@ -34,7 +34,7 @@ from plantad.config import Settings, load_settings
 from plantad.models.device import autocast
 from plantad.models.exported import for_scoring
 from plantad.models.factory import build_model
-from plantad.scoring import score_batch, smooth_map
+from plantad.scoring import map_sigma, score_batch, smooth_map
 from plantad.training.loop import build_optimizer, easy_fraction, train_step
 
 Timed = dict[str, Callable[[], object]]
@@ -139,7 +139,8 @@ def stage_times(model: torch.nn.Module, settings: Settings, x: torch.Tensor) -> 
             model._semantic(x, feats)
         t.append(_now(device))
     if patch is not None:
-        amap = smooth_map(patch.float().reshape(x.shape[0], *model.teacher.grid), size, settings.scoring.gaussian_sigma)
+        amap = smooth_map(patch.float().reshape(x.shape[0], *model.teacher.grid), size,
+                          map_sigma(settings.scoring.gaussian_sigma, size))
         model.image_score(amap, settings.scoring)
     t.append(_now(device))
     return [b - a for a, b in zip(t, t[1:])]

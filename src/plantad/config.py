@@ -251,7 +251,9 @@ class TrainConfig(_Section):
 
 
 class ScoringConfig(_Section):
-    gaussian_sigma: float = Field(4.0, ge=0.0)
+    # the anomaly map's blur in pixels at the model's input size, or `dinomaly`: Dinomaly's effective
+    # blur (its 5-tap, sigma-4 kernel on a 256 px map) scaled to the input size (scoring.map_sigma)
+    gaussian_sigma: float | Literal["dinomaly"] = 4.0
     top_k_fraction: float = Field(0.01, gt=0.0, le=1.0)  # image score = mean of the top-k% map pixels
     # decision threshold on the final probability: this quantile of held-out normal images
     threshold_quantile: float = Field(0.99, gt=0.0, le=1.0)
@@ -267,6 +269,13 @@ class ScoringConfig(_Section):
     drift_reference_images: int = Field(512, ge=8)
     drift_dims: int = Field(16, ge=2, le=256)
     drift_neighbours: int = Field(5, ge=1)  # k of the k-NN outlier score
+
+    @field_validator("gaussian_sigma")
+    @classmethod
+    def _sigma_not_negative(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v < 0:
+            raise ValueError(f"a blur sigma is 0 or more pixels (or 'dinomaly'), got {v}")
+        return v
 
 
 class EvaluateConfig(_Section):

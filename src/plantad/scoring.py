@@ -31,6 +31,26 @@ class ScoreOutput(NamedTuple):
     embedding: torch.Tensor | None = None  # (B, C) the teacher's view of each image (models/interface.py)
 
 
+DINOMALY_BLUR = (5, 4.0, 256)  # Dinomaly's map blur: a 5-tap Gaussian kernel of sigma 4 on its 256 px map
+
+
+def truncated_kernel_std(taps: int, sigma: float) -> float:
+    """Standard deviation, in pixels, of a Gaussian kernel of `sigma` cut to `taps` taps: a 5-tap
+    kernel of sigma 4 is nearly flat, so its real width is far below its nominal sigma."""
+    x = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return float(torch.sqrt((w * x**2).sum() / w.sum()))
+
+
+def map_sigma(setting: float | str, size: int) -> float:
+    """The anomaly map's blur sigma in pixels at input size `size`: a number as given; `dinomaly`:
+    the Gaussian with the variance of Dinomaly's kernel, scaled from its 256 px map to `size`."""
+    if setting == "dinomaly":
+        taps, sigma, at = DINOMALY_BLUR
+        return truncated_kernel_std(taps, sigma) * size / at
+    return float(setting)
+
+
 def gaussian_kernel1d(sigma: float, device: torch.device) -> torch.Tensor:
     radius = max(1, int(math.ceil(4.0 * sigma)))  # scipy's default truncate=4
     x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
@@ -118,7 +138,7 @@ def score_batch(
         raw = model(images.to(device, non_blocking=True))
     patch, semantic = branch_scores(raw.patch_distance, raw.semantic, branches)
     if patch is not None:
-        amap = smooth_map(patch.float(), size, cfg.gaussian_sigma)
+        amap = smooth_map(patch.float(), size, map_sigma(cfg.gaussian_sigma, size))
         local = model.image_score(amap, cfg)  # the method's own rule (models/interface.py)
     else:  # semantic only: the image-level score is all it has
         amap = semantic.float().view(-1, 1, 1).expand(-1, size, size).contiguous()
