@@ -1,9 +1,11 @@
 """The line's store without a cluster: bands folded from an append-only log that two replicas write at
 once, refused bad bands, part records in Parquet with drops counted, and the review export into an
-MVTec-layout dataset (skipping images it already holds)."""
+MVTec-layout dataset (skipping images it already holds); records, images and verdicts on an S3
+prefix (moto's server) written by two replicas at once."""
 
 from __future__ import annotations
 
+import io
 import threading
 
 import numpy as np
@@ -13,11 +15,11 @@ from PIL import Image
 from plantad.config import RecordsConfig, S3Config
 from plantad.serving.bands import Band, BandBook, check_line, key_id, parse_band, resolve
 from plantad.serving.inputs import ApiError
-from plantad.serving.records import PartRecorder, Pending, pixel_sha256, read_records
+from plantad.serving.records import PartRecorder, Pending, image_path, pixel_sha256, read_records
 from plantad.data.manifest import scan_dataset
 from plantad.serving.review import (ExportError, export_reviewed, parse_verdict, read_verdicts, review_queue,
                                     reviewed_images, save_verdict)
-from plantad.storage import Location, open_location
+from plantad.storage import Location, open_location, read_bytes
 
 
 def store(tmp_path) -> Location:
@@ -141,3 +143,55 @@ def test_bands_as_false_reject_rates_are_re_derived_for_each_version():
     assert resolve(spec, None) is None  # a version without stored quantiles: the calibrated threshold
     with pytest.raises(ApiError, match="high_frr 0.1 is above low_frr 0.05"):
         parse_band({"low_frr": 0.05, "high_frr": 0.1})
+
+
+def test_records_and_reviews_on_an_s3_prefix_with_two_writers_racing_lose_nothing(moto_s3, tmp_path):
+    loc = open_location(f"s3://{moto_s3.bucket}/line-window", moto_s3)  # moto's S3 server on 127.0.0.1
+    recorders = [PartRecorder(loc, RecordsConfig(enabled=True, flush_s=3600, part_rows=3), on_drop=None)
+                 for _ in range(2)]
+    shared = image(999)  # both replicas store the same image: one content-addressed object, raced on
+    start = threading.Barrier(2)
+
+    def record(w: int) -> None:
+        start.wait()
+        for batch in range(2):
+            rows = [Pending({"time": float(100 * w + 10 * batch + k), "line": "press-1", "part_id": f"w{w}-{batch}-{k}",
+                             "sha256": pixel_sha256(image(100 * w + 10 * batch + k)), "decision": "REVIEW",
+                             "probability": 0.5, "image_stored": True}, image(100 * w + 10 * batch + k))
+                    for k in range(4)]
+            rows.append(Pending({"time": 1000.0 + w, "line": "press-1", "part_id": f"w{w}-shared",
+                                 "sha256": pixel_sha256(shared), "decision": "NG", "probability": 0.9,
+                                 "image_stored": True}, shared))
+            assert recorders[w].add(rows) == 0  # written by the replica's thread (part_rows 3: two parts)
+
+    threads = [threading.Thread(target=record, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rec in recorders:
+        rec.stop()  # a graceful stop writes what is pending
+    got = read_records(loc)
+    assert len(got) == 20 and len({r["part_id"] for r in got}) == 18  # every row; the shared part twice per writer
+    for sha in {r["sha256"] for r in got}:
+        assert pixel_sha256(Image.open(io.BytesIO(read_bytes(loc, image_path(sha))))) == sha
+    own = sorted({r["sha256"] for r in got} - {pixel_sha256(shared)})
+    halves = [own[::2], own[1::2]]
+
+    def review(w: int) -> None:  # two replicas taking verdicts at once
+        start.wait()
+        for sha in halves[w]:
+            save_verdict(loc, sha, "normal" if w == 0 else "defective", None if w == 0 else "hole", f"key-{w}")
+
+    threads = [threading.Thread(target=review, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    verdicts = read_verdicts(loc)
+    assert sorted(v["sha256"] for v in verdicts) == own
+    assert [i["sha256"] for i in review_queue(got, verdicts, None, 100)] == [pixel_sha256(shared)]
+    data = tmp_path / "data"
+    (data / "weave" / "train" / "good").mkdir(parents=True)
+    result = export_reviewed(loc, data, {"press-1": "weave"})
+    assert len(result.written) == 16 and sum("/test/hole/" in p for p in result.written) == len(halves[1])

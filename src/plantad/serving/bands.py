@@ -136,10 +136,11 @@ class BandBook:
                if n.endswith(".json") and not n.startswith(".") and n not in self._seen]  # not a write in flight
         if not new:
             return
-        docs = [dict(json.loads(read_bytes(self.loc, f"{BANDS_DIR}/{n}")), id=n.removesuffix(".json")) for n in new]
-        with self._lock:
-            self._seen.update(new)
-            self.events = sorted(self.events + docs, key=lambda e: e["id"])
+        docs = {n: dict(json.loads(read_bytes(self.loc, f"{BANDS_DIR}/{n}")), id=n.removesuffix(".json")) for n in new}
+        with self._lock:  # the poll thread and a save may both have read a change: it is applied once
+            fresh = [d for n, d in docs.items() if n not in self._seen]
+            self._seen.update(docs)
+            self.events = sorted(self.events + fresh, key=lambda e: e["id"])
             bands: dict[str, dict[str, float]] = {}
             for e in self.events:  # the fold: the last change of a line wins; new None resets it
                 if e["new"] is None:

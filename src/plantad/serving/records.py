@@ -148,16 +148,22 @@ class PartRecorder:
         while not self._stop.is_set():
             self._wake.wait(self.cfg.flush_s)
             self._wake.clear()
-            try:
-                self.flush()
-                self.last_error = None
-            except Exception as exc:  # the store is down: the rows stay lost for this part, scoring goes on
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("writing records to %s failed: %s", self.loc.uri, exc)
+            self._flush_logged()
+        self._flush_logged()  # rows added while the last flush ran: a graceful stop leaves none behind
 
-    def stop(self) -> None:
+    def _flush_logged(self) -> None:
+        try:
+            self.flush()
+            self.last_error = None
+        except Exception as exc:  # the store is down: the rows stay lost for this part, scoring goes on
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("writing records to %s failed: %s", self.loc.uri, exc)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Write what is pending and end the writer thread (waits up to `timeout_s` for the store)."""
         self._stop.set()
         self._wake.set()
+        self._thread.join(timeout_s)
 
 
 def read_records(loc: Location, cache: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
