@@ -24,6 +24,7 @@ from plantad.config import HardMiningConfig, TrainConfig
 from plantad.models.device import autocast, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from plantad.models.factory import build_model  # noqa: F401 (re-exported for older callers)
 from plantad.models.interface import LossTerms
+from plantad.training.distributed import stop_if_not_finite
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def train_step(
     frac = easy_fraction(step, cfg.hard_mining)
     with autocast(device, cfg.amp, cfg.cpu_amp):
         terms: LossTerms = model(images, frac, cfg.hard_mining.factor)
+    stop_if_not_finite(terms, step)  # before backward and the step: every rank stops, no weight is touched
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
     if cfg.grad_clip:
@@ -92,8 +94,6 @@ def train_step(
     if terms.semantic is not None:
         logs["loss_semantic"] = float(terms.semantic.detach())
         logs["weight_semantic"] = terms.weight_semantic
-    if not math.isfinite(logs["loss"]):
-        raise FloatingPointError(f"training diverged at step {step}: loss is {logs['loss']}")
     return logs
 
 

@@ -32,6 +32,7 @@ from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
 from plantad.training.ray_budget import abort_train_runs, fit_training, stall_reason, worker_resources
 from plantad.training.ray_data import endless_shard, image_dataset
+from plantad.training.distributed import check_worker_batch, seed_rank, sync_batchnorm
 from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything, shard_holdout_batches
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
         load_trainable_state(model, state["model"])
         step = int(state["step"])
+    seed_rank(cfg.seed, ctx.get_world_rank())  # same initial weights everywhere, a dropout stream per rank
+    model = sync_batchnorm(model, ray.train.torch.get_device(), ctx.get_world_size())
     model = ray.train.torch.prepare_model(model)
     optimizer, scheduler = build_optimizer(model, cfg)
     if state is not None:
@@ -186,6 +189,7 @@ def run_ray_training(
     seed_everything(settings.train.seed)
     train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed)
     check_shard_size(len(train_rows), rcfg.num_workers, settings.train.batch_size)
+    check_worker_batch(settings, rcfg.num_workers)
     connect(rcfg)  # before `import ray`: it sets the environment Ray reads on import
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
