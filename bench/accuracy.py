@@ -3,11 +3,13 @@ the semantic demo (object families, image-level labels only), all in one run.
 
 Per row: image AUROC / AP, pixel AUROC / AUPRO (n/a without masks or without a local branch), the
 cross-class interference probes (mixup of two categories, a patch of one pasted into another,
-scored against the normal test images) and wall times. A second table puts the dual model's
-branch scores next to the same student trained alone: what the joint objective changes.
+scored against the normal test images) and wall times. A second table gives each branch's raw score
+alone and the joined score under the earlier scale-only fusion and the offset-and-spread fusion the
+model stores (same model, same held-out normal images: equal training steps); a third the false-alarm
+rate promised at the stored threshold, the rate on the normal test images and recall there.
 
 Usage: python bench/accuracy.py [--config params.yaml] [--set key=value ...] [--work DIR]
-       [--datasets demo,semantic] [--variants sd,se,se_patch,dual,dual_patch] [--json rows.json]
+       [--datasets demo,semantic] [--variants sd,se,se_patch,dual,dual_patch] [--seeds 0,1,2] [--json rows.json]
        python bench/accuracy.py --variants se,se_shared,dual,dual_shared  (the lighter S_E)
 """
 
@@ -22,16 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from plantad.config import load_settings
 from plantad.data.demo import generate_demo, generate_semantic_demo
 from plantad.data.manifest import scan_dataset
-from plantad.evaluation.evaluate import evaluate_model
+from plantad.data.dataset import split_holdout
+from plantad.evaluation.evaluate import evaluate_model, predict
 from plantad.evaluation.interference import PROBE_KINDS, interference_probes
 from plantad.evaluation.metrics import compute_metrics, image_auroc
 from plantad.models.checkpoint import load_model
+from plantad.models.noisy_or import fit_lambda, noisy_or, score_to_probability
 from plantad.serving.predictor import Predictor
-from plantad.training.trainer import train_model
+from plantad.training.trainer import normal_train_rows, train_model
 
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
 VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (table label, overrides)
@@ -93,19 +98,76 @@ def branch_aurocs(pred: Any) -> dict[str, float | None]:
             for name, s in (("local", pred.local_score), ("semantic", pred.semantic_score))}
 
 
+def scale_rule_auroc(pred: Any, holdout: Any, settings: Any) -> float | None:
+    """Joined image AUROC under the earlier fusion (p_k = 1 - exp(-lambda_k s_k), lambda_k mapping the
+    normal calibration quantile to calibration_probability, no offset) on the same model and holdout."""
+    if pred.local_score is None or pred.semantic_score is None:
+        return None
+    cfg = settings.model.noisy_or
+    probs = [score_to_probability(torch.from_numpy(test), torch.tensor(fit_lambda(
+        torch.from_numpy(held), cfg.calibration_quantile, cfg.calibration_probability)))
+        for test, held in ((pred.local_score, holdout.local_score), (pred.semantic_score, holdout.semantic_score))]
+    joined = noisy_or(*probs).numpy()
+    return compute_metrics(pred.labels, joined, pred.rows["category"].to_numpy())["image_auroc"]
+
+
+def gap_to_best_branch(pred: Any, joined: np.ndarray, draws: int = 1000) -> tuple[float, float, float]:
+    """Joined image AUROC minus the better branch's (the branch better on these test images), and a 95%
+    bootstrap interval of that difference (test images resampled within category and label, paired)."""
+    cats = pred.rows["category"].to_numpy()
+    scores = {"joined": joined, "local": pred.local_score, "semantic": pred.semantic_score}
+
+    def mean_auroc(idx: np.ndarray) -> dict[str, float]:
+        per = {k: [image_auroc(pred.labels[idx[cats[idx] == c]], v[idx[cats[idx] == c]]) for c in np.unique(cats)]
+               for k, v in scores.items()}
+        return {k: float(np.mean(v)) for k, v in per.items()}
+
+    full = mean_auroc(np.arange(len(cats)))
+    best = max(("local", "semantic"), key=lambda k: full[k])
+    strata = [np.flatnonzero((cats == c) & (pred.labels == y)) for c in np.unique(cats) for y in (0, 1)]
+    rng = np.random.default_rng(0)
+    gaps = []
+    for _ in range(draws):
+        idx = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+        m = mean_auroc(idx)
+        gaps.append(m["joined"] - m[best])
+    low, high = np.quantile(gaps, [0.025, 0.975])
+    return full["joined"] - full[best], float(low), float(high)
+
+
+def holdout_predictions(model: Any, manifest: Any, data: Path, settings: Any) -> Any:
+    """The raw branch scores of the held-out normal images the model was calibrated on."""
+    _, rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed,
+                            settings.data.holdout_min_images)
+    return predict(model, rows.reset_index(drop=True), data, settings, progress=False)
+
+
 def run_variant(dataset: str, data: Path, manifest: Any, variant: str, config: str, overrides: list[str],
                 work: Path) -> dict[str, Any]:
     settings = load_settings(config, [*overrides, *VARIANTS[variant][1]])
     t0 = time.perf_counter()
-    result = train_model(settings, manifest, data, work / f"model-{dataset}-{variant}", progress=False)
+    result = train_model(settings, manifest, data, work / f"model-{dataset}-{variant}-{settings.train.seed}",
+                         progress=False)
     t1 = time.perf_counter()
     model, _ = load_model(result.model_path)
     metrics, pred = evaluate_model(model, manifest, data, settings, progress=False)
     t2 = time.perf_counter()
     normal = pred.probability[pred.labels == 0]
+    fa = metrics["false_alarm"]
     return {"dataset": dataset, "variant": variant, **{k: metrics[k] for k in KEYS},
             **probe_aurocs(result.model_path.parent, manifest, data, normal), **branch_aurocs(pred),
-            "train_s": t1 - t0, "eval_s": t2 - t1, "per_category": metrics["per_category"]}
+            "auroc_joined": metrics["branches"]["joined"]["image_auroc"],
+            "gap_to_best": None if pred.semantic_score is None or pred.local_score is None
+            else gap_to_best_branch(pred, pred.probability),
+            "seed": settings.train.seed,
+            "auroc_joined_scale_rule": scale_rule_auroc(pred, holdout_predictions(model, manifest, data, settings),
+                                                        settings),
+            "fa_promised": fa["promised"], "fa_promised_90": fa["promised_90"], "fa_requested": fa["requested"],
+            "fa_images": fa["threshold_images"],
+            "fa_achieved": fa["achieved"], "fa_ci": (fa["ci_low"], fa["ci_high"]), "fa_normal": fa["normal_images"],
+            "recall_at_threshold": metrics["at_threshold"]["recall"],
+            "train_s": t1 - t0, "eval_s": t2 - t1, "per_category": metrics["per_category"],
+            "branches": metrics["branches"]}
 
 
 def fmt(v: float | None) -> str:
@@ -118,12 +180,29 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     print("|---" * 10 + "|")
     for r in rows:
         cells = [fmt(r[k]) for k in (*KEYS, "probe_mixup", "probe_paste")]
-        print(f"| {r['dataset']} | {VARIANTS[r['variant']][0]} | {' | '.join(cells)} | {r['train_s']:.0f} "
+        print(f"| {r['dataset']} | {VARIANTS[r['variant']][0]}, seed {r['seed']} | {' | '.join(cells)} "
+              f"| {r['train_s']:.0f} "
               f"| {r['eval_s']:.0f} |")
-    print("\nbranch scores alone (image AUROC of the raw S_D / S_E score):")
-    print("| data | model | S_D score | S_E score |\n|---|---|---|---|")
+    print("\nbranch scores alone and joined (image AUROC; joined: the earlier scale-only rule and the "
+          "offset-and-spread rule, fitted on the same held-out normal images of the same model):")
+    print("| data | model | seed | S_D score | S_E score | joined, scale rule | joined, offset-and-spread rule "
+          "| joined - best branch (95% bootstrap) |")
+    print("|---" * 8 + "|")
     for r in rows:
-        print(f"| {r['dataset']} | {VARIANTS[r['variant']][0]} | {fmt(r['auroc_local'])} | {fmt(r['auroc_semantic'])} |")
+        gap = "n/a" if r["gap_to_best"] is None else "{:+.3f} ({:+.3f} to {:+.3f})".format(*r["gap_to_best"])
+        print(f"| {r['dataset']} | {VARIANTS[r['variant']][0]} | {r['seed']} | {fmt(r['auroc_local'])} "
+              f"| {fmt(r['auroc_semantic'])} | {fmt(r['auroc_joined_scale_rule'])} | {fmt(r['auroc_joined'])} "
+              f"| {gap} |")
+    print("\nfalse alarms at the stored threshold (normal test images; 95% Clopper-Pearson interval):")
+    print("| data | model | seed | asked | promised | promised, 90% of calibrations | threshold images | achieved "
+          "| interval | recall |")
+    print("|---" * 10 + "|")
+    for r in rows:
+        low, high = r["fa_ci"]
+        print(f"| {r['dataset']} | {VARIANTS[r['variant']][0]} | {r['seed']} | {fmt(r['fa_requested'])} "
+              f"| {fmt(r['fa_promised'])} | {fmt(r['fa_promised_90'])} "
+              f"| {r['fa_images']} | {fmt(r['fa_achieved'])} ({r['fa_normal']} images) | {fmt(low)} to {fmt(high)} "
+              f"| {fmt(r['recall_at_threshold'])} |")
 
 
 def main() -> None:
@@ -136,6 +215,7 @@ def main() -> None:
     parser.add_argument("--methods", action="store_true",
                         help=f"every model.method and SNL's ablations on the demo data (--variants {METHOD_VARIANTS})")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON (after every row)")
+    parser.add_argument("--seeds", default="0", help="train.seed values: each variant is trained once per seed")
     args = parser.parse_args()
     if args.methods:
         args.datasets, args.variants = "demo", METHOD_VARIANTS
@@ -148,11 +228,14 @@ def main() -> None:
             manifest = scan_dataset(data, None)
             print(f"{dataset}: data + manifest {time.perf_counter() - t0:.1f} s ({len(manifest)} images)", flush=True)
             for variant in args.variants.split(","):
-                rows.append(run_variant(dataset, data, manifest, variant, args.config, args.set, work))
-                r = rows[-1]
-                print(f"  {variant}: image_auroc={fmt(r['image_auroc'])} train {r['train_s']:.0f} s", flush=True)
-                if args.json:
-                    args.json.write_text(json.dumps(rows, indent=2))
+                for seed in args.seeds.split(","):
+                    rows.append(run_variant(dataset, data, manifest, variant, args.config,
+                                            [*args.set, f"train.seed={seed}"], work))
+                    r = rows[-1]
+                    print(f"  {variant} seed {seed}: image_auroc={fmt(r['image_auroc'])} train {r['train_s']:.0f} s",
+                          flush=True)
+                    if args.json:
+                        args.json.write_text(json.dumps(rows, indent=2))
     finally:
         if args.work is None:  # the data sets and one model per variant
             shutil.rmtree(work, ignore_errors=True)

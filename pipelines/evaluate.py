@@ -10,7 +10,7 @@ from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
 from plantad.evaluation.evaluate import evaluate_model, evaluation_settings
 from plantad.evaluation.metrics import metrics_to_json
-from plantad.evaluation.report import metrics_table, write_plots
+from plantad.evaluation.report import metrics_report, write_plots
 from plantad.logs import quiet_library_logs
 from plantad.models.checkpoint import load_model
 from plantad.training.loop import resolve_device
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(metrics_to_json(metrics))
     write_plots(pred, metrics, Path(args.plots), root=Path(args.data))
-    print(metrics_table(metrics))
+    print(metrics_report(metrics))
     return 0
 
 

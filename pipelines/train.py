@@ -18,7 +18,7 @@ from plantad.config import load_settings
 from plantad.data.manifest import read_manifest
 from plantad.data.shards import ShardError, open_shards, read_shard_record, require_match
 from plantad.logs import quiet_library_logs
-from plantad.tracking.experiment import start_training_run
+from plantad.tracking.experiment import flatten, start_training_run
 from plantad.tracking.lineage import data_version, git_commit
 from plantad.tracking.s3 import storage_env
 from plantad.tracking.store import TrackingStoreError, check_tracking_server, resolve_tracking_uri
@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    for key, value in result.calibration.items():
-        client.log_metric(run_id, f"calibration/{key}", float(value))
+    for key, value in flatten(result.calibration).items():  # numbers only: the shortfall message is a tag
+        if isinstance(value, (int, float)):
+            client.log_metric(run_id, f"calibration/{key}", float(value))
+    if result.calibration["false_alarm"]["shortfall"]:
+        client.set_tag(run_id, "plantad.false_alarm_shortfall", result.calibration["false_alarm"]["shortfall"])
     client.set_terminated(run_id, "FINISHED")
     print(f"model saved to {result.model_path}; MLflow run {run_id} at {uri}")
     return 0

@@ -37,7 +37,8 @@ def test_train_then_evaluate_writes_metrics(tmp_path, demo_root):
     assert {"roc.png", "pr.png", "per_category.png", "overlays.png", "roc.csv", "pr.csv"} <= {p.name for p in plots.iterdir()}
     shown = plantad("metrics", str(metrics_file))
     assert shown.returncode == 0, shown.stderr
-    table = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()}
+    first = shown.stdout.split("\n\n")[0]  # then S_D / S_E / joined and the false-alarm rate (test_branch_metrics)
+    table = {line.split()[0]: line.split()[1:] for line in first.splitlines()}
     assert table["category"] == ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro"]
     assert float(table["mean"][0]) == round(metrics["image_auroc"], 3)
     assert float(table["nut"][4]) == round(metrics["per_category"]["nut"]["pixel_aupro"], 3)

@@ -64,7 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     result = train_model(settings, _manifest(args, settings), Path(args.data), Path(args.out))
-    print(f"model saved to {result.model_path} (threshold {result.calibration['threshold']:.4f})")
+    fa = result.calibration["false_alarm"]
+    print(f"model saved to {result.model_path} (threshold {result.calibration['threshold']:.4f}, false-alarm rate "
+          f"promised at most {fa['bound']:.3g} by the {fa['threshold_images']} held-out normal images that set it)")
+    if fa["shortfall"]:
+        print(f"warning: {fa['shortfall']}", file=sys.stderr)
     return 0
 
 
@@ -86,9 +90,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from plantad.evaluation.report import write_plots
 
         write_plots(pred, metrics, Path(args.plots), root=Path(args.data))
-    from plantad.evaluation.report import metrics_table
+    from plantad.evaluation.report import metrics_report
 
-    print(metrics_table(metrics))
+    print(metrics_report(metrics))
     scored = metrics["scored_with"]
     if scored["overrides"]:
         print("scored with " + ", ".join(f"{k}={v}" for k, v in scored["overrides"].items())
@@ -115,7 +119,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from plantad.evaluation.report import metrics_table
+    from plantad.evaluation.report import metrics_report
 
     path = Path(args.file)
     try:
@@ -123,7 +127,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read metrics file {path}: {exc}") from exc
     try:
-        print(metrics_table(metrics))
+        print(metrics_report(metrics))
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     return 0

@@ -34,6 +34,10 @@ class DataConfig(_Section):
     categories: list[str] | None = None  # None: every category found under root (multi-class)
     image_size: int = Field(112, ge=14)  # model input side; images are resized to it
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # normal train images kept for calibration
+    # at least this many normal train images of each category are held out (all but one when a category
+    # has fewer): the conformal threshold promises a false-alarm rate alpha only from 2/alpha - 3 held-out
+    # images in all (half fit the fusion, half set the threshold; training/calibration.py)
+    holdout_min_images: int = Field(0, ge=0)
     loader_workers: int = Field(0, ge=0)
     shards: ShardsConfig = ShardsConfig()
 
@@ -133,7 +137,8 @@ class NoisyOrConfig(_Section):
     weight_local: float = Field(1.0, ge=0.0)
     weight_semantic: float = Field(1.0, ge=0.0)
     ema_momentum: float = Field(0.99, ge=0.0, lt=1.0)
-    # calibration p_k = 1 - exp(-lambda_k * s_k): the `quantile` of normal scores maps to `probability`
+    # fusion (models/noisy_or.py): each branch's normal `quantile` maps to `probability`, its median to 0
+    # exceedance; the heat map's scale 1 - exp(-lambda * s) maps the same quantile to the same probability
     calibration_quantile: float = Field(0.99, gt=0.0, lt=1.0)
     calibration_probability: float = Field(0.5, gt=0.0, lt=1.0)
 
@@ -255,7 +260,8 @@ class ScoringConfig(_Section):
     # blur (its 5-tap, sigma-4 kernel on a 256 px map) scaled to the input size (scoring.map_sigma)
     gaussian_sigma: float | Literal["dinomaly"] = 4.0
     top_k_fraction: float = Field(0.01, gt=0.0, le=1.0)  # image score = mean of the top-k% map pixels
-    # decision threshold on the final probability: this quantile of held-out normal images
+    # 1 - the false-alarm rate the threshold promises: the threshold is the conformal order statistic of
+    # held-out normal probabilities (training/calibration.py)
     threshold_quantile: float = Field(0.99, gt=0.0, le=1.0)
     batch_size: int = Field(32, ge=1)
     # bf16 autocast when scoring on CPU: probabilities within 0.01 of fp32 on the demo data

@@ -17,15 +17,18 @@ from torch.utils.data import Dataset
 from plantad.data.images import ImageTransform, load_mask, load_rgb, mask_to_tensor
 
 
-def _holdout_count(n: int, fraction: float) -> int:
-    """round(fraction * n), at least 1 when fraction > 0 and n >= 2, never all n."""
-    if fraction <= 0.0 or n < 2:
+def _holdout_count(n: int, fraction: float, min_images: int = 0) -> int:
+    """round(fraction * n), at least 1 when fraction > 0 and at least `min_images`, never all n."""
+    if (fraction <= 0.0 and min_images <= 0) or n < 2:
         return 0
-    return min(max(1, round(fraction * n)), n - 1)
+    return min(max(1 if fraction > 0.0 else 0, round(fraction * n), min_images), n - 1)
 
 
-def split_holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split the normal train rows into (train_rows, holdout_rows), `fraction` held out per category.
+def split_holdout(
+    df: pd.DataFrame, fraction: float, seed: int, min_images: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the normal train rows into (train_rows, holdout_rows), `fraction` held out per category,
+    and at least `min_images` of each (data.holdout_min_images), always leaving one to train on.
 
     Test rows and anomalous train rows are in neither. Which rows are held out depends only on
     (seed, category, the category's paths), not on row order or on other categories. Both frames
@@ -33,13 +36,15 @@ def split_holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    if min_images < 0:
+        raise ValueError(f"data.holdout_min_images must be >= 0, got {min_images}")
     missing = [c for c in ("path", "category", "split", "label") if c not in df.columns]
     if missing:
         raise ValueError(f"split_holdout needs manifest column(s) {missing}")
     normal = df[(df["split"] == "train") & (df["label"] == 0)]
     held: list[object] = []
     for category, rows in normal.groupby("category", sort=True):
-        k = _holdout_count(len(rows), fraction)
+        k = _holdout_count(len(rows), fraction, min_images)
         if k == 0:
             continue
         by_path = rows.sort_values("path", kind="stable")

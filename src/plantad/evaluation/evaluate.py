@@ -17,9 +17,12 @@ from tqdm.auto import tqdm
 
 from plantad.config import Settings, apply_overrides, settings_from_dict, settings_to_dict
 from plantad.data.dataset import ManifestDataset, categories_with_masks
-from plantad.evaluation.metrics import compute_metrics
+from plantad.evaluation.metrics import compute_metrics, false_alarm_report
 from plantad.evaluation.overrides import checked_overrides, scored_with
 from plantad.scoring import score_batch
+
+
+THRESHOLD_KEYS = ("at_threshold", "false_alarm")  # valid only for the scores the stored threshold was fitted on
 
 
 @dataclass
@@ -95,7 +98,26 @@ def threshold_metrics(labels: np.ndarray, decisions: np.ndarray) -> dict[str, fl
     }
 
 
-def metrics_from_predictions(pred: Predictions, settings: Settings) -> dict[str, Any]:
+def branch_metrics(pred: Predictions) -> dict[str, dict[str, Any] | None]:
+    """Image AUROC (per category and their mean) of S_D's raw score, S_E's raw score and the joined
+    probability, each on its own: what the fusion gains or loses against its best branch."""
+    cats = pred.rows["category"].to_numpy()
+
+    def auroc(scores: np.ndarray | None) -> dict[str, Any] | None:
+        if scores is None:
+            return None
+        m = compute_metrics(pred.labels, scores, cats)
+        return {"image_auroc": m["image_auroc"],
+                "per_category": {c: v["image_auroc"] for c, v in m["per_category"].items()}}
+
+    return {"local": auroc(pred.local_score), "semantic": auroc(pred.semantic_score), "joined": auroc(pred.probability)}
+
+
+def metrics_from_predictions(pred: Predictions, settings: Settings,
+                             guarantee: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metrics of evaluation/metrics.py on the joined probability, each branch's image AUROC, and
+    the operating point at the stored threshold with the false-alarm rate it promised (`guarantee`,
+    NoisyOr.guarantee(); None: not known)."""
     pixel = pred.maps is not None
     metrics = compute_metrics(
         pred.labels,
@@ -106,7 +128,9 @@ def metrics_from_predictions(pred: Predictions, settings: Settings) -> dict[str,
         fpr_limit=settings.evaluate.aupro_fpr_limit,
         pixel_categories=pred.pixel_categories,
     )
+    metrics["branches"] = branch_metrics(pred)
     metrics["at_threshold"] = threshold_metrics(pred.labels, pred.is_anomalous)
+    metrics["false_alarm"] = false_alarm_report(pred.labels, pred.is_anomalous, guarantee)
     return metrics
 
 
@@ -114,12 +138,13 @@ def evaluate_model(
     model: nn.Module, manifest: pd.DataFrame, root: Path, settings: Settings, progress: bool = True
 ) -> tuple[dict[str, Any], Predictions]:
     pred = predict(model, test_rows(manifest), root, settings, progress)
-    return metrics_from_predictions(pred, settings), pred
+    nor = getattr(model, "noisy_or", None)
+    return metrics_from_predictions(pred, settings, None if nor is None else nor.guarantee()), pred
 
 
 def with_scored_with(metrics: dict[str, Any], model_meta: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """The metrics with `scored_with`, the record of the `--set` overrides that took effect; the
     threshold metrics are dropped when the scores are not the ones the stored threshold was fitted on."""
     record = scored_with(model_meta["settings"], checked_overrides(list(overrides), model_meta["settings"]))
-    kept = {k: v for k, v in metrics.items() if not (k == "at_threshold" and "at_threshold" in record)}
+    kept = {k: v for k, v in metrics.items() if not (k in THRESHOLD_KEYS and "at_threshold" in record)}
     return {**kept, "scored_with": record}

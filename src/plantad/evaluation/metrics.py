@@ -285,3 +285,52 @@ def _jsonable(x: Any) -> Any:
 def metrics_to_json(d: dict[str, Any]) -> str:
     """Strict JSON (NaN and infinities written as null), numpy scalars turned into Python numbers."""
     return json.dumps(_jsonable(d), indent=2, allow_nan=False)
+
+
+CI_LEVEL = 0.95
+CI_METHOD = "Clopper-Pearson (exact binomial), 95%"
+
+
+def clopper_pearson(k: int, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Exact two-sided binomial interval for k successes in n trials (NaN, NaN for n = 0)."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2.0
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1.0 - tail, k + 1, n - k))
+    return low, high
+
+
+def calibration_rate_quantile(n: int, k: int, q: float) -> float:
+    """The q-quantile over calibrations of the false-alarm rate of the k-th smallest of n exchangeable
+    normal scores (continuous): that rate is Beta(n + 1 - k, k) distributed."""
+    from scipy.stats import beta
+
+    return float(beta.ppf(q, n + 1 - k, k))
+
+
+def false_alarm_report(labels: Any, decisions: Any, guarantee: dict[str, Any] | None) -> dict[str, Any]:
+    """The false-alarm rate on the normal test images at the stored threshold, with its interval,
+    beside the rate the threshold promised at calibration (`guarantee`: NoisyOr.guarantee())."""
+    y, d = np.asarray(labels).astype(bool), np.asarray(decisions).astype(bool)
+    n, k = int((~y).sum()), int((d & ~y).sum())
+    low, high = clopper_pearson(k, n)
+    g = guarantee or {}
+    bound, alpha = g.get("bound"), g.get("alpha")
+    n_cal, k_cal = g.get("threshold_images"), g.get("order_statistic")
+    return {
+        "promised": bound,  # expected rate over calibrations at most this (None: a model saved before it)
+        # one calibration's rate is Beta(n + 1 - k, k): at most this for 90% of calibrations
+        "promised_90": None if n_cal is None or k_cal is None else calibration_rate_quantile(n_cal, k_cal, 0.9),
+        "requested": alpha,
+        "guaranteed": None if bound is None or alpha is None else bool(bound <= alpha + 1e-12),
+        "threshold_images": g.get("threshold_images"),  # held-out normal images that set the threshold
+        "achieved": k / n if n else math.nan,
+        "false_alarms": k,
+        "normal_images": n,
+        "ci_low": low,
+        "ci_high": high,
+        "ci_method": CI_METHOD,
+    }

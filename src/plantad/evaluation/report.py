@@ -67,3 +67,54 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     lines = [f"{'category':<{width}}  " + "  ".join(f"{k:>12}" for k in METRIC_KEYS)]
     lines += [f"{name:<{width}}  " + "  ".join(f"{cell(v.get(k)):>12}" for k in METRIC_KEYS) for name, v in rows]
     return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def metrics_report(metrics: dict[str, Any]) -> str:
+    """What `plantad metrics` and `plantad evaluate` print: the metrics table, then each branch's image
+    AUROC beside the joined score's, then the false-alarm rate (blocks of files that have them)."""
+    blocks = [metrics_table(metrics)]
+    if isinstance(metrics.get("branches"), dict):
+        blocks.append(branch_table(metrics))
+    if isinstance(metrics.get("false_alarm"), dict):
+        blocks.append(false_alarm_line(metrics["false_alarm"]))
+    return "\n\n".join(blocks)
+
+
+def branch_table(metrics: dict[str, Any]) -> str:
+    """Image AUROC of S_D's raw score alone, S_E's alone and the joined score, per category and the mean."""
+    branches = metrics["branches"]
+    categories = sorted(metrics.get("per_category", {}))
+    width = max(len(c) for c in [*categories, "mean", "image AUROC of"])
+    names = (("local", "S_D"), ("semantic", "S_E"), ("joined", "joined"))
+    cell = _cell
+
+    def value(branch: str, category: str | None) -> str:
+        b = branches.get(branch)
+        if not isinstance(b, dict):
+            return "n/a"
+        return cell(b.get("image_auroc") if category is None else b.get("per_category", {}).get(category))
+
+    lines = [f"{'image AUROC of':<{width}}  " + "  ".join(f"{label:>12}" for _, label in names)]
+    for name, category in [*((c, c) for c in categories), ("mean", None)]:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{value(b, category):>12}" for b, _ in names))
+    return "\n".join(lines)
+
+
+def false_alarm_line(fa: dict[str, Any]) -> str:
+    """Achieved false-alarm rate on normal test images, its interval, and what the threshold promised."""
+    num = _cell
+    achieved = (f"false alarms on normal test images: {num(fa.get('achieved'))} ({fa.get('false_alarms')} of "
+                f"{fa.get('normal_images')}; {fa.get('ci_method', 'interval')}: {num(fa.get('ci_low'))} to "
+                f"{num(fa.get('ci_high'))})")
+    if fa.get("promised") is None:
+        return achieved + "; promised: none stored (a model calibrated before the guarantee was recorded)"
+    promise = (f"; promised at most {num(fa['promised'])} on average over calibrations (at most "
+               f"{num(fa.get('promised_90'))} for 90% of them) by the {fa.get('threshold_images')} held-out normal "
+               "images that set the threshold")
+    if fa.get("guaranteed") is False:
+        promise += f" (asked {num(fa.get('requested'))}: too few held-out images to promise it)"
+    return achieved + promise

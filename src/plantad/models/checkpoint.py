@@ -21,9 +21,16 @@ import torch
 import plantad
 from plantad.config import Settings, settings_from_dict, settings_to_dict
 from plantad.models.interface import AnomalyModel
+from plantad.models.noisy_or import FUSION_OFFSET_SCALE, FUSION_SCALE
 from plantad.models.safe_load import UnverifiedFileError, file_sha256, load_weights, verify_sha256
 
 FORMAT_VERSION = 1
+FUSION_RULES = {  # models/noisy_or.py, as model.json names them
+    FUSION_SCALE: "p_k = 1 - exp(-lambda_k s_k); threshold = scoring.threshold_quantile of held-out normal P",
+    FUSION_OFFSET_SCALE: "p_k = 1 - exp(-gain softplus((s_k - median_k) / spread_k)) fitted on every second held-out "
+                         "normal image; threshold = conformal order statistic ceil((n + 1)(1 - alpha)) of the other "
+                         "n held-out normal P",
+}
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
 SHA256_KEY = "model_sha256"  # in model.json: sha256 of model.pt
@@ -48,7 +55,13 @@ def model_metadata(model: AnomalyModel, settings: Settings, extra: dict[str, Any
             "lambda_local": float(nor.lambda_local),
             "lambda_semantic": float(nor.lambda_semantic),
             "threshold": float(nor.threshold),
-            "rule": "p_k = 1 - exp(-lambda_k s_k); threshold = scoring.threshold_quantile of held-out normal P",
+            "median_local": float(nor.median_local),
+            "spread_local": float(nor.spread_local),
+            "median_semantic": float(nor.median_semantic),
+            "spread_semantic": float(nor.spread_semantic),
+            "fusion_gain": float(nor.fusion_gain),
+            "rule": FUSION_RULES[nor.fusion_rule],
+            "false_alarm": nor.guarantee(),
         },
         "settings": settings_to_dict(settings),
         # the line-health reference that calibration fitted (evaluation/drift.py); absent: no drift test

@@ -41,6 +41,12 @@ def metric_entries(metrics: dict[str, Any], timestamp_ms: int) -> list[Metric]:
     for cat, values in metrics.get("per_category", {}).items():
         flat.update({f"{cat}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
     flat.update({f"at_threshold/{k}": v for k, v in metrics.get("at_threshold", {}).items()})
+    for branch, values in (metrics.get("branches") or {}).items():  # S_D, S_E and joined image AUROC
+        if values:
+            flat[f"branch_{branch}/image_auroc"] = values["image_auroc"]
+            flat.update({f"{cat}/branch_{branch}/image_auroc": v for cat, v in values["per_category"].items()})
+    flat.update({f"false_alarm/{k}": v for k, v in (metrics.get("false_alarm") or {}).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return [Metric(k, float(v), timestamp_ms, 0) for k, v in flat.items() if v is not None and math.isfinite(float(v))]
 
 

@@ -187,7 +187,8 @@ def run_ray_training(
     require_match(shards, manifest, shards.folder)
     rcfg = settings.ray
     seed_everything(settings.train.seed)
-    train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed)
+    train_rows, holdout_rows = split_holdout(normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed,
+                                             settings.data.holdout_min_images)
     check_shard_size(len(train_rows), rcfg.num_workers, settings.train.batch_size)
     check_worker_batch(settings, rcfg.num_workers)
     connect(rcfg)  # before `import ray`: it sets the environment Ray reads on import

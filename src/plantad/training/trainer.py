@@ -90,7 +90,8 @@ def train_model(
     """Train on the manifest's normal train images, calibrate on a held-out share, save to out_dir."""
     seed_everything(settings.train.seed)
     train_rows, holdout_rows = split_holdout(
-        normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed
+        normal_train_rows(manifest), settings.data.holdout_fraction, settings.train.seed,
+        settings.data.holdout_min_images,
     )
     log.info("training on %d normal images, calibrating on %d held out", len(train_rows), len(holdout_rows))
     device = resolve_device(settings.train.device)
