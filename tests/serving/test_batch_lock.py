@@ -23,7 +23,8 @@ from bulk_helpers import bulk_settings, png
 from plantad.serving.bulk.job import publish_table
 from plantad.serving.bulk.lock import LOCK, Holder, LockHeld, acquire, held_lock, read_holder
 from plantad.serving.bulk.plan import (
-    MANIFEST, PARTS, SCHEMA, identity_digest, listing_entries, part_bytes, plan_parts, read_results, table_identity,
+    MANIFEST, PARTS, SCHEMA, identity_digest, listing_entries, model_sha256, part_bytes, plan_parts, read_results,
+    table_identity,
 )
 from plantad.serving.bulk.scorer import READ_ATTEMPTS, BulkScorer, read_batch
 from plantad.storage import Location, list_image_sizes, open_location, write_atomic
@@ -128,6 +129,16 @@ def test_settings_that_change_rows_give_other_part_names_and_equal_settings_the_
                   names(sha="ab" * 32)):
         assert not other & base
     assert names("bulk.actors=2", "bulk.batch_size=4") == base  # how fast, not what: same table
+
+
+def test_a_registered_version_s_table_identity_carries_the_sha256_it_was_registered_with():
+    tagged = ModelRef(uri="models:/m/3", name="m", version="3", run_id="r1", tags={"model_sha256": "cd" * 32})
+    assert model_sha256(tagged) == "cd" * 32
+    assert model_sha256(ModelRef(uri="models:/m/3", name="m", version="3", run_id="r1")) is None  # no tag
+    same_run_other_files = ModelRef(uri="models:/m/3", name="m", version="3", run_id="r1", tags={"model_sha256": "ef" * 32})
+    assert (identity_digest(table_identity(tagged, model_sha256(tagged), bulk_settings().bulk, None))
+            != identity_digest(table_identity(same_run_other_files, model_sha256(same_run_other_files),
+                                              bulk_settings().bulk, None)))
 
 
 def _part_rows(rels: list[str]) -> pd.DataFrame:

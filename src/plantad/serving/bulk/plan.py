@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from plantad.config import BulkConfig
 from plantad.models.checkpoint import MODEL_FILE
 from plantad.storage import Location, exists, list_names, read_bytes, write_atomic
-from plantad.tracking.model_source import ModelRef
+from plantad.tracking.model_source import ModelRef, registered_sha256
 
 PARTS = "parts"
 MANIFEST = "manifest.json"
@@ -95,9 +95,10 @@ def listing_entries(sizes: dict[str, int]) -> dict[str, Entry]:
 
 
 def model_sha256(ref: ModelRef) -> str | None:
-    """sha256 of a model directory's model.pt; None for a registered version (pinned by its run)."""
+    """sha256 of model.pt: a model directory's, hashed here; a registered version's `model_sha256`
+    tag (the download is checked against it); None for a version registered without the tag."""
     if ref.registered:
-        return None
+        return registered_sha256(ref)
     assert ref.local_dir is not None
     digest = hashlib.sha256()
     with open(Path(ref.local_dir) / MODEL_FILE, "rb") as f:
@@ -117,7 +118,7 @@ def model_id(ref: ModelRef, sha256: str | None = None) -> str:
 
 def table_identity(ref: ModelRef, sha256: str | None, bulk: BulkConfig, maps: str | None) -> dict[str, Any]:
     """Everything that changes a table's rows besides the inputs. Precision follows from the model
-    (its train.amp / scoring.cpu_amp) and the device; a version of the registry is pinned by its run."""
+    (its train.amp / scoring.cpu_amp) and the device; a registry version by its run and model.pt sha256."""
     return {"model": ref.version_uri, "model_run_id": ref.run_id, "model_sha256": sha256,
             "runtime": bulk.runtime, "device": bulk.device, "max_image_bytes": bulk.max_image_bytes,
             "max_image_pixels": bulk.max_image_pixels, "maps": maps}
