@@ -61,7 +61,7 @@ def test_http_scores_equal_in_process_score_batch(served, trained_tiny, pngs):
         assert all(r["threshold"] == pytest.approx(float(model.noisy_or.threshold)) for r in answer["results"])
     outputs = {o["name"]: o for o in v2["outputs"]}
     assert v2["model_version"] == served.registry.good[0] and v2["id"] == "r1"
-    assert v2["parameters"] == {"runtime": "torch"}  # what scored: the torch forward, no exported graph
+    assert v2["parameters"]["runtime"] == "torch"  # what scored: the torch forward, no exported graph
     np.testing.assert_allclose(outputs["probability"]["data"], ref.probability.numpy(), rtol=1e-4, atol=1e-6)
     assert outputs["probability"]["datatype"] == "FP32" and outputs["is_anomalous"]["datatype"] == "BOOL"
     first = native["results"][0]

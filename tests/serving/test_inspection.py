@@ -10,11 +10,16 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
+from marionette_driver.by import By as MBy
+from marionette_driver.errors import TimeoutException as MarionetteTimeout
+from marionette_driver.keys import Keys as MKeys
+from marionette_driver.wait import Wait
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -23,6 +28,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from infra.fixtures import wait_for
+from firefox_marionette import marionette_firefox
 from plantad.cli import main as cli_main
 from plantad.data.manifest import scan_dataset
 from plantad.evaluation.drift import DriftReference
@@ -76,7 +82,18 @@ def test_bands_are_live_per_line_audited_and_bad_ones_refused(served, weave):
 
     after = wait_for(decided, 15, "the saved band of press-1 in the answers")
     by_p = sorted(after["results"], key=lambda r: r["probability"])
-    assert [r["decision"] for r in by_p] == ["OK", "REVIEW"]
+    top = "NG" if by_p[1]["probability"] >= 1.0 else "REVIEW"  # at or above high (1.0) is NG: a saturated score
+    assert [r["decision"] for r in by_p] == ["OK", top]
+    v2 = httpx.post(f"{served.url}/v2/models/plantad-serve-test/infer", headers={"X-Part-Id": "V-1,V-2"}, json={
+        "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                    "data": [base64.b64encode(weave[k]).decode() for k in ("normal", "defective")]}],
+        "parameters": {"line": "press-1"}}, timeout=60).json()  # the Open Inference answer carries the band too
+    outputs = {o["name"]: o for o in v2["outputs"]}
+    assert outputs["decision"] == {"name": "decision", "datatype": "BYTES", "shape": [2],
+                                   "data": [r["decision"] for r in after["results"]]}
+    band = after["results"][0]["band"]
+    assert {k: v2["parameters"][f"band_{k}"] for k in ("low", "high", "source", "version")} == {
+        k: band[k] for k in ("low", "high", "source", "version")}
     other = score(served.url, [weave["normal"]], "press-2")["results"][0]
     assert other["band"]["source"] != "line"  # a line's band is its own
     audit = httpx.get(f"{served.url}/bands/audit", params={"line": "press-1"}).json()["changes"][0]
@@ -218,6 +235,10 @@ def test_the_page_scores_redecides_saves_bands_and_reviews(served, browser, demo
     files = [demo_root / rows[rows["label"] == 0].iloc[1]["path"], demo_root / rows[rows["label"] == 1].iloc[1]["path"]]
     browser.get(f"{served.url}/")
     wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    tags = served.registry.client.get_model_version("plantad-serve-test", served.registry.good[0]).tags
+    shown_at = browser.find_element(By.ID, "promoted-at").get_attribute("datetime")  # the alias's tag, to the ms
+    assert datetime.fromisoformat(shown_at.replace("Z", "+00:00")).timestamp() == pytest.approx(
+        float(tags["alias_set_at.champion"]), abs=1e-3)
     line = browser.find_element(By.ID, "line")
     line.send_keys("press-2", Keys.TAB)  # change: the line's saved band is loaded
     browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in files))
@@ -301,3 +322,57 @@ def test_with_api_keys_the_page_asks_for_one_and_keeps_it_in_the_tab(served, bro
     assert "plantad-serve-test" in browser.find_element(By.ID, "model-summary").text
     assert browser.execute_script("return sessionStorage.getItem('plantad.apiKey')") == served.api_key
     assert browser.execute_script("return localStorage.length") == 0
+
+
+# --- the same page in Firefox (Debian's firefox-esr over Marionette: tests/serving/firefox_marionette.py) ---
+
+@pytest.fixture(scope="module")
+def firefox(tmp_path_factory):
+    with marionette_firefox(tmp_path_factory.mktemp("firefox-profile")) as client:
+        yield client
+
+
+def until(client, condition, timeout: float = 60):
+    try:
+        return Wait(client, timeout=timeout, interval=0.2).until(lambda c: condition(c))
+    except MarionetteTimeout:
+        SHOTS.mkdir(exist_ok=True)
+        (SHOTS / "inspection-firefox-failure.png").write_bytes(client.screenshot(format="binary"))
+        raise AssertionError(f"page condition not met in {timeout} s in Firefox; page: "
+                             f"{client.find_element(MBy.TAG_NAME, 'body').text[:1500]}") from None
+
+
+def test_firefox_scores_redecides_and_saves_a_band(served, firefox, demo_root, demo_manifest):
+    rows = demo_manifest[(demo_manifest["category"] == "weave") & (demo_manifest["split"] == "test")]
+    files = [demo_root / rows[rows["label"] == 0].iloc[1]["path"], demo_root / rows[rows["label"] == 1].iloc[1]["path"]]
+    firefox.navigate(f"{served.url}/")
+    until(firefox, lambda c: c.find_element(MBy.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    assert firefox.session_capabilities["browserName"] == "firefox"
+    firefox.find_element(MBy.ID, "line").send_keys("press-1" + MKeys.TAB)
+    firefox.find_element(MBy.ID, "files").send_keys("\n".join(str(f) for f in files))
+    until(firefox, lambda c: len(c.find_elements(MBy.CSS_SELECTOR, "#cards .card.scored")) == 2)
+    cards = firefox.find_elements(MBy.CSS_SELECTOR, "#cards .card.scored")
+    shown = sorted(float(c.find_element(MBy.CSS_SELECTOR, ".probability").text) for c in cards)
+    api = httpx.post(f"{served.url}/score", files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files],
+                     timeout=60).json()
+    assert shown == pytest.approx(sorted(r["probability"] for r in api["results"]), abs=6e-5)
+
+    def shown_decisions() -> list[str]:
+        return sorted(c.find_element(MBy.CSS_SELECTOR, "[data-role=decision]").text
+                      for c in firefox.find_elements(MBy.CSS_SELECTOR, "#cards .card.scored"))
+
+    low, high = firefox.find_element(MBy.ID, "band-low"), firefox.find_element(MBy.ID, "band-high")
+    low.send_keys(MKeys.HOME)
+    high.send_keys(MKeys.HOME)
+    assert shown_decisions() == ["NG", "NG"]
+    high.send_keys(MKeys.END)
+    assert shown_decisions() == ["REVIEW", "REVIEW"]
+    firefox.execute_script("const l = document.getElementById('band-low'); l.value = arguments[0];"
+                           "l.dispatchEvent(new Event('input'));", script_args=[(shown[0] + shown[1]) / 2])
+    assert shown_decisions() == ["OK", "REVIEW"]
+    firefox.find_element(MBy.ID, "band-save").click()
+    until(firefox, lambda c: "saved for line press-1" in c.find_element(MBy.ID, "band-status").text)
+    saved_low = float(firefox.find_element(MBy.ID, "band-low").get_property("value"))
+    assert "press-1" in firefox.find_element(MBy.CSS_SELECTOR, "#audit tbody tr").text
+    change = httpx.get(f"{served.url}/bands/audit", params={"line": "press-1"}).json()["changes"][0]
+    assert change["new"] == {"low": pytest.approx(saved_low), "high": 1.0}

@@ -86,7 +86,21 @@ def native_answer(items: list[ImageInput], scored: ScoredJob | None, heatmap: bo
     return {"model": model_block(predictor), "results": results, "scored": n_ok, "failed": len(items) - n_ok}
 
 
-V2_OUTPUTS = ("probability", "is_anomalous", "threshold", "p_local", "p_semantic", "local_score", "semantic_score")
+V2_OUTPUTS = ("probability", "is_anomalous", "decision", "threshold", "p_local", "p_semantic", "local_score",
+              "semantic_score")
+
+
+def v2_datatype(output: str) -> str:
+    """BOOL for the boolean, BYTES for the band decision (OK / REVIEW / NG), FP32 for the numbers."""
+    return {"is_anomalous": "BOOL", "decision": "BYTES"}.get(output, "FP32")
+
+
+def v2_band_parameters(band: dict[str, object]) -> dict[str, object]:
+    """The band of the answer's `decision` as flat v2 parameters (the protocol's values are scalars):
+    band_low, band_high, band_source (line, default or calibrated), band_version, and the saved rates."""
+    rates = band.get("rates") or {}
+    return {"band_low": band["low"], "band_high": band["high"], "band_source": band["source"],
+            "band_version": band["version"], **{f"band_{k}": v for k, v in rates.items()}}
 
 
 def v2_images(doc: dict[str, object]) -> tuple[list[str], dict[str, object], list[str]]:
@@ -116,17 +130,18 @@ def v2_images(doc: dict[str, object]) -> tuple[list[str], dict[str, object], lis
     return data, params, wanted
 
 
-def v2_answer(scored: ScoredJob, wanted: list[str], request_id: object) -> dict[str, object]:
-    """FP32 and BOOL output tensors of shape [N]; a branch the model lacks is left out."""
+def v2_answer(scored: ScoredJob, wanted: list[str], request_id: object, decisions: list[str]) -> dict[str, object]:
+    """FP32, BOOL and BYTES (the band decision) output tensors of shape [N]; a branch the model lacks
+    is left out."""
     n = len(scored.scores)
     outputs = []
     for name in wanted:
-        values = [getattr(s, name) for s in scored.scores]
+        values = decisions if name == "decision" else [getattr(s, name) for s in scored.scores]
         if any(v is None for v in values):
             continue
-        dtype = "BOOL" if name == "is_anomalous" else "FP32"
-        outputs.append({"name": name, "datatype": dtype, "shape": [n],
-                        "data": [bool(v) for v in values] if dtype == "BOOL" else [float(v) for v in values]})
+        dtype = v2_datatype(name)
+        cast = {"BOOL": bool, "BYTES": str, "FP32": float}[dtype]
+        outputs.append({"name": name, "datatype": dtype, "shape": [n], "data": [cast(v) for v in values]})
     answer: dict[str, object] = {"model_name": scored.predictor.ref.name, "model_version": scored.predictor.ref.version,
                                  "outputs": outputs}
     if request_id is not None:

@@ -22,8 +22,8 @@ from ray import serve
 from ray.serve import Application
 
 from plantad.config import ServeConfig, serve_config_from_dict
-from plantad.serving.answers import (ScoredJob, ScoreJob, model_block, native_answer, request_status, score_jobs,
-                                     v2_answer, v2_images)
+from plantad.serving.answers import (V2_OUTPUTS, ScoredJob, ScoreJob, model_block, native_answer, request_status,
+                                     score_jobs, v2_answer, v2_band_parameters, v2_datatype, v2_images)
 from plantad.serving.bands import key_id
 from plantad.serving.drift import LineDrift
 from plantad.serving.holder import FixedLink, ModelHolder
@@ -386,7 +386,7 @@ class ScoringServer:
     @app.get("/inspection", summary="Page settings (records, traffic, lines, MLflow UI) and store write errors, drops")
     async def inspection_info(self, request: Request) -> JSONResponse:
         async def run() -> tuple[int, Any]:
-            return self.inspection.info(bool(self.keys))
+            return self.inspection.info(bool(self.keys), self.holder.current)
         return await self._answer("inspection", request, run)
 
     @staticmethod
@@ -435,9 +435,7 @@ class ScoringServer:
         async def run() -> tuple[int, Any]:
             self._v2_model(name)
             current = self.holder.current
-            outputs = [{"name": o, "datatype": "BOOL" if o == "is_anomalous" else "FP32", "shape": [-1]}
-                       for o in ("probability", "is_anomalous", "threshold", "p_local", "p_semantic",
-                                 "local_score", "semantic_score")]
+            outputs = [{"name": o, "datatype": v2_datatype(o), "shape": [-1]} for o in V2_OUTPUTS]
             runtime = current.info()["runtime"]  # what runs the forward: "torch" or "openvino <precision>"
             return 200, {"name": name, "versions": [current.ref.version],
                          "platform": "openvino" if runtime.startswith("openvino") else "pytorch",
@@ -466,11 +464,15 @@ class ScoringServer:
             bad = [item for item in items if item.decoded is None]
             if bad:  # v2 has no per-element errors: the first bad image answers the request
                 raise ApiError(413 if bad[0].status == 413 else 400, bad[0].error or "bad image")
-            line = self.lines.label(parse_line(params.get("line"), "parameters"))
+            named = parse_line(params.get("line"), "parameters")
+            line = self.lines.label(named)
+            ids = part_ids(request.headers.get("x-part-id"), len(items))
             scored = await self._score([item.decoded.image for item in items], threshold, False, line)
-            # the runtime that scored: torch, or the exported graph ("openvino <precision>")
-            return 200, {**v2_answer(scored, wanted, doc.get("id")),
-                         "parameters": {"runtime": scored.predictor.info()["runtime"]}}
+            decisions, band = await asyncio.to_thread(self.inspection.decide_v2, items, scored.scores, named, line,
+                                                      ids, scored.predictor)
+            # the runtime that scored (torch, or the exported graph "openvino <precision>") and the band
+            return 200, {**v2_answer(scored, wanted, doc.get("id"), decisions),
+                         "parameters": {"runtime": scored.predictor.info()["runtime"], **v2_band_parameters(band)}}
         return await self._answer("v2_infer", request, run)
 
 

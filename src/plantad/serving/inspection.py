@@ -12,12 +12,13 @@ from typing import Any
 from ray.serve.metrics import Counter
 
 from plantad.config import ConfigError, ServeConfig
-from plantad.serving.bands import DECISIONS, DEFAULT_LINE, BandBook, check_line, parse_band
+from plantad.serving.bands import DECISIONS, DEFAULT_LINE, Band, BandBook, check_line, parse_band
 from plantad.serving.inputs import LINE_NAME, ApiError, ImageInput
 from plantad.serving.records import PartRecorder, Pending, image_path, pixel_sha256, read_records
 from plantad.serving.review import parse_verdict, read_verdicts, review_queue, save_verdict
-from plantad.serving.predictor import Predictor
+from plantad.serving.predictor import ImageScore, Predictor
 from plantad.storage import Location, open_location, read_bytes
+from plantad.tracking.registry import ALIAS_SET_AT
 
 PART_ID_HEADER = "x-part-id"
 TRAFFIC_WINDOW_S = 3600.0
@@ -76,10 +77,7 @@ class Inspection:
     def decide(self, items: list[ImageInput], answer: dict[str, Any], line: str | None, metrics_line: str,
                ids: list[str | None], predictor: Predictor) -> None:
         """Add each scored entry's band decision to `answer`; record and remember the parts."""
-        band, source = self.bands.band(line, predictor.threshold, normal_probabilities(predictor))
-        spec = self.bands.spec(line)[0] if source != "calibrated" else None
-        block = {**asdict(band), "source": source, "version": self.bands.version,
-                 **({"rates": spec} if spec is not None and "low_frr" in spec else {})}
+        band, block = self.band_block(line, predictor)
         runtime = predictor.info()["runtime"]
         pending: list[Pending] = []
         now = time.time()
@@ -106,6 +104,22 @@ class Inspection:
                 self.traffic.appendleft(row)
         if self.recorder is not None and pending:
             self.recorder.add(pending)
+
+    def band_block(self, line: str | None, predictor: Predictor) -> tuple[Band, dict[str, Any]]:
+        """The band `line` decides with and how answers show it: low, high, source, version (, rates)."""
+        band, source = self.bands.band(line, predictor.threshold, normal_probabilities(predictor))
+        spec = self.bands.spec(line)[0] if source != "calibrated" else None
+        return band, {**asdict(band), "source": source, "version": self.bands.version,
+                      **({"rates": spec} if spec is not None and "low_frr" in spec else {})}
+
+    def decide_v2(self, items: list[ImageInput], scores: list[ImageScore], line: str | None, metrics_line: str,
+                  ids: list[str | None], predictor: Predictor) -> tuple[list[str], dict[str, Any]]:
+        """The band decisions of an Open Inference request (recorded like /score's) and its band block."""
+        entries = [{"probability": s.probability, "model_version": predictor.ref.version, "p_local": s.p_local,
+                    "p_semantic": s.p_semantic, "local_score": s.local_score, "semantic_score": s.semantic_score}
+                   for s in scores]
+        self.decide(items, {"results": entries}, line, metrics_line, ids, predictor)
+        return [e["decision"] for e in entries], entries[0]["band"] if entries else self.band_block(line, predictor)[1]
 
     # --- routes (each returns (status, body) for ScoringServer._answer) ---
 
@@ -161,10 +175,11 @@ class Inspection:
     def reviews(self, limit: int) -> tuple[int, Any]:
         return 200, {"reviews": list(reversed(read_verdicts(self._store(), self._verdicts)[-limit:]))}
 
-    def info(self, keys_on: bool) -> tuple[int, Any]:
+    def info(self, keys_on: bool, predictor: Predictor) -> tuple[int, Any]:
         """What the page needs, and the state of the writes to the store (errors, drops)."""
-        cfg, rec = self.cfg, self.recorder
-        return 200, {"records": rec is not None, "store": None if self.loc is None else self.loc.uri,
+        cfg, rec, ref = self.cfg, self.recorder, predictor.ref
+        return 200, {"promoted_at": promoted_at(ref.tags, ref.alias), "promoted_alias": ref.alias,
+                     "records": rec is not None, "store": None if self.loc is None else self.loc.uri,
                      "recent_traffic": cfg.recent_traffic, "lines": sorted(cfg.line_categories),
                      "mlflow_ui_url": cfg.mlflow_ui_url, "keys": keys_on, "bands_error": self.bands.last_error,
                      "records_error": None if rec is None else rec.last_error,
@@ -182,6 +197,16 @@ class Inspection:
         items = [r for r in rows
                  if (line is None or r["line"] == line) and (decision is None or r["decision"] == decision)]
         return 200, {"enabled": True, "items": items[:limit], "rates": rates, "last_hour": len(hour)}
+
+
+def promoted_at(tags: dict[str, str], alias: str | None) -> float | None:
+    """When plantad pointed `alias` at this version (its `alias_set_at.<alias>` tag, written by
+    `plantad promote`, the register gate and set_alias); None for a folder or an alias moved elsewhere."""
+    stamp = tags.get(f"{ALIAS_SET_AT}{alias}") if alias else None
+    try:
+        return float(stamp) if stamp else None
+    except ValueError:
+        return None  # a tag someone edited by hand: shown as unknown, not a failed page
 
 
 def query_line(value: str | None) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -118,8 +119,14 @@ def logged_model_id(version: ModelVersion) -> str | None:
     return None
 
 
+ALIAS_SET_AT = "alias_set_at."  # + alias: a version tag, the unix time plantad pointed that alias at it
+
+
 def set_alias(client: MlflowClient, name: str, alias: str, version: str | int) -> None:
-    """Point `name@alias` at `version` (moves it if it pointed elsewhere)."""
+    """Point `name@alias` at `version` (moves it if it pointed elsewhere). MLflow keeps no time of an
+    alias move, so the time is written first as the version's tag `alias_set_at.<alias>` (the page's
+    promotion time); a move made outside plantad (the MLflow UI) leaves the tag unset or stale."""
+    client.set_model_version_tag(name, str(version), f"{ALIAS_SET_AT}{alias}", f"{time.time():.3f}")
     client.set_registered_model_alias(name, alias, str(version))
 
 

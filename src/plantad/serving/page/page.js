@@ -263,12 +263,22 @@ async function loadTraffic() {
   drawHistogram();
 }
 
+function promotedAt(info) {  // when plantad pointed the alias at this version (MLflow keeps no alias times)
+  if (!info.promoted_at) return "— (alias not set by plantad)";
+  const t = Object.assign(document.createElement("time"), { id: "promoted-at", textContent: when(info.promoted_at) });
+  t.dateTime = new Date(info.promoted_at * 1000).toISOString();
+  const span = document.createElement("span");
+  span.append(t, ` (@${info.promoted_alias} set by plantad)`);
+  return span;
+}
+
 async function loadModel() {
   const [m, info] = await Promise.all([json("model"), json("inspection")]);
   $("model-summary").textContent = `model ${m.name} v${m.version} (${m.alias || "fixed"}), threshold ${fmt(m.threshold)}`;
   const metrics = Object.entries(m.metrics || {}).map(([k, v]) => `${k} ${fmt(v)}`).join(", ");
   $("model-info").replaceChildren(...definitionList([["name", m.name], ["version", m.version], ["alias", m.alias || "—"],
-    ["loaded (promotion seen)", when(m.loaded_at)], ["data version", JSON.stringify(m.data_version)], ["teacher", JSON.stringify(m.teacher)],
+    ["promoted", promotedAt(info)],
+    ["loaded here", when(m.loaded_at)], ["data version", JSON.stringify(m.data_version)], ["teacher", JSON.stringify(m.teacher)],
     ["metrics", metrics || "—"], ["runtime", m.runtime]]).childNodes);
   if (info.mlflow_ui_url && m.run_id) {
     Object.assign($("run-link"), { href: `${info.mlflow_ui_url.replace(/\/$/, "")}/#/runs/${m.run_id}`, hidden: false });
