@@ -1,5 +1,5 @@
 """Fault injection with figures: SIGKILLed `dvc repro` stages, SIGKILLed Ray Train workers, a flaky S3,
-a worker node lost under bulk scoring.
+a worker node lost under bulk scoring, online scoring and Ray Train.
 
     python bench/chaos.py --k 3                 # every fault K times (the README's table)
     python bench/chaos.py --k 1 --only s3       # one family
@@ -22,7 +22,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests"), str(REPO / "tests" / "pipeline")]
+sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests"), str(REPO / "tests" / "pipeline"),
+                str(REPO / "tests" / "cluster")]
 
 from chaos_common import Row, table  # noqa: E402
 
@@ -49,7 +50,7 @@ def run_families(families: list[str], work: Path, k: int, seed: int, s3, trackin
     if "node" in families:
         from chaos_node import node_loss_rows
 
-        rows += node_loss_rows(work / "node", k)
+        rows += node_loss_rows(work / "node", k, s3)
     return rows
 
 

@@ -1,9 +1,18 @@
-"""Chaos, part (d): a worker node lost under bulk scoring on a three-node Ray cluster on this machine.
+"""Chaos, part (d): a worker node lost under bulk scoring, online scoring and Ray Train, each on a
+three-node Ray cluster on this machine.
 
-Each trial runs tests/cluster/multinode_bulk.py in a process of its own (its own Ray cluster, ports
-and temp dir): a head of 1 CPU and two workers of 2 CPUs, one scoring actor per worker, and the
-worker of one actor removed (raylet and workers killed) once a part is committed. Recovered: the job
-finished with exactly one row per image; data lost: a missing or duplicated row.
+Each trial runs a tests/cluster/multinode_*.py script in a process of its own (its own Ray cluster,
+ports and temp dir), the same scripts as tests/cluster/test_cluster_nodes.py:
+- bulk: a head of 1 CPU and two workers of 2 CPUs, one scoring actor per worker, the worker of one
+  actor removed once a part is committed. Recovered: exactly one row per image; data lost: a
+  missing or duplicated row.
+- serving: one replica per worker, 4 clients that retry a failed request, the node of the replica
+  that made the rollout controller removed, the champion moved, a node added back. Recovered: no
+  request left unanswered and two replicas on the new champion again; data lost: a request never
+  answered.
+- training: two Ray Train workers, one per worker node, the node of one removed once a checkpoint is
+  written, a node added back. Recovered: the run finished its steps from a checkpoint after step 0;
+  data lost: a run that restarted from step 0 or did not finish.
 """
 
 from __future__ import annotations
@@ -17,9 +26,14 @@ import tempfile
 from pathlib import Path
 
 from chaos_common import Row
+from cluster_helpers import two_versions
+
+from plantad.cluster import with_serve_env
+from plantad.config import S3Config
+from plantad.data.manifest import scan_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "cluster" / "multinode_bulk.py"
+SCRIPTS = REPO / "tests" / "cluster"
 
 
 def tiny_model_and_images(work: Path, n_images: int = 40) -> tuple[Path, Path]:
@@ -42,13 +56,13 @@ def tiny_model_and_images(work: Path, n_images: int = 40) -> tuple[Path, Path]:
     return result.model_path.parent, images
 
 
-def node_loss_trial(model_dir: Path, images: Path, out: Path) -> dict:
+def node_loss_trial(script: str, args: list[str], report: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
-    report = out.with_suffix(".json")
     try:
-        proc = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), str(images), str(out), str(report)],
-                              env={**env, "RAY_TMPDIR": ray_tmp}, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args, str(report)],
+                              env=with_serve_env({**env, "RAY_TMPDIR": ray_tmp}), capture_output=True, text=True,
+                              timeout=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if proc.returncode != 0 or not report.exists():
@@ -56,16 +70,65 @@ def node_loss_trial(model_dir: Path, images: Path, out: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def node_loss_rows(work: Path, k: int) -> list[Row]:
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir, images = tiny_model_and_images(work)
+def bulk_row(work: Path, model_dir: Path, images: Path, k: int) -> Row:
     n = len(list(images.iterdir()))
-    trials = [node_loss_trial(model_dir, images, work / f"out-{i}") for i in range(k)]
+    trials = [node_loss_trial("multinode_bulk.py", [str(model_dir), str(images), str(work / f"out-{i}")],
+                              work / f"bulk-{i}.json") for i in range(k)]
     lost = [t for t in trials if t.get("removed_at_s") is not None]
     ok = sum("error" not in t and t.get("rows") == t.get("unique_relpaths") == n for t in lost)
     bad = sum("rows" in t and (t["rows"] != n or t["unique_relpaths"] != n) for t in lost)
     timing = ", ".join(f"{t['seconds'] - t['removed_at_s']:.0f}" for t in lost if "seconds" in t)
     errors = "; ".join(t["error"][:120] for t in trials if "error" in t)
-    return [Row("worker node lost under bulk scoring (3 nodes, 1 actor per worker)", len(lost), ok, bad,
-                f"{n} images; job finished {timing} s after the node was removed" + (f"; {errors}" if errors else "")
-                + (f"; {k - len(lost)} trials ended before the removal" if len(lost) < k else ""))]
+    return Row("worker node lost under bulk scoring (3 nodes, 1 actor per worker)", len(lost), ok, bad,
+               f"{n} images; job finished {timing} s after the node was removed" + (f"; {errors}" if errors else "")
+               + (f"; {k - len(lost)} trials ended before the removal" if len(lost) < k else ""))
+
+
+def serving_row(work: Path, model_dir: Path, images: Path, k: int) -> Row:
+    png = sorted(images.iterdir())[0]
+    trials = []
+    for i in range(k):
+        root = work / f"registry-{i}"
+        root.mkdir()
+        uri, name, versions = two_versions(model_dir, png.read_bytes(), root)
+        trials.append(node_loss_trial("multinode_serve.py", [uri, name, *versions, str(png)], work / f"serve-{i}.json"))
+    done = [t for t in trials if "attempts" in t]
+    ok = sum(not t["lost"] for t in done)
+    def counts(t: dict) -> str:
+        codes = [a["status"] for a in t["attempts"]]
+        return f"{codes.count(500)}/{codes.count(503)}/{len(codes)}"
+
+    failed = ", ".join(counts(t) for t in done)
+    back = ", ".join(f"{t['survivor_follows_s']:.1f}/{t['capacity_back_s']:.1f}" for t in done)
+    errors = "; ".join(t["error"][:160] for t in trials if "error" in t)
+    return Row("worker node lost under online scoring (3 nodes, 1 replica per worker, 4 retrying clients)",
+               len(trials), ok, sum(bool(t["lost"]) for t in done),
+               f"requests 500/503/all: {failed}; survivor on the new champion / two replicas again after the node "
+               f"was added (s): {back}" + (f"; {errors}" if errors else ""))
+
+
+def training_row(work: Path, s3, k: int) -> Row:
+    from plantad.data.shards import write_shards
+
+    root = work / "demo"
+    manifest = scan_dataset(root)
+    shards = write_shards(manifest, root, str(work / "shards"), S3Config(), 256_000_000)
+    manifest.to_parquet(work / "manifest.parquet")
+    trials = [node_loss_trial("multinode_train.py", [shards.location, str(work / "manifest.parquet"), s3.endpoint_url,
+                                                     s3.bucket, str(work / f"model-{i}")], work / f"train-{i}.json")
+              for i in range(k)]
+    lost = [t for t in trials if t.get("removed_at_s") is not None]
+    done = [t for t in lost if t.get("steps") == 30]
+    resumed = [int(t["history"][-1]["resumed_from"]) for t in done]  # the step the last worker group began at
+    timing = ", ".join(f"{t['seconds'] - t['added_at_s']:.0f}" for t in done)
+    errors = "; ".join(t["error"][:160] for t in trials if "error" in t)
+    return Row("worker node lost under Ray Train (3 nodes, 1 worker per worker node, fixed count)", len(lost),
+               sum(r > 0 for r in resumed), len(lost) - sum(r > 0 for r in resumed),
+               f"resumed from step {', '.join(map(str, resumed))} of 30; finished {timing} s after a node was "
+               "added back" + (f"; {errors}" if errors else ""))
+
+
+def node_loss_rows(work: Path, k: int, s3) -> list[Row]:
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, images = tiny_model_and_images(work)
+    return [bulk_row(work, model_dir, images, k), serving_row(work, model_dir, images, k), training_row(work, s3, k)]

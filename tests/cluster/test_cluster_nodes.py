@@ -1,6 +1,8 @@
 """Node loss on a real multi-node Ray cluster (three nodes on this machine, in a process of its own
 so the session's shared cluster is untouched): bulk scoring loses a worker node mid-run and still
-finishes with exactly one row per image."""
+finishes with exactly one row per image; online scoring loses a replica's node under load, loses
+no request of a retrying client, follows a champion declared while the node is gone, and gets its
+capacity back when a node returns."""
 
 from __future__ import annotations
 
@@ -14,15 +16,31 @@ from pathlib import Path
 
 import pytest
 
+from cluster_helpers import two_versions
+from plantad.cluster import with_serve_env
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
 def cluster_env(ray_tmp: str) -> dict[str, str]:
     """This environment without the session cluster's address and token, with Ray's files (and the
-    session_latest link) under `ray_tmp`, so the two clusters never see each other."""
+    session_latest link) under `ray_tmp`, so the two clusters never see each other; Serve's data
+    plane as plantad's clusters run it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
-    return {**env, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    return with_serve_env({**env, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+
+
+def run_script(script: str, args: list[str], cwd: Path, report: Path, timeout: float) -> dict:
+    """Run a tests/cluster script on a cluster of its own; its JSON report."""
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / script), *args, str(report)], env=cluster_env(ray_tmp),
+                              cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0 and report.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(report.read_text())
 
 
 @pytest.mark.e2e
@@ -32,18 +50,41 @@ def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(t
     (tmp_path / "in").mkdir()
     for i, image in enumerate(images):
         shutil.copy2(image, tmp_path / "in" / f"{i:03d}.png")
-    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
-    report = tmp_path / "report.json"
-    try:
-        proc = subprocess.run([sys.executable, str(HERE / "multinode_bulk.py"), str(result.model_path.parent),
-                               str(tmp_path / "in"), str(tmp_path / "out"), str(report)],
-                              env=cluster_env(ray_tmp), cwd=tmp_path, capture_output=True, text=True, timeout=480)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0 and report.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
-    got = json.loads(report.read_text())
+    got = run_script("multinode_bulk.py", [str(result.model_path.parent), str(tmp_path / "in"), str(tmp_path / "out")],
+                     tmp_path, tmp_path / "report.json", 480)
     assert got["actor_nodes"] == 2 and got["removed_at_s"] is not None, got  # an actor on each worker, one lost
     assert got["committed_before_removal"] < got["summary"]["parts"], got  # the loss came mid-run
     assert "error" not in got and got["summary"]["scored"] == len(images), got
     assert got["rows"] == got["unique_relpaths"] == len(images), got
     print(f"node removed at {got['removed_at_s']:.1f} s, job finished at {got['seconds']:.1f} s")
+
+
+@pytest.mark.e2e
+def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_capacity_back(trained_tiny, demo_root,
+                                                                                           tmp_path):
+    _, result = trained_tiny
+    png = sorted(p for p in demo_root.rglob("*.png") if "ground_truth" not in p.parts)[0]
+    uri, model, versions = two_versions(result.model_path.parent, png.read_bytes(), tmp_path)
+    got = run_script("multinode_serve.py", [uri, model, *versions, str(png)], tmp_path, tmp_path / "report.json", 480)
+    attempts = got["attempts"]
+    assert got["proxy_nodes"] == [got["head"]], got["proxy_nodes"]  # the one proxy outlives any worker
+    assert sorted(got["replica_nodes"]) == sorted(got["workers"]), got  # one replica on each worker
+    assert got["lost"] == [], got["lost"]  # every request of a retrying client was answered in the end
+    # A request on the lost replica fails with 500 (in flight when it went, or sent to it before the
+    # router learnt it was gone): at most its max_ongoing_requests (2). Everything else that fails is
+    # a 503 (backpressure on the halved capacity), which says "retry".
+    hard = [a for a in attempts if a["status"] not in (200, 503)]
+    assert len(hard) <= 2 and all(a["status"] == 500 and a["start"] < 5 for a in hard), hard
+    assert any(a["status"] == 200 and 0 < a["start"] < 10 for a in attempts), "nothing answered after the loss"
+    owner = got["controller_before"][0]["owner_node"]
+    assert owner == got["victim"], got["controller_before"]  # the controller died with the lost node's replica
+    assert [c["id"] for c in got["controller_after"]] != [c["id"] for c in got["controller_before"]], got
+    assert len(got["replica_nodes_after"]) == 2 and got["victim"] not in got["replica_nodes_after"], got
+    moved = [a["start"] for a in attempts if a["version"] == versions[1]]
+    later = {a["version"] for a in attempts if a["version"] and a["start"] > min(moved) + 1}
+    assert later == {versions[1]}, f"answers of {later} after the champion moved to v{versions[1]}"
+    failed = [a for a in attempts if a["status"] != 200]
+    print(f"{len(attempts)} requests, {len(failed)} failed ({len(hard)} with 500, the rest 503); the survivor on "
+          f"the new champion {got['survivor_follows_s']:.1f} s after the move, capacity back "
+          f"{got['capacity_back_s']:.1f} s after a node was added; {got['seconds']:.1f} s in all")
+

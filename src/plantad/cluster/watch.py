@@ -70,10 +70,13 @@ class ProgressBoard:
 
 
 def start_board():
-    """A ProgressBoard actor of this job (it ends with the job)."""
+    """A ProgressBoard actor of this job (it ends with the job), on the driver's node: a 0-CPU actor
+    may land on any node, and losing a worker node must not take the board (and the run) with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_concurrency=4)(ProgressBoard).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_concurrency=4)(ProgressBoard).options(scheduling_strategy=here).remote()
 
 
 class Beat:

@@ -1,0 +1,108 @@
+"""A node lost under Ray Train, in a process of its own (the test session's shared Ray cluster stays
+untouched): a three-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head with no
+CPU for workers, two workers of 1 CPU), two training workers of 0.75 CPU (so one per worker node),
+checkpoints every epoch to moto's S3, and the node of one worker removed (raylet and workers killed)
+once a checkpoint is written. The worker count is fixed, so the run waits for capacity: a node is
+added back, and the run should resume from the newest checkpoint. Writes a JSON report: the
+nodes, the times, and the run's steps and reported epochs (or its error).
+
+On Ray 2.60 the run does not resume yet (docs/explanation/faults.md, "What the bench found"), so
+this runs in `bench/chaos.py --only node`, not in the test suite.
+
+    python tests/cluster/multinode_train.py <shards> <manifest.parquet> <s3 endpoint> <bucket> <out> <report.json>
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+STEPS, SPE = 30, 5
+
+
+def train_worker_nodes() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if "TrainWorker" in (a.class_name or "")}
+
+
+def checkpoints(client, bucket: str, prefix: str) -> int:
+    """How many checkpoints the run has written under s3://bucket/prefix."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sum(1 for page in pages for o in page.get("Contents", []) if o["Key"].endswith("/train_state.pt"))
+
+
+def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_dir: str, report: str) -> int:
+    import pandas as pd
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from infra.fixtures import free_port
+    from plantad.config import S3Config
+    from plantad.data.shards import open_shards
+    from plantad.tracking.s3 import s3_client
+    from tiny import tiny_settings
+
+    health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+              "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(), "gcs_server_port": free_port(),
+        "_system_config": health})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    prefix = f"fit-{uuid.uuid4().hex[:8]}"
+    settings = tiny_settings(f"train.steps={STEPS}", f"ray.steps_per_epoch={SPE}", "ray.num_workers=2",
+                             "ray.cpus_per_worker=0.75", "ray.min_cpus_per_worker=0.75", "ray.data_cpus=0.25",
+                             "ray.max_failures=2", "ray.stall_timeout_s=240", f"ray.address={cluster.address}",
+                             f"ray.storage_path=s3://{bucket}/{prefix}", f"s3.endpoint_url={endpoint}",
+                             f"s3.bucket={bucket}")
+    manifest = pd.read_parquet(manifest_file)
+    shards = open_shards(shards_dir, manifest, settings.s3)
+    client = s3_client(S3Config(endpoint_url=endpoint, bucket=bucket))
+    from plantad.training.ray_train import run_ray_training
+
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            result = run_ray_training(settings, manifest, shards, Path(out_dir))
+            outcome.update(steps=result.steps, history=result.history)
+        except Exception as exc:  # reported, then asserted on by the test
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    started = time.monotonic()
+    job = threading.Thread(target=train, daemon=True)
+    job.start()
+    nodes: set[str] = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and job.is_alive() and (len(nodes) < 2 or not checkpoints(client, bucket,
+                                                                                                prefix)):
+        nodes = train_worker_nodes()
+        time.sleep(0.2)
+    result: dict = {"worker_nodes": len(nodes), "removed_at_s": None}
+    if job.is_alive() and len(nodes) == 2:
+        result["checkpoints_before_removal"] = checkpoints(client, bucket, prefix)
+        cluster.remove_node(workers[1], allow_graceful=False)
+        removed = time.monotonic()
+        result["removed_at_s"] = removed - started
+        time.sleep(3)
+        cluster.add_node(num_cpus=1)  # fixed worker count: the run waits for this node
+        result["added_at_s"] = time.monotonic() - started
+    job.join(timeout=300)
+    result.update(seconds=time.monotonic() - started, job_alive=job.is_alive(), **outcome)
+    Path(report).write_text(json.dumps(result, indent=2, default=str))
+    ray.shutdown()
+    cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:7]))
