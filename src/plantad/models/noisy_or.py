@@ -158,8 +158,8 @@ class NoisyOr(nn.Module):
 
     def guarantee(self) -> dict[str, float | int | None]:
         """The false-alarm guarantee stored with the threshold; values None on a model saved before it."""
-        def value(t: torch.Tensor) -> float | None:
-            return float(t) if torch.isfinite(t) else None
+        def value(t: torch.Tensor) -> float | None:  # float32 buffers: 0.01 back as 0.01, not 0.0099999998
+            return float(f"{float(t):.7g}") if torch.isfinite(t) else None
 
         n, k = value(self.alarm_images), value(self.alarm_rank)
         return {"alpha": value(self.alarm_alpha), "threshold_images": None if n is None else int(n),
