@@ -18,12 +18,12 @@ from mlflow import MlflowClient
 from plantad.config import Settings, load_settings
 from plantad.data.manifest import read_manifest
 from plantad.logs import quiet_library_logs
-from plantad.models.checkpoint import SHA256_KEY
 from plantad.serving.review import reviewed_images
 from plantad.serving.golden import golden_images
 from plantad.serving.predictor import Predictor
 from plantad.tracking.experiment import log_evaluation
 from plantad.tracking.golden import graph_agreement, record_golden
+from plantad.tracking.model_source import registration_tags
 from plantad.tracking.pyfunc import log_pyfunc_model
 from plantad.tracking.promotion import champion_rescorer
 from plantad.tracking.registry import GRAPH_TAG, apply_decision, promotion_decision, register_version
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     tags = {**lineage, "teacher_source": meta["teacher"]["source"], settings.mlflow.promotion_metric:
             str(metrics.get(settings.mlflow.promotion_metric)),
             "reviewed_images": str(reviewed_images(manifest)),  # added by the line's review (plantad review export)
-            SHA256_KEY: meta[SHA256_KEY]}  # model.pt's hash: the node caches key and check the files by it
+            **registration_tags(Path(args.model))}  # model.pt's and model.json's hashes: node caches key by them
     version = register_version(client, name, run_id, "model", tags=tags, model_id=info.model_id)
     graph = record_golden_outputs(client, name, version.version, run_id, Path(args.model), settings)
     print(f"golden outputs recorded with v{version.version}; serving graph {graph.split(':')[0]}")

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from corpus import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from infra.fixtures import free_port
 from plantad.tracking.pyfunc import log_pyfunc_model
-from plantad.models.checkpoint import META_FILE, SHA256_KEY, recorded_sha256
+from plantad.tracking.model_source import registration_tags
 from plantad.tracking.registry import CHAMPION, register_version, set_alias
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def registry(tmp_path_factory, trained_tiny, demo_root, demo_manifest) -> Regist
                 info = log_pyfunc_model(result.model_path.parent, png)
                 mlflow.log_metric("image_auroc", 0.9)
             tags = {"data_dvc_md5": f"md5-{len(good)}", "git_commit": "c0ffee",  # as the register stage tags
-                    SHA256_KEY: recorded_sha256(result.model_path.parent / META_FILE)}
+                    **registration_tags(result.model_path.parent)}
             good.append(str(register_version(client, MODEL, run.info.run_id, "model", tags=tags,
                                              model_id=info.model_id).version))
         with mlflow.start_run(experiment_id=exp) as run:

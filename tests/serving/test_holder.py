@@ -17,10 +17,11 @@ from infra.fixtures import wait_for
 from plantad.config import ServeConfig
 from plantad.serving import predictor as predictor_module
 from plantad.serving.holder import LocalLink, ModelHolder
-from plantad.serving.memory import resident_bytes
 from plantad.serving.rollout import RolloutController
 from plantad.models.checkpoint import SHA256_KEY
-from plantad.tracking.model_source import ModelSourceError, cache_entry, download_model, resolve_model
+from plantad.tracking.model_source import (
+    META_SHA256_TAG, ModelSourceError, cache_entry, download_model, registration_tags, resolve_model,
+)
 from plantad.tracking.registry import logged_model_id, register_version, set_alias
 from rollout_versions import versions  # noqa: F401  (module fixture)
 
@@ -152,22 +153,26 @@ def test_a_node_fetches_a_version_once_and_fetches_a_damaged_copy_again(registry
 def test_the_node_cache_is_keyed_by_the_files_sha256_and_refuses_files_other_than_registered(registry, tmp_path):
     client, cache = registry.client, tmp_path / "node-cache"
     first, second = (resolve_model(f"models:/{MODEL}/{v}", client) for v in registry.good)  # the same files
-    digest = first.tags[SHA256_KEY]
+    digest = first.tags[META_SHA256_TAG]
     assert cache_entry(cache, first) == cache_entry(cache, second) == cache / MODEL / f"sha256-{digest}"
     fetched = download_model(first, registry.uri, cache)
     assert download_model(second, registry.uri, cache) == fetched  # one copy for both versions
-    # a version whose tag names other files than its artifact holds: refused, nothing cached as complete
+    assert registration_tags(fetched) == {k: first.tags[k] for k in (SHA256_KEY, META_SHA256_TAG)}
+    # versions whose tags name other files than their artifact holds: refused, nothing cached as complete
     good = client.get_model_version(MODEL, registry.good[0])
     mlflow.set_tracking_uri(registry.uri)  # the SQL registry looks the logged model up in the global store
     try:
-        other = register_version(client, "plantad-sha-test", good.run_id, "model", tags={SHA256_KEY: "0" * 64},
-                                 model_id=logged_model_id(good))
+        lied = [register_version(client, "plantad-sha-test", good.run_id, "model", tags=tags,
+                                 model_id=logged_model_id(good)).version
+                for tags in ({META_SHA256_TAG: "0" * 64}, {SHA256_KEY: "1" * 64})]
     finally:
         mlflow.set_tracking_uri(None)
-    ref = resolve_model(f"models:/plantad-sha-test/{other.version}", client)
-    with pytest.raises(ModelSourceError, match=f"registered with model.pt sha256 {'0' * 64}.*record {digest}"):
-        download_model(ref, registry.uri, cache)
-    assert not (cache_entry(cache, ref) / ".complete").exists()
+    for version, what, tagged, found in ((lied[0], "model.json", "0" * 64, digest),
+                                         (lied[1], "model.pt", "1" * 64, first.tags[SHA256_KEY])):
+        ref = resolve_model(f"models:/plantad-sha-test/{version}", client)
+        with pytest.raises(ModelSourceError, match=f"registered with {what} sha256 {tagged}.*give {found}"):
+            download_model(ref, registry.uri, cache)
+        assert not (cache_entry(cache, ref) / ".complete").exists()
     assert (cache_entry(cache, first) / ".complete").is_file()  # the good copy is untouched
 
 
@@ -177,7 +182,9 @@ def test_a_swap_that_does_not_fit_the_reserved_memory_is_refused_naming_the_size
                       rollout={"follow_s": 0.2, "last_known_good_alias": "line-15-lkg"})
     controller = RolloutController(cfg)
     controller.start()
-    holder = ModelHolder(cfg, LocalLink(controller), "replica-1", reserved_bytes=resident_bytes() + 1)
+    # 1 MiB reserved: the first version always loads, no second one fits beside it (a margin over the
+    # process's size would depend on what earlier tests left for the allocator to give back)
+    holder = ModelHolder(cfg, LocalLink(controller), "replica-1", reserved_bytes=2**20)
     try:
         assert holder.footprints[registry.good[0]] > 0
         set_alias(registry.client, MODEL, "line-15", registry.good[1])

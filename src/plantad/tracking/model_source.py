@@ -7,6 +7,7 @@ promotion that lands while a model downloads can never mix two versions in one a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -137,33 +138,52 @@ def download_model(ref: ModelRef, tracking_uri: str | None, cache_dir: Path | No
     return model_dir
 
 
-def registered_sha256(ref: ModelRef) -> str | None:
-    """model.pt's sha256 as the register stage tagged the version (`model_sha256`); None for versions
-    registered without it."""
-    value = ref.tags.get(SHA256_KEY, "").strip().lower()
+META_SHA256_TAG = "model_json_sha256"  # version tag: sha256 of the registered model.json (which pins model.pt's)
+
+
+def registration_tags(model_dir: Path) -> dict[str, str]:
+    """The hashes the register stage tags a version with: model.pt's (as model.json records it) and
+    model.json's own, so a node can key its cache by them and check what the store delivers."""
+    meta = Path(model_dir) / META_FILE
+    pt = recorded_sha256(meta)
+    if pt is None:
+        raise ModelSourceError(f"{meta} records no {SHA256_KEY}: save the model with `plantad train` first")
+    return {SHA256_KEY: pt, META_SHA256_TAG: hashlib.sha256(meta.read_bytes()).hexdigest()}
+
+
+def _tag_sha256(ref: ModelRef, key: str) -> str | None:
+    value = ref.tags.get(key, "").strip().lower()
     return value if _SHA256.match(value) else None
 
 
+def registered_sha256(ref: ModelRef) -> str | None:
+    """model.pt's sha256 as the register stage tagged the version (`model_sha256`); None for versions
+    registered without it."""
+    return _tag_sha256(ref, SHA256_KEY)
+
+
 def check_registered_sha256(ref: ModelRef, model_dir: Path) -> None:
-    """The downloaded files are the ones registered: model.json's hash equals the version's tag (and
-    loading checks model.pt against model.json)."""
-    tagged = registered_sha256(ref)
-    if tagged is None:
-        return
-    found = recorded_sha256(model_dir / META_FILE)
-    if found != tagged:
-        raise ModelSourceError(f"{ref.describe()} was registered with model.pt sha256 {tagged}, but the files "
-                               f"the store delivered record {found or 'no hash'}: the artifact was replaced or "
-                               "damaged after registration; register the model again")
+    """The downloaded files are the ones registered: model.json hashes to the version's tag and records
+    the tagged model.pt hash (loading then checks model.pt against model.json)."""
+    meta = model_dir / META_FILE
+    checks = ((META_SHA256_TAG, "model.json", lambda: hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file()
+               else None), (SHA256_KEY, "model.pt", lambda: recorded_sha256(meta)))
+    for key, what, found_of in checks:
+        tagged = _tag_sha256(ref, key)
+        found = None if tagged is None else found_of()
+        if tagged is not None and found != tagged:
+            raise ModelSourceError(f"{ref.describe()} was registered with {what} sha256 {tagged}, but the files "
+                                   f"the store delivered give {found or 'no hash'}: the artifact was replaced or "
+                                   "damaged after registration; register the model again")
 
 
 def cache_entry(cache_dir: Path, ref: ModelRef) -> Path:
-    """Where `ref` lives in a node's cache, keyed by model.pt's sha256 (the version's `model_sha256`
-    tag): two versions or registries with the same files share one copy, and a version number that
-    means other files in another registry never hits it. Versions registered without the tag fall
-    back to their version and run id. Each load still checks model.pt against model.json."""
+    """Where `ref` lives in a node's cache, keyed by the sha256 of its model.json (the version's
+    `model_json_sha256` tag; model.json pins model.pt's hash): versions or registries with the same
+    files share one copy, and a version number that means other files in another registry never
+    hits it. Versions registered without the tag fall back to their version and run id."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", ref.name or "model")
-    digest = registered_sha256(ref)
+    digest = _tag_sha256(ref, META_SHA256_TAG)
     if digest is not None:
         return Path(cache_dir) / safe / f"sha256-{digest}"
     return Path(cache_dir) / safe / f"{ref.version}-{(ref.run_id or 'norun')[:16]}"
