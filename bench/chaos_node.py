@@ -124,8 +124,8 @@ def training_row(work: Path, s3, k: int) -> Row:
     errors = "; ".join(t["error"][:160] for t in trials if "error" in t)
     return Row("worker node lost under Ray Train (3 nodes, 1 worker per worker node, fixed count)", len(lost),
                sum(r > 0 for r in resumed), len(lost) - sum(r > 0 for r in resumed),
-               f"resumed from step {', '.join(map(str, resumed))} of 30; finished {timing} s after a node was "
-               "added back" + (f"; {errors}" if errors else ""))
+               (f"resumed from step {', '.join(map(str, resumed))} of 30; finished {timing} s after a node was "
+                "added back" if resumed else "did not resume") + (f"; {errors}" if errors else ""))
 
 
 def node_loss_rows(work: Path, k: int, s3) -> list[Row]:

@@ -61,7 +61,7 @@ def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_di
     prefix = f"fit-{uuid.uuid4().hex[:8]}"
     settings = tiny_settings(f"train.steps={STEPS}", f"ray.steps_per_epoch={SPE}", "ray.num_workers=2",
                              "ray.cpus_per_worker=0.75", "ray.min_cpus_per_worker=0.75", "ray.data_cpus=0.25",
-                             "ray.max_failures=2", "ray.stall_timeout_s=240", f"ray.address={cluster.address}",
+                             "ray.max_failures=2", "ray.stall_timeout_s=120", f"ray.address={cluster.address}",
                              f"ray.storage_path=s3://{bucket}/{prefix}", f"s3.endpoint_url={endpoint}",
                              f"s3.bucket={bucket}")
     manifest = pd.read_parquet(manifest_file)
