@@ -31,6 +31,27 @@ def free_cpus_back_to(expected: float, timeout_s: float = 60.0) -> float:
     raise AssertionError(f"not after {timeout_s:.0f} s: {expected} CPUs free again (now {free}; {list_holders()})")
 
 
+def start_multinode(head_cpus: float, worker_cpus: float, workers: int = 2):
+    """A Ray cluster of a head and `workers` worker nodes in this process (ray.cluster_utils), on ports
+    of its own (the test session's cluster holds Ray's defaults), a lost node declared dead after 3
+    missed health checks 1 s apart (Ray's default: 5 x 3 s), this process joined to it:
+    (cluster, worker nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from infra.fixtures import free_port
+
+    health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+              "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": free_port(),
+        "gcs_server_port": free_port(), "_system_config": health})
+    nodes = [cluster.add_node(num_cpus=worker_cpus) for _ in range(workers)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    return cluster, nodes
+
+
 def tiny_ray_settings(moto_s3, *extra: str):
     """Tiny settings for a 2-worker Ray Train run checkpointing to moto's S3."""
     return tiny_settings("ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.steps_per_epoch=5", "ray.max_failures=0",

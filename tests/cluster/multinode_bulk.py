@@ -28,24 +28,14 @@ def scoring_actor_nodes() -> dict[str, str]:
 
 def main(model_dir: str, input_uri: str, output_uri: str, report: str, replace: bool) -> int:
     import ray
-    from ray.cluster_utils import Cluster
+
+    from cluster_helpers import start_multinode
 
     from plantad.serving.bulk import read_results, run_bulk
     from plantad.storage import open_location
     from tiny import tiny_settings
 
-    # a lost node is declared dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s)
-    health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-              "health_check_failure_threshold": 3}
-    from infra.fixtures import free_port
-
-    # its own ports: the test session's cluster holds Ray's defaults (GCS 6379, dashboard 8265)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port(), "gcs_server_port": free_port(),
-        "_system_config": health})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    cluster, workers = start_multinode(head_cpus=1, worker_cpus=2)
     settings = tiny_settings("bulk.part_size=4", "bulk.batch_size=2", "bulk.actors=2", "bulk.cpus_per_actor=2",
                              "bulk.min_cpus_per_actor=2", "bulk.read_cpus=0.25", "ray.stall_timeout_s=120")
     outcome: dict = {}

@@ -101,20 +101,13 @@ def main(tracking_uri: str, model: str, version_a: str, version_b: str, png: str
     import ray
     from mlflow import MlflowClient
     from ray import serve
-    from ray.cluster_utils import Cluster
 
+    from cluster_helpers import start_multinode
     from infra.fixtures import free_port
     from plantad.serving.app import build_app
     from plantad.tracking.registry import CHAMPION, set_alias
 
-    health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-              "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port(), "gcs_server_port": free_port(),
-        "_system_config": health})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    cluster, workers = start_multinode(head_cpus=1, worker_cpus=2)
     registry = MlflowClient(tracking_uri)
     set_alias(registry, model, CHAMPION, version_a)
     port = free_port()

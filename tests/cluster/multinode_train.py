@@ -42,22 +42,15 @@ def checkpoints(client, bucket: str, prefix: str) -> int:
 def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_dir: str, report: str) -> int:
     import pandas as pd
     import ray
-    from ray.cluster_utils import Cluster
 
-    from infra.fixtures import free_port
+    from cluster_helpers import start_multinode
+
     from plantad.config import S3Config
     from plantad.data.shards import open_shards
     from plantad.tracking.s3 import s3_client
     from tiny import tiny_settings
 
-    health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-              "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(), "gcs_server_port": free_port(),
-        "_system_config": health})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    cluster, workers = start_multinode(head_cpus=0, worker_cpus=1)
     prefix = f"fit-{uuid.uuid4().hex[:8]}"
     settings = tiny_settings(f"train.steps={STEPS}", f"ray.steps_per_epoch={SPE}", "ray.num_workers=2",
                              "ray.cpus_per_worker=0.75", "ray.min_cpus_per_worker=0.75", "ray.data_cpus=0.25",
