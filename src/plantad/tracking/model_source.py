@@ -7,7 +7,6 @@ promotion that lands while a model downloads can never mix two versions in one a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from plantad.models.checkpoint import META_FILE, MODEL_FILE, SHA256_KEY, recorded_sha256
+from plantad.models.safe_load import file_sha256
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -148,7 +148,7 @@ def registration_tags(model_dir: Path) -> dict[str, str]:
     pt = recorded_sha256(meta)
     if pt is None:
         raise ModelSourceError(f"{meta} records no {SHA256_KEY}: save the model with `plantad train` first")
-    return {SHA256_KEY: pt, META_SHA256_TAG: hashlib.sha256(meta.read_bytes()).hexdigest()}
+    return {SHA256_KEY: pt, META_SHA256_TAG: file_sha256(meta)}
 
 
 def _tag_sha256(ref: ModelRef, key: str) -> str | None:
@@ -165,15 +165,15 @@ def registered_sha256(ref: ModelRef) -> str | None:
 def check_registered_sha256(ref: ModelRef, model_dir: Path) -> None:
     """The downloaded files are the ones registered: model.json hashes to the version's tag and records
     the tagged model.pt hash (loading then checks model.pt against model.json)."""
+    if registered_sha256(ref) is None and _tag_sha256(ref, META_SHA256_TAG) is None:
+        return  # registered before the tags: loading still checks model.pt against model.json
     meta = model_dir / META_FILE
-    checks = ((META_SHA256_TAG, "model.json", lambda: hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file()
-               else None), (SHA256_KEY, "model.pt", lambda: recorded_sha256(meta)))
-    for key, what, found_of in checks:
+    found = {META_SHA256_TAG: file_sha256(meta) if meta.is_file() else None, SHA256_KEY: recorded_sha256(meta)}
+    for key, what in ((META_SHA256_TAG, "model.json"), (SHA256_KEY, "model.pt")):
         tagged = _tag_sha256(ref, key)
-        found = None if tagged is None else found_of()
-        if tagged is not None and found != tagged:
+        if tagged is not None and found[key] != tagged:
             raise ModelSourceError(f"{ref.describe()} was registered with {what} sha256 {tagged}, but the files "
-                                   f"the store delivered give {found or 'no hash'}: the artifact was replaced or "
+                                   f"the store delivered give {found[key] or 'no hash'}: the artifact was replaced or "
                                    "damaged after registration; register the model again")
 
 
