@@ -374,7 +374,7 @@ class ReplicaResources(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     # bytes Ray reserves for the replica: room for two versions during a swap (measured, see
     # docs/explanation/rollout.md "Memory"); a swap that would not fit is refused; None: no reservation
-    memory: int | None = Field(1_610_612_736, ge=0)
+    memory: int | None = Field(2_147_483_648, ge=0)
 
 
 class DriftConfig(_Section):

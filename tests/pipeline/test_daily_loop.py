@@ -159,6 +159,12 @@ def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, 
         wait_for(lambda: served_version(url) == second, 60, f"the endpoint serving v{second} after the alias moved")
         follow_s = time.monotonic() - moved
         wait_for(lambda: any(v == second for _, v in prober.answers), 30, f"a probe answered by v{second}")
+        # the replica reports what the next swap needs against the reservation params.yaml sets
+        reserved = project.params()["serve"]["ray_actor_options"]["memory"]
+        for replica in httpx.get(f"{url}/rollout", timeout=30).json()["replicas"].values():
+            room = replica["memory"]
+            assert room["reserved_mib"] == reserved // 2**20 and room["swap_fits"] is True, replica
+            assert replica["last_error"] is None, replica
 
         status = project.run("plantad", "status", timeout=120).stdout
         assert f"{url}: {name} v{second} (@champion)" in status, status

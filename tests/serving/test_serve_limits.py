@@ -18,7 +18,7 @@ from starlette.requests import Request
 from plantad.config import ConfigError, ServeConfig, serve_config_from_dict
 from plantad.serving.inputs import (ApiError, decode_all, decode_executor, internal_error, parse_score_request,
                                     parse_threshold)
-from plantad.serving.memory import SwapDoesNotFit, check_swap_fits, measure_growth, tensor_bytes
+from plantad.serving.memory import SwapDoesNotFit, check_swap_fits, measure_growth, swap_room, tensor_bytes
 from plantad.serving.render import heatmap_overlay_png
 from plantad.serving.security import SecretError, check_auth_closed
 
@@ -133,6 +133,20 @@ def test_a_swap_that_does_not_fit_the_reservation_is_refused_naming_the_sizes():
     assert str(err.value).startswith("swap refused: the replica holds 1200 MiB and the new version needs 400 MiB "
                                      "more, 1600 MiB in all, over the 1536 MiB it reserves "
                                      "(serve.ray_actor_options.memory)")
+    # what /rollout shows before a promotion says the same as the check the swap makes
+    assert swap_room(1200 * MIB, 400 * MIB, 1536 * MIB) == {"resident_mib": 1200, "swap_needs_mib": 1600,
+                                                            "reserved_mib": 1536, "swap_fits": False}
+    assert swap_room(900 * MIB, 400 * MIB, 1536 * MIB)["swap_fits"] is True
+    assert swap_room(900 * MIB, 4000 * MIB, None)["swap_fits"] is None
+
+
+def test_the_default_reservation_holds_the_swap_measured_on_a_fresh_clone():
+    """The main job's replica after one `dvc repro` held 1419 MiB and a swap needed 198 MiB more
+    (2026-12-06, docs/explanation/rollout.md): the 1.5 GiB default refused it; the default must not."""
+    default = ServeConfig().ray_actor_options.memory
+    check_swap_fits(1419 * MIB, 198 * MIB, default)
+    with pytest.raises(SwapDoesNotFit):
+        check_swap_fits(1419 * MIB, 198 * MIB, 1536 * MIB)
 
 
 def test_a_versions_footprint_is_measured_from_the_process_memory():

@@ -28,7 +28,8 @@ import torch
 from plantad.config import ServeConfig
 from plantad.models.checkpoint import ModelLoadError
 from plantad.serving.golden import SelfTestError, golden_images, self_test
-from plantad.serving.memory import check_swap_fits, measure_growth, predictor_footprint, resident_bytes
+from plantad.serving.memory import (check_swap_fits, measure_growth, predictor_footprint, resident_bytes,
+                                    swap_room)
 from plantad.serving.predictor import Predictor
 from plantad.serving.rollout import Declared, RolloutController
 from plantad.tracking.golden import load_golden
@@ -326,7 +327,9 @@ class ModelHolder:
                 "serving_last_known_good": self.serving_last_known_good, "behind_s": self.behind_for(),
                 "last_error": None if err is None else {"version": err.version, "error": err.error, "at": err.at,
                                                         "retry_at": err.retry_at},
-                "node": os.uname().nodename, "pid": os.getpid()}
+                "node": os.uname().nodename, "pid": os.getpid(),
+                # whether the next version would fit beside those held (the check a swap makes)
+                "memory": swap_room(resident_bytes(), max(self.footprints.values(), default=0), self.reserved_bytes)}
 
     def status(self) -> dict[str, Any]:
         err = self.last_error()

@@ -52,6 +52,15 @@ def predictor_footprint(model: nn.Module, grown: int) -> int:
     return max(grown, tensor_bytes(model))
 
 
+def swap_room(current_bytes: int, new_bytes: int, reserved_bytes: int | None) -> dict[str, float | bool | None]:
+    """What /rollout shows per replica before anyone promotes: what it holds, what the next swap
+    would need (check_swap_fits's sum) and the reservation; `swap_fits` is None when nothing is reserved."""
+    needed = current_bytes + new_bytes
+    return {"resident_mib": round(current_bytes / MIB), "swap_needs_mib": round(needed / MIB),
+            "reserved_mib": None if reserved_bytes is None else round(reserved_bytes / MIB),
+            "swap_fits": None if reserved_bytes is None else needed <= reserved_bytes}
+
+
 def check_swap_fits(current_bytes: int, new_bytes: int, reserved_bytes: int | None) -> None:
     """Raise SwapDoesNotFit unless `current_bytes` (the replica's resident memory now, one version
     loaded) plus `new_bytes` (the new version's footprint) fit in `reserved_bytes`
