@@ -239,6 +239,27 @@ class HardMiningConfig(_Section):
     factor: float = Field(0.1, ge=0.0, le=1.0)
 
 
+class OptimizerConfig(_Section):
+    """One optimiser recipe. The defaults are RD4AD's [read, its public code], which SNL's own students
+    (snl_rd, snl_fd) train with: Adam, lr 0.005, betas (0.5, 0.999), no weight decay or clip, constant lr."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(0.005, gt=0.0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    # constant: lr at every step (RD4AD); warmup_cosine: train.warmup_steps, then cosine down to
+    # lr x train.min_lr / train.lr
+    schedule: Literal["constant", "warmup_cosine"] = "constant"
+    grad_clip: float | None = Field(None, ge=0.0)  # gradient-norm clip; None or 0: none (RD4AD)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"Adam's betas are each in [0, 1), got {list(v)}")
+        return v
+
+
 class TrainConfig(_Section):
     seed: int = 0
     batch_size: int = Field(16, ge=1)
@@ -253,6 +274,16 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     cpu_amp: bool = False  # bf16 autocast on CPU (fast with AVX512-BF16/AMX, slow without)
+    # snl_rd / snl_fd train with this optimiser; the other methods with Dinomaly's AdamW recipe above
+    # (lr, min_lr, weight_decay, warmup_steps, grad_clip)
+    snl_optimizer: OptimizerConfig = OptimizerConfig()
+
+    def optimizer(self, recipe: Literal["dinomaly", "rd4ad"]) -> OptimizerConfig:
+        """The optimiser settings of a model's recipe (models/interface.py, `optimizer_recipe`)."""
+        if recipe == "rd4ad":
+            return self.snl_optimizer
+        return OptimizerConfig(name="adamw", lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay,
+                               schedule="warmup_cosine", grad_clip=self.grad_clip)
 
 
 class ScoringConfig(_Section):

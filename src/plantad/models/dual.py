@@ -22,6 +22,8 @@ from plantad.models.teacher import Teacher, TeacherFeatures
 
 
 class DualStudentModel(nn.Module):
+    optimizer_recipe = "dinomaly"  # S_D and S_E (and dual_snl's S_D) train with Dinomaly's AdamW
+
     def __init__(self, cfg: ModelConfig, image_size: int, load_teacher_weights: bool = True) -> None:
         super().__init__()
         if cfg.method not in ("dual", "dual_snl"):  # dual_snl: models/dual_snl.py

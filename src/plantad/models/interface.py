@@ -9,7 +9,7 @@ outside `plantad.models` branches on the method.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ class AnomalyModel(Protocol):
     image_size: int  # input side the model expects (images are (B, 3, S, S))
     teacher: HasIdentity  # frozen; its identity travels in the saved metadata
     noisy_or: NoisyOr  # calibration lambdas and the decision threshold, as buffers
+    # which optimiser trains the students (TrainConfig.optimizer): Dinomaly's AdamW or RD4AD's Adam
+    optimizer_recipe: Literal["dinomaly", "rd4ad"]
 
     def __call__(self, x: torch.Tensor, easy_fraction: float = 0.0, easy_factor: float = 1.0) -> LossTerms | RawScores:
         """Training mode: the loss terms; eval mode: the raw scores."""
@@ -74,8 +76,8 @@ class AnomalyModel(Protocol):
 
 def check_anomaly_model(model: object) -> AnomalyModel:
     """`model` itself, after checking it has the interface's members (names the missing ones)."""
-    missing = [m for m in ("image_size", "teacher", "noisy_or", "student_parameter_groups", "image_score",
-                           "describe") if not hasattr(model, m)]
+    missing = [m for m in ("image_size", "teacher", "noisy_or", "optimizer_recipe", "student_parameter_groups",
+                           "image_score", "describe") if not hasattr(model, m)]
     if missing:
         raise TypeError(f"{type(model).__name__} does not implement AnomalyModel: missing {missing}")
     return model  # type: ignore[return-value]

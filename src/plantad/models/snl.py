@@ -85,12 +85,14 @@ def build_snl_teacher(cfg: ModelConfig, image_size: int, load_weights: bool) -> 
 def build_snl_student(cfg: ModelConfig, teacher: nn.Module, image_size: int) -> nn.Module:
     rd = cfg.method == "snl_rd"
     if isinstance(teacher, CNNTeacher):
-        return ResNetRDStudent(teacher.channels, cfg.snl) if rd else ResNetFDStudent(cfg.snl.cnn_teacher, cfg.snl)
+        return ResNetRDStudent(cfg.snl.cnn_teacher, cfg.snl) if rd else ResNetFDStudent(cfg.snl.cnn_teacher, cfg.snl)
     return ViTRDStudent(cfg, teacher) if rd else ViTFDStudent(cfg, image_size)
 
 
 class SNLModel(nn.Module):
     """Frozen teacher + one SNL student; the Noisy-OR buffers hold the local branch's calibration."""
+
+    optimizer_recipe = "rd4ad"  # SNL's FD / RD students train with RD4AD's Adam (train.snl_optimizer)
 
     def __init__(self, cfg: ModelConfig, image_size: int, load_teacher_weights: bool = True) -> None:
         super().__init__()

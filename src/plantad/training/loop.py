@@ -1,7 +1,9 @@
 """Plain PyTorch training: the step every runner (CLI, DVC stage, Ray Train worker) calls.
 
-Optimiser and schedule follow Dinomaly [read]: AdamW lr 2e-3, wd 1e-4, linear warm-up then cosine
-to min_lr, grad-norm clip; hard-mining fraction ramps linearly to its final value.
+Optimiser and schedule follow the model's recipe (`optimizer_recipe`, settings in TrainConfig.optimizer):
+Dinomaly's [read] for the dual models, AdamW lr 2e-3, wd 1e-4, linear warm-up then cosine to min_lr,
+grad-norm clip; RD4AD's [read] for SNL's students, Adam lr 0.005, betas (0.5, 0.999), constant lr.
+The hard-mining fraction ramps linearly to its final value.
 
 The two students train independently: they share no parameters, each one's gradient comes from its
 own loss only and is clipped on its own, so the Noisy-OR weights of the summed loss only rescale
@@ -50,14 +52,18 @@ def easy_fraction(step: int, cfg: HardMiningConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    groups = unwrap(model).student_parameter_groups()
-    params = [{"params": ps, "name": name} for name, ps in groups.items()]
+    """The optimiser and lr schedule of the model's recipe; each student's group carries its grad clip."""
+    raw = unwrap(model)
+    o = cfg.optimizer(raw.optimizer_recipe)
+    groups = raw.student_parameter_groups()
+    params = [{"params": ps, "name": name, "grad_clip": o.grad_clip} for name, ps in groups.items()]
     # the fused kernel: the same update as the per-tensor loop, about 3x faster on a CPU for the
     # dual model's 158 tensors (bench/vs_anomalib.py, "optimiser"); CPU and CUDA only
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for ps in groups.values() for p in ps)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    return opt, sched
+    kind = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    opt = kind(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, fused=fused)
+    factor = (lambda s: lr_factor(s, cfg)) if o.schedule == "warmup_cosine" else (lambda s: 1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -82,9 +88,9 @@ def train_step(
     stop_if_not_finite(terms, step)  # before backward and the step: every rank stops, no weight is touched
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
-    if cfg.grad_clip:
-        for group in optimizer.param_groups:
-            torch.nn.utils.clip_grad_norm_(group["params"], cfg.grad_clip)
+    for group in optimizer.param_groups:  # each student clipped on its own, by its recipe's clip
+        if group["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(group["params"], group["grad_clip"])
     optimizer.step()
     scheduler.step()
     logs = {"loss": float(terms.total.detach()), "lr": optimizer.param_groups[0]["lr"], "easy_fraction": frac}
