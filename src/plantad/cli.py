@@ -286,7 +286,15 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
         since = datetime.fromisoformat(args.since) if args.since else None
     except ValueError as exc:
         raise ValueError(f"--since {args.since!r} is not an ISO 8601 time such as 2026-03-01T06:00") from exc
-    model = args.model or settings.serve.model_uri
+    if args.records:  # the version the rows name decides the model
+        from plantad.evaluation.drift_records import load_selection, records_model_uri, records_report
+
+        loc, selection = load_selection(args.records, settings.serve, since, args.version)
+        model = records_model_uri(selection.version, args.model, settings.serve)
+    elif args.version:
+        raise ValueError("--version picks the records' rows: give it with --records (with --images, give --model)")
+    else:
+        model = args.model or settings.serve.model_uri
     tracking_uri = settings.serve.tracking_uri
     if tracking_uri is None and model.startswith("models:/"):
         import os
@@ -297,8 +305,13 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
         os.environ.update(storage_env(settings.s3))
         tracking_uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
         check_tracking_server(tracking_uri)
-    path, logged = drift_report(Path(args.images), model, tracking_uri, settings.serve.drift, settings.bulk.extensions,
-                                Path(args.out), since, log_to_mlflow=not args.no_log)
+    if args.records:
+        path, logged = records_report(loc, selection, model, tracking_uri, settings.serve, Path(args.out), since,
+                                      log_to_mlflow=not args.no_log)
+        print(selection.describe(loc.uri, since))
+    else:
+        path, logged = drift_report(Path(args.images), model, tracking_uri, settings.serve.drift,
+                                    settings.bulk.extensions, Path(args.out), since, log_to_mlflow=not args.no_log)
     print(f"drift report written to {path}" + (f"; logged to MLflow as {logged}" if logged else ""))
     return 0
 
@@ -451,11 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     drift = sub.add_parser("drift", help="line health: drift of each line's images from the version's reference"
                            ).add_subparsers(dest="drift_command", required=True)
-    p = drift.add_parser("report", help="test a folder of images (a sub-folder per line) for drift; HTML + MLflow")
+    p = drift.add_parser("report", help="test a folder of images (a sub-folder per line) or the scored-part "
+                         "records for drift; HTML + MLflow")
     _common(p)
-    p.add_argument("--images", required=True, help="folder of images, one top-level sub-folder per line")
-    p.add_argument("--since", help="only images modified at or after this ISO 8601 time")
-    p.add_argument("--model", help="model URI or folder (default: what the serve settings serve)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images, one top-level sub-folder per line")
+    source.add_argument("--records", metavar="STORE", help="the serving app's store (folder or s3://bucket/prefix): "
+                        "its scored-part records, by line")
+    p.add_argument("--since", help="only images modified (records scored) at or after this ISO 8601 time")
+    p.add_argument("--version", help="with --records: the model version whose rows are tested (default: the "
+                   "version of the newest row)")
+    p.add_argument("--model", help="model URI or folder (default: what the serve settings serve; with --records, "
+                   "models:/<serve.model_name>/<the rows' version>)")
     p.add_argument("--out", default="drift-report", help="folder for report.html and its figures")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the version's MLflow run")
     p.set_defaults(func=cmd_drift_report)

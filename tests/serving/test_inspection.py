@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from marionette_driver.by import By as MBy
@@ -30,11 +32,13 @@ from selenium.webdriver.support.ui import WebDriverWait
 from infra.fixtures import wait_for
 from firefox_marionette import marionette_firefox
 from plantad.cli import main as cli_main
+from plantad.config import S3Config
 from plantad.data.manifest import scan_dataset
 from plantad.evaluation.drift import DriftReference
 from plantad.models.checkpoint import load_model
 from plantad.serving.bands import threshold_for_rate
-from plantad.serving.records import pixel_sha256
+from plantad.serving.records import SCHEMA, pixel_sha256, read_records
+from plantad.storage import open_location
 
 pytestmark = pytest.mark.e2e
 SHOTS = Path(__file__).resolve().parents[2] / "outputs"  # screenshots (the README's is copied from here)
@@ -142,8 +146,16 @@ def test_records_feed_the_review_queue_and_the_export_into_the_dataset(served, w
         items = httpx.get(f"{served.url}/review/queue", params={"line": "press-3"}, timeout=30).json()["items"]
         return items if set(shas) <= {i["sha256"] for i in items} else None
 
+    old_part = served.store / "records" / "2026-01-01" / "0-older-plantad.parquet"  # no drift column
+    old_part.parent.mkdir(parents=True, exist_ok=True)
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "drift"])
+    pq.write_table(pa.Table.from_pylist([{"time": 1.0, "line": "press-3", "sha256": "0" * 64, "decision": "NG",
+                                          "image_stored": False}], schema=old_schema), old_part)
     items = wait_for(queued, 20, "both press-3 images in the review queue")
     assert {i["part_id"] for i in items if i["sha256"] in shas} == {"N-1", "D-1"}
+    dims = (httpx.get(f"{served.url}/model", timeout=30).json()["line_health"]["reference"] or {}).get("dims")
+    recorded = {r["sha256"]: r["drift"] for r in read_records(open_location(str(served.store), S3Config()))}
+    assert recorded["0" * 64] is None and {None if recorded[s] is None else len(recorded[s]) for s in shas} == {dims}
     png = httpx.get(f"{served.url}/review/images/{shas[1]}", timeout=30)
     assert png.headers["content-type"] == "image/png"
     assert pixel_sha256(Image.open(io.BytesIO(png.content))) == shas[1]

@@ -104,6 +104,30 @@ def test_records_are_parquet_parts_with_images_of_doubtful_parts_and_counted_dro
         parse_verdict({"sha256": got[2]["sha256"], "verdict": "defective"})
 
 
+def test_parts_without_the_drift_column_read_beside_new_ones(tmp_path):
+    """A part an older plantad wrote (no `drift` column) and a new one: both read, the old rows with
+    drift None, and the review queue lists both."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from plantad.serving.records import SCHEMA
+
+    loc = store(tmp_path)
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "drift"])
+    (tmp_path / "store" / "records" / "2026-01-01").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"time": 1.0, "line": "press-1", "sha256": "a" * 64, "decision": "NG",
+                                          "image_stored": True}], schema=old_schema),
+                   tmp_path / "store" / "records" / "2026-01-01" / "old.parquet")
+    rec = PartRecorder(loc, RecordsConfig(enabled=True, flush_s=3600, images=False))
+    rec.add([Pending({"time": 2.0, "line": "press-1", "sha256": "b" * 64, "decision": "NG", "image_stored": True,
+                      "drift": [0.5, -1.25]}, None)])
+    rec.flush()
+    rec.stop()
+    got = read_records(loc)
+    assert [(r["sha256"][0], r["drift"]) for r in got] == [("a", None), ("b", [0.5, -1.25])]
+    assert [r["sha256"][0] for r in review_queue(got, [], "press-1", 10)] == ["b", "a"]
+
+
 def test_export_writes_reviewed_images_into_the_dataset_once(tmp_path):
     loc, data = store(tmp_path), tmp_path / "data"
     (data / "weave" / "train" / "good").mkdir(parents=True)

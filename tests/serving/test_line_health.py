@@ -17,9 +17,14 @@ import json
 import re
 import shutil
 import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -124,14 +129,21 @@ def _ready(url: str, proc: subprocess.Popen) -> bool:
 
 
 @pytest.fixture(scope="module")
-def health_app(ray_local, model_dir):
+def health_store(tmp_path_factory) -> Path:
+    """The health app's serve.store: its part records carry each image's drift coordinates."""
+    return tmp_path_factory.mktemp("health-store")
+
+
+@pytest.fixture(scope="module")
+def health_app(ray_local, model_dir, health_store):
     from ray import serve
 
     from plantad.serving.app import build_app
 
     port = free_port()
     args = {"model_dir": str(model_dir), "ray_actor_options": {"num_cpus": 0.5}, "port": port,
-            "drift": {"window_images": 32, "min_images": 32, "every_images": 32}}
+            "drift": {"window_images": 32, "min_images": 32, "every_images": 32},
+            "store": str(health_store), "records": {"enabled": True, "flush_s": 0.5, "images": False}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="health", route_prefix="/", blocking=False)
@@ -216,23 +228,26 @@ def test_drift_alert_fires_for_the_moved_camera_line_only(health_app, prometheus
     assert lines["press-normal"]["window_images"] == 32
 
 
-def test_drift_report_over_a_folder_flags_the_window_after_the_camera_moved(model_dir, normal_images, tmp_path,
-                                                                              capsys):
-    """`plantad drift report` on a folder with two lines: press-normal (128 normal parts) and
-    press-moved (64 normal parts, then 64 through a moved camera). Windows of 64: the moved line's
-    second window reports drift, no other window does; the report goes to the version's MLflow run
-    and the version is tagged with it. --since leaves out the older images."""
+@dataclass
+class DriftRegistry:
+    uri: str
+    client: Any
+    run_id: str
+    version: str  # model_dir, registered as plantad-drift-test
+
+
+@pytest.fixture(scope="module")
+def drift_registry(model_dir, normal_images, tmp_path_factory) -> DriftRegistry:
     import mlflow
     from mlflow import MlflowClient
 
-    from plantad.cli import main as cli_main
-    from plantad.data.camera_shift import write_line
     from plantad.tracking.pyfunc import log_pyfunc_model
     from plantad.tracking.registry import register_version
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    root = tmp_path_factory.mktemp("drift-registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("drift", artifact_location=str(tmp_path / "artifacts"))
+    exp = client.create_experiment("drift", artifact_location=str(root / "artifacts"))
     png = io.BytesIO()
     normal_images[0].save(png, format="PNG")
     mlflow.set_tracking_uri(uri)
@@ -242,12 +257,25 @@ def test_drift_report_over_a_folder_flags_the_window_after_the_camera_moved(mode
         version = register_version(client, "plantad-drift-test", run.info.run_id, "model", model_id=info.model_id)
     finally:
         mlflow.set_tracking_uri(None)
+    return DriftRegistry(uri, client, run.info.run_id, str(version.version))
+
+
+def test_drift_report_over_a_folder_flags_the_window_after_the_camera_moved(drift_registry, normal_images, tmp_path,
+                                                                              capsys):
+    """`plantad drift report` on a folder with two lines: press-normal (128 normal parts) and
+    press-moved (64 normal parts, then 64 through a moved camera). Windows of 64: the moved line's
+    second window reports drift, no other window does; the report goes to the version's MLflow run
+    and the version is tagged with it. --since leaves out the older images."""
+    from plantad.cli import main as cli_main
+    from plantad.data.camera_shift import write_line
+
+    uri, client, version = drift_registry.uri, drift_registry.client, drift_registry.version
     folder = tmp_path / "images"
     parts = normal_images[REFERENCE:REFERENCE + 256]
     write_line(parts[:128], folder / "press-normal", None)
     write_line(parts[128:], folder / "press-moved", 64, CameraShift())
     out = tmp_path / "report"
-    args = ["drift", "report", "--images", str(folder), "--model", f"models:/plantad-drift-test/{version.version}",
+    args = ["drift", "report", "--images", str(folder), "--model", f"models:/plantad-drift-test/{version}",
             "--out", str(out), "--set", f"serve.tracking_uri={uri}"]
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
@@ -255,9 +283,9 @@ def test_drift_report_over_a_folder_flags_the_window_after_the_camera_moved(mode
     rows = dict(re.findall(r"<tr><td>([\w-]+)</td>.*?<td>(\d+ / \d+)</td>", page))
     assert rows == {"press-moved": "1 / 2", "press-normal": "0 / 2"}, rows
     assert (out / "drift_over_time.png").stat().st_size > 10_000
-    tag = client.get_model_version("plantad-drift-test", version.version).tags["drift_report"]
-    assert tag in printed and tag.startswith(f"runs:/{run.info.run_id}/drift/")
-    logged = [f.path for f in client.list_artifacts(run.info.run_id, tag.split("/", 2)[2].rsplit("/", 1)[0])]
+    tag = client.get_model_version("plantad-drift-test", version).tags["drift_report"]
+    assert tag in printed and tag.startswith(f"runs:/{drift_registry.run_id}/drift/")
+    logged = [f.path for f in client.list_artifacts(drift_registry.run_id, tag.split("/", 2)[2].rsplit("/", 1)[0])]
     assert any(p.endswith("report.html") for p in logged), logged
 
     since = "2023-11-14T22:14:20+00:00"  # 1_700_000_000 + 60 s: the last 68 images of each line
@@ -266,3 +294,106 @@ def test_drift_report_over_a_folder_flags_the_window_after_the_camera_moved(mode
     assert re.findall(r"<tr><td>([\w-]+)</td><td>(\d+)</td>", page) == [("press-moved", "68"), ("press-normal", "68")]
     assert cli_main([*args, "--since", "yesterday"]) == 2
     assert "--since 'yesterday' is not an ISO 8601 time" in capsys.readouterr().err
+
+
+def write_part(store: Path, name: str, rows: list[dict], schema) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = store / "records" / "2026-12-06"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / name)
+
+
+def test_records_carry_the_window_coordinates_and_the_records_report_flags_the_moved_line(
+        health_app, health_store, model_dir, drift_registry, normal_images, tmp_path, capsys):
+    """The health app records each part with its drift coordinates. On two lines of its own (64
+    normal parts; 64 through a moved camera), the coordinates in the records of each line's last 32
+    parts give exactly the AUC and p-value of the replica's last test of that line (/model): they are
+    what the window held. `drift report --records` (windows of 64) flags the moved line only.
+    A folder-served app records no version, so for the MLflow path its rows are copied relabelled as
+    the registered copy of the same folder, beside older rows of another version and a part without
+    the coordinates column (an older plantad's): the report leaves both out, says so, and is logged
+    on that version's run. Bad input is refused, naming the problem."""
+    import pyarrow as pa
+
+    from plantad.cli import main as cli_main
+    from plantad.config import S3Config
+    from plantad.evaluation.drift import window_drift
+    from plantad.serving.predictor import Predictor
+    from plantad.serving.records import SCHEMA, read_records
+    from plantad.storage import open_location
+
+    parts = normal_images[REFERENCE + 2 * PER_LINE:REFERENCE + 2 * PER_LINE + 128]
+    assert len(parts) == 128
+    lines = {"rec-normal": parts[:64], "rec-moved": [shifted_image(i, CameraShift()) for i in parts[64:]]}
+    started, last_request = time.time(), {}
+    for line, images in lines.items():
+        send(health_app, images[:56], line)
+        last_request[line] = time.time()
+        send(health_app, images[56:], line)  # the 64th part: the line's second test is due
+
+    def tested() -> dict | None:
+        got = httpx.get(f"{health_app}/model", timeout=30).json()["line_health"]["lines"]
+        done = all((got.get(line) or {}).get("last_test") and got[line]["last_test"]["at"] >= last_request[line]
+                   for line in lines)
+        return got if done else None
+    health = wait_for(tested, 60, "the second drift test of both record lines on /model")
+    loc = open_location(str(health_store), S3Config())
+    rows = wait_for(lambda: (r := [x for x in read_records(loc) if x["time"] >= started]) and len(r) == 128 and r,
+                    30, "the 128 records flushed")
+    reference = Predictor.load(str(model_dir)).drift_reference
+    for line in lines:
+        mine = [r for r in rows if r["line"] == line]
+        vectors = np.array([r["drift"] for r in mine], dtype=np.float32)
+        assert vectors.shape == (64, reference.projection.shape[1])
+        # the second test's window: the last 32 (the first one's, should it have run late: the first 32)
+        found = [window_drift(reference, vectors[sl], np.array([r["probability"] for r in mine[sl]]),
+                              np.zeros(32, bool), 0.01, 0.0) for sl in (slice(32, 64), slice(0, 32))]
+        last = health[line]["last_test"]
+        assert (last["auc"], last["p_value"]) in [(w.auc, w.p_value) for w in found], (line, last, found)
+
+    table = re.compile(r"<tr><td>([\w-]+)</td><td>(\d+)</td>.*?<td>(DRIFT|ok)</td><td>(\d+ / \d+)</td>")
+    since = datetime.fromtimestamp(started).astimezone().isoformat()
+    direct = ["drift", "report", "--records", str(health_store), "--since", since, "--model", str(model_dir)]
+    assert cli_main([*direct, "--no-log", "--out", str(tmp_path / "direct")]) == 0
+    page = (tmp_path / "direct" / "report.html").read_text()
+    assert table.findall(page) == [("rec-moved", "64", "DRIFT", "1 / 1"), ("rec-normal", "64", "ok", "0 / 1")]
+
+    store, version = tmp_path / "store", drift_registry.version
+    write_part(store, "1-old-version.parquet", [{**r, "model_version": "7", "time": r["time"] - 3600}
+                                                for r in rows[:5]], SCHEMA)
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "drift"])
+    old = [{**{k: v for k, v in r.items() if k != "drift"}, "model_version": version, "time": r["time"] - 1800}
+           for r in rows[:3]]
+    write_part(store, "2-older-plantad.parquet", old, old_schema)
+    write_part(store, "3-new.parquet", [{**r, "model_version": version} for r in rows], SCHEMA)
+    registry = ["--set", f"serve.tracking_uri={drift_registry.uri}", "--set", "serve.model_name=plantad-drift-test"]
+    capsys.readouterr()
+    assert cli_main(["drift", "report", "--records", str(store), *registry, "--out", str(tmp_path / "logged")]) == 0
+    printed = capsys.readouterr().out
+    assert (f"128 scored-part records in {store}, scored by model version {version}; left out: 5 rows of other "
+            "versions, 3 rows without drift coordinates") in printed
+    page = (tmp_path / "logged" / "report.html").read_text()
+    assert table.findall(page) == [("rec-moved", "64", "DRIFT", "1 / 1"), ("rec-normal", "64", "ok", "0 / 1")]
+    tag = drift_registry.client.get_model_version("plantad-drift-test", version).tags["drift_report"]
+    assert tag in printed and tag.startswith(f"runs:/{drift_registry.run_id}/drift/")
+
+    only_old = tmp_path / "only-old"
+    write_part(only_old, "1.parquet", old, old_schema)
+    refused = {
+        ("--records", str(store), "--version", "42"): f"no records of model version 42 in {store}; the records "
+                                                      f"name versions {version}, 7",
+        ("--records", str(store), "--version", "7"): "plantad-drift-test has no version 7",
+        ("--records", str(store), "--since", "2100-01-01T00:00"): f"no scored-part records in {store}/records since",
+        ("--records", str(tmp_path / "nowhere")): f"--records {tmp_path / 'nowhere'} is not a folder",
+        ("--records", str(only_old)): f"none of the 3 records of model version {version} in {only_old} carry drift",
+        ("--records", str(health_store), "--since", since): "the records were scored by a model folder",
+        ("--images", str(tmp_path), "--version", "1"): "--version picks the records' rows",
+    }
+    for extra, message in refused.items():
+        assert cli_main(["drift", "report", *extra, *registry, "--no-log", "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        cli_main(["drift", "report", "--records", str(store), "--images", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -74,14 +74,20 @@ def score_line(predictor: Predictor, reference: DriftReference | None, images: L
             anomalous.append(s.is_anomalous)
             projected.append(None if reference is None or s.embedding is None else reference.project(s.embedding[None])[0])
     vectors = None if any(v is None for v in projected) else np.stack(projected)
-    prob, anom = np.array(probs), np.array(anomalous, dtype=bool)
+    return line_report(images.line, reference, vectors, np.array(probs), np.array(anomalous, dtype=bool), cfg)
+
+
+def line_report(line: str, reference: DriftReference | None, vectors: np.ndarray | None, prob: np.ndarray,
+                anom: np.ndarray, cfg: DriftConfig) -> LineReport:
+    """Test a line's consecutive windows and the whole line: (N, D) drift coordinates (None: the model
+    gives no embeddings), (N,) probabilities and decisions, oldest first."""
     now = datetime.now().timestamp()
 
     def test(sl: slice) -> WindowDrift:
         return window_drift(reference, None if vectors is None else vectors[sl], prob[sl], anom[sl], cfg.alpha, now)
     size = cfg.window_images
     windows = [test(slice(s, s + size)) for s in range(0, len(prob) - size + 1, size)]
-    return LineReport(images.line, len(prob), test(slice(None)), windows, prob)
+    return LineReport(line, len(prob), test(slice(None)), windows, prob)
 
 
 def plot_drift_over_time(reports: list[LineReport], alpha: float, window: int, path: Path, title: str) -> Path:

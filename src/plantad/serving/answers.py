@@ -25,6 +25,7 @@ class ScoreJob:
 class ScoredJob:
     scores: list[ImageScore]
     predictor: Predictor  # the version that scored all of this job's images
+    drift: list | None = None  # per image, its drift coordinates ((D,) or None), set by the app for the records
 
 
 def score_jobs(predictor: Predictor, jobs: list[ScoreJob]) -> list[ScoredJob]:

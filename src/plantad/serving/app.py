@@ -8,6 +8,7 @@ Deploy with `serve run deploy/serve_config.yaml`, `serve deploy deploy/serve_con
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need evaluated
 # annotations; as strings, `request: Request` turns into a required query parameter (422).
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -184,17 +185,19 @@ class ScoringServer:
         if declared.canary:
             self.book.scored("canary" if predictor is self.holder.canary else "champion", scored.scores)
         self._offer_shadow(line, images, scored, elapsed_ms)
-        try:
-            due = self.drift.record(line, predictor.ref.version, predictor.drift_reference, scored.scores)
+        try:  # the coordinates go into the line's window and into the part records
+            drift = self.drift.project(predictor.drift_reference, scored.scores)
+            due = self.drift.record(line, predictor.ref.version, predictor.drift_reference, scored.scores,
+                                    projected=drift)
         except Exception:  # line health must never fail scoring: a broken reference is logged, not answered
             log.exception("recording line %r for the drift test failed", line)
-            due = False
+            drift, due = None, False
         if due:
             # off the event loop and not awaited: the request that makes a test due does not wait for it
             task = asyncio.ensure_future(asyncio.to_thread(self._drift_test, line, predictor))
             self._drift_tests.add(task)
             task.add_done_callback(self._drift_tests.discard)
-        return scored
+        return dataclasses.replace(scored, drift=drift)
 
     def _offer_shadow(self, line: str, images: list, scored: ScoredJob, elapsed_ms: float) -> None:
         """Queue the images for the shadow version (scored after this answer is sent), on its lines."""
@@ -243,7 +246,7 @@ class ScoringServer:
                                              self.holder.current, self.cfg.max_heatmap_side)
             if scored is not None:  # the line's OK / REVIEW / NG band, the part records
                 await asyncio.to_thread(self.inspection.decide, parsed.images, answer, parsed.line, line, ids,
-                                        scored.predictor)
+                                        scored.predictor, scored.drift)
             return request_status(parsed.images), answer
         return await self._answer("score", request, run)
 
@@ -469,7 +472,7 @@ class ScoringServer:
             ids = part_ids(request.headers.get("x-part-id"), len(items))
             scored = await self._score([item.decoded.image for item in items], threshold, False, line)
             decisions, band = await asyncio.to_thread(self.inspection.decide_v2, items, scored.scores, named, line,
-                                                      ids, scored.predictor)
+                                                      ids, scored.predictor, scored.drift)
             # the runtime that scored (torch, or the exported graph "openvino <precision>") and the band
             return 200, {**v2_answer(scored, wanted, doc.get("id"), decisions),
                          "parameters": {"runtime": scored.predictor.info()["runtime"], **v2_band_parameters(band)}}

@@ -51,16 +51,24 @@ class LineDrift:
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
 
+    def project(self, reference: DriftReference | None, scores: list[ImageScore]) -> list[np.ndarray | None]:
+        """Each image's drift coordinates, (D,) float32: what the window holds and the part records
+        carry; all None with drift off, without a reference or without embeddings."""
+        if self.cfg.enabled and scores and reference is not None and all(s.embedding is not None for s in scores):
+            return list(reference.project(np.stack([s.embedding for s in scores])))
+        return [None] * len(scores)
+
     def record(self, line: str, version: str | None, reference: DriftReference | None,
-               scores: list[ImageScore], now: float | None = None) -> bool:
-        """Add a request's images to its line's window; True when a test of that line is now due
-        (then call `test(line, reference)`, off the event loop)."""
+               scores: list[ImageScore], now: float | None = None,
+               projected: list[np.ndarray | None] | None = None) -> bool:
+        """Add a request's images (and their `project`ions, computed here when not given) to its line's
+        window; True when a test of that line is now due (then call `test(line, reference)`, off the
+        event loop)."""
         if not self.cfg.enabled or not scores:
             return False
         now = time.time() if now is None else now
-        projected: list[np.ndarray | None] = [None] * len(scores)
-        if reference is not None and all(s.embedding is not None for s in scores):
-            projected = list(reference.project(np.stack([s.embedding for s in scores])))
+        if projected is None:
+            projected = self.project(reference, scores)
         with self._lock:
             window = self._windows.get(line)
             if window is None or window.version != version:  # a new version brings a new reference

@@ -75,15 +75,18 @@ class Inspection:
             self.recorder.stop()
 
     def decide(self, items: list[ImageInput], answer: dict[str, Any], line: str | None, metrics_line: str,
-               ids: list[str | None], predictor: Predictor) -> None:
-        """Add each scored entry's band decision to `answer`; record and remember the parts."""
+               ids: list[str | None], predictor: Predictor, drift: list | None = None) -> None:
+        """Add each scored entry's band decision to `answer`; record and remember the parts. `drift`:
+        each scored (decoded) image's drift coordinates, in order, for the records."""
         band, block = self.band_block(line, predictor)
         runtime = predictor.info()["runtime"]
         pending: list[Pending] = []
         now = time.time()
+        coords = iter(drift or [])
         for item, entry, part in zip(items, answer["results"], ids):
             if item.decoded is None:
                 continue
+            vector = next(coords, None)
             decision = band.decide(entry["probability"])
             entry["decision"], entry["band"] = decision, block
             self.band_decisions.inc(tags={"decision": decision, "line": metrics_line})
@@ -97,6 +100,7 @@ class Inspection:
                 pending.append(Pending({**row, "sha256": sha, "runtime": runtime, "band_version": self.bands.version,
                                         "band_low": band.low, "band_high": band.high, "image_stored": keep,
                                         "replica": self.recorder.replica,
+                                        "drift": None if vector is None else vector.tolist(),
                                         **{k: entry[k] for k in ("p_local", "p_semantic", "local_score",
                                                                  "semantic_score")}},
                                        item.decoded.image if keep else None))
@@ -113,12 +117,13 @@ class Inspection:
                       **({"rates": spec} if spec is not None and "low_frr" in spec else {})}
 
     def decide_v2(self, items: list[ImageInput], scores: list[ImageScore], line: str | None, metrics_line: str,
-                  ids: list[str | None], predictor: Predictor) -> tuple[list[str], dict[str, Any]]:
+                  ids: list[str | None], predictor: Predictor,
+                  drift: list | None = None) -> tuple[list[str], dict[str, Any]]:
         """The band decisions of an Open Inference request (recorded like /score's) and its band block."""
         entries = [{"probability": s.probability, "model_version": predictor.ref.version, "p_local": s.p_local,
                     "p_semantic": s.p_semantic, "local_score": s.local_score, "semantic_score": s.semantic_score}
                    for s in scores]
-        self.decide(items, {"results": entries}, line, metrics_line, ids, predictor)
+        self.decide(items, {"results": entries}, line, metrics_line, ids, predictor, drift)
         return [e["decision"] for e in entries], entries[0]["band"] if entries else self.band_block(line, predictor)[1]
 
     # --- routes (each returns (status, body) for ScoringServer._answer) ---
@@ -156,7 +161,7 @@ class Inspection:
         loc = self._store()
         self.recorder.flush() if self.recorder is not None else None  # this replica's own rows, now
         items = review_queue(read_records(loc, self._records), read_verdicts(loc, self._verdicts), line, limit)
-        return 200, {"items": items}
+        return 200, {"items": [{k: v for k, v in r.items() if k != "drift"} for r in items]}  # coordinates: reports
 
     def image(self, sha: str) -> bytes:
         loc = self._store()

@@ -40,6 +40,9 @@ SCHEMA = pa.schema([
     ("p_local", pa.float64()), ("p_semantic", pa.float64()), ("local_score", pa.float64()),
     ("semantic_score", pa.float64()), ("decision", pa.string()), ("image_stored", pa.bool_()),
     ("replica", pa.string()),
+    # the image's drift coordinates: its teacher embedding projected by the version's drift reference,
+    # as the line's window holds them (serving/drift.py); null without a reference or with drift off
+    ("drift", pa.list_(pa.float32())),
 ])
 
 
@@ -176,9 +179,18 @@ def read_records(loc: Location, cache: dict[str, list[dict[str, Any]]] | None = 
             if not name.endswith(".parquet") or name.startswith("."):
                 continue
             if rel not in cache:
-                cache[rel] = pq.read_table(io.BytesIO(read_bytes(loc, rel))).to_pylist()
+                cache[rel] = _part_rows(pq.read_table(io.BytesIO(read_bytes(loc, rel))))
             rows.extend(cache[rel])
     return sorted(rows, key=lambda r: r["time"])
+
+
+def _part_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """A part's rows with every SCHEMA column: columns a part written by an older plantad lacks are None."""
+    missing = [name for name in SCHEMA.names if name not in table.column_names]
+    rows = table.to_pylist()
+    for row in rows:
+        row.update(dict.fromkeys(missing))
+    return rows
 
 
 def _days(loc: Location) -> list[str]:
