@@ -156,6 +156,30 @@ def test_joining_the_ray_head_or_its_dashboard_needs_the_token(ray_head: Head) -
     assert http_status(f"{ray_head.dashboard}/api/version", {"Authorization": f"Bearer {token}"}) == 200
 
 
+STATE_FROM_A_TASK = """
+import sys
+from plantad.cluster import join
+from plantad.config import RayConfig
+join(RayConfig(), sys.argv[1])
+import ray
+
+@ray.remote
+def nodes() -> int:  # what Ray Train's placement-group cleaner does from inside the cluster
+    from ray.util.state import list_nodes
+    return len(list_nodes())
+
+print("nodes", ray.get(nodes.remote()))
+"""
+
+
+def test_a_joined_job_s_workers_find_their_cluster_while_another_runs_on_the_machine(ray_local, ray_head) -> None:
+    """Two clusters on one machine (the session's and the head): the state API that Ray Train's
+    cleaner calls from a worker finds the cluster the job joined, not "multiple active Ray instances"."""
+    done = subprocess.run([sys.executable, "-c", STATE_FROM_A_TASK, ray_head.address], env=ray_head.env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "nodes 1" in done.stdout, done.stderr[-3000:]
+
+
 def png_bytes() -> bytes:
     import io
 
@@ -197,7 +221,8 @@ def test_the_session_cluster_and_a_served_app_listen_on_loopback_only(ray_local,
     cfg = ServeConfig(port=free_port(), app_name="closed", model_dir=str(result.model_path.parent),
                       api_keys_env="PLANTAD_TEST_DRIVER_KEYS", ray_actor_options={"num_cpus": 0.5},
                       # a lone /score request waits 30 s for its batch to fill: slower than the deadline
-                      request_timeout_s=3.0, max_batch_size=4, batch_wait_timeout_s=30.0)
+                      request_timeout_s=3.0, max_batch_size=4, batch_wait_timeout_s=30.0,
+                      idle_skips_batch_wait=False)
     url = deploy(cfg)
     try:
         me = psutil.Process()

@@ -79,6 +79,7 @@ def retrain_on_new_normals(project: Project, seed: int) -> tuple[str, float]:
     assert MlflowClient(reg["tracking_uri"]).get_run(reg["run_id"]).data.tags["git_commit"] == head
     # the train stage joined the endpoint's cluster and fitted its workers beside the replica
     assert "so the 2 training workers reserve 0.37 CPU each" in repro.output, repro.tail()
+    assert "Traceback" not in repro.output, repro.tail()  # no library noise that looks like an error
     assert project.status() == {}
     return str(project.registration()["version"]), time.monotonic() - started
 
@@ -160,7 +161,7 @@ def test_retrain_twice_and_promote_while_the_endpoint_answers(project: Project, 
         follow_s = time.monotonic() - moved
         wait_for(lambda: any(v == second for _, v in prober.answers), 30, f"a probe answered by v{second}")
         # the replica reports what the next swap needs against the reservation params.yaml sets
-        reserved = project.params()["serve"]["ray_actor_options"]["memory"]
+        reserved = project.params["serve"]["ray_actor_options"]["memory"]
         for replica in httpx.get(f"{url}/rollout", timeout=30).json()["replicas"].values():
             room = replica["memory"]
             assert room["reserved_mib"] == reserved // 2**20 and room["swap_fits"] is True, replica

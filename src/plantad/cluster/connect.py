@@ -172,6 +172,12 @@ def join(cfg: RayConfig, address: str, **init_kwargs) -> None:
     loopback = joining_env(cfg, address)
     import ray
 
+    if address != "auto" and not address.startswith("ray://"):
+        # the job's workers look the cluster up by RAY_ADDRESS, else by "auto", which fails (a traceback
+        # from Ray Train's placement-group cleaner) while another Ray cluster runs on this machine
+        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {"RAY_ADDRESS": address, **runtime_env.get("env_vars", {})}
+        init_kwargs["runtime_env"] = runtime_env
     ray.init(address=address, **init_kwargs)
     if loopback:
         _check_node_ip(cfg)

@@ -44,7 +44,7 @@ def connect_for_serving(cfg: RayConfig, detach: bool) -> str:
     started = subprocess.run(head_start_args(cfg, ray), env=head_env(cfg, ray), capture_output=True, text=True)
     if started.returncode != 0 and "already" not in (started.stdout + started.stderr):
         raise RuntimeError(f"`ray start --head` failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
-    join(cfg, "auto")
+    join(cfg, job_address(cfg)[0] or "auto")  # the head's address, as a later `plantad serve` joins it
     return f"the local Ray cluster started by `ray start --head` on {cfg.host} (stop it with `ray stop`)"
 
 
