@@ -8,8 +8,14 @@ requests (the ratio is what counts on a shared machine, whose speed drifts by up
 minutes: each level runs several rounds and reports the median one). Serve runs in the mode of the
 clusters plantad starts (plantad.cluster.SERVE_ENV); RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the
 environment measures Ray Serve's default data plane instead.
+`--modes` serves the app once per batching mode (window: every request waits for the batch window;
+idle: a request that finds nothing else queued or scoring skips it, serve.idle_skips_batch_wait;
+zero: batch_wait_timeout_s 0), and `--floor` adds the same Predictor behind a plain FastAPI + uvicorn
+app in one process (bench/floor_app.py), with the same client and images. Before the load, the
+stages of one single-image request are timed in this process (decoding, pre-processing, forward,
+answer building with its JSON encoding).
 Usage: python bench/serve_latency.py [--size 224] [--batch 16] [--concurrent-batches 1] [--requests 64]
-       [--rounds 3] [--concurrency 1 8 32]
+       [--rounds 3] [--concurrency 1 8 32] [--modes idle] [--floor]
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import io
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,6 +142,59 @@ def role_pids() -> dict[str, list[int]]:
     return found
 
 
+def stage_ms(model_dir: Path, png: bytes, repeats: int = 50) -> dict[str, float]:
+    """Median wall ms of each stage of one single-image request, run in this process on the replica's
+    code, and the forward's CPU ms (all threads)."""
+    from fastapi.responses import JSONResponse
+
+    from plantad.config import ServeConfig
+    from plantad.serving.answers import ScoredJob, native_answer
+    from plantad.serving.inputs import decode_all
+    from plantad.serving.predictor import Predictor, split_scores
+
+    predictor, cfg = Predictor.load(str(model_dir)), ServeConfig()
+    predictor.warm_up()
+    stages: dict[str, list[float]] = {"decode": [], "pre-process": [], "forward": [], "answer + JSON": []}
+    forward_cpu: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        items = decode_all([("x.png", png)], cfg)
+        t1 = time.perf_counter()
+        x = torch.stack([predictor.transform(items[0].decoded.image)])
+        t2 = time.perf_counter()
+        c2 = time.process_time()
+        out = score_batch(predictor.model, x, predictor.settings.scoring, amp=predictor.settings.train.amp)
+        scores = split_scores(out, predictor.threshold, False)
+        t3 = time.perf_counter()
+        forward_cpu.append((time.process_time() - c2) * 1000.0)
+        JSONResponse(native_answer(items, ScoredJob(scores, predictor), False, predictor, cfg.max_heatmap_side))
+        t4 = time.perf_counter()
+        for name, a, b in zip(stages, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            stages[name].append((b - a) * 1000.0)
+    return {**{name: statistics.median(v) for name, v in stages.items()},
+            "forward CPU": statistics.median(forward_cpu)}
+
+
+def start_floor(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    """bench/floor_app.py in its own process; (process, URL) once it answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floor_app.py")), str(model_dir),
+                             str(port), str(threads)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the floor app exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the floor app did not answer within 120 s")
+
+
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds (user + system, all threads) so far of this process (the client), of Serve's, and
     of the whole machine (Ray's control plane and everything else included)."""
@@ -154,6 +215,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000.0
 
 
+MODES = {"window": (0.01, False), "idle": (0.01, True), "zero": (0.0, False)}  # batch_wait_timeout_s, idle skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/production.yaml")
@@ -163,6 +227,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["idle"],
+                        help="batching modes, each served in turn (window 0.01 s; idle: window unless alone; zero)")
+    parser.add_argument("--floor", action="store_true", help="also a plain FastAPI + uvicorn app, one process")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -184,14 +251,24 @@ def main() -> None:
     ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model_dir": str(model_dir), "device": args.device, "max_batch_size": args.batch,
-                     "max_concurrent_batches": args.concurrent_batches,
-                     "max_ongoing_requests": max(64, args.batch * args.concurrent_batches), "max_queued_requests": 1024,
-                     "batch_wait_timeout_s": 0.01, "port": port,
-                     "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}})
-    serve.run(app, name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
+
+    def deploy(mode: str) -> dict[str, list[int]]:
+        """The app in `mode`, warmed up; its proxy and replica processes."""
+        wait, idle = MODES[mode]
+        if mode != args.modes[0]:
+            serve.delete("bench")  # the previous mode's replica goes before the next one's is counted
+        serve.run(build_app({"model_dir": str(model_dir), "device": args.device, "max_batch_size": args.batch,
+                             "max_concurrent_batches": args.concurrent_batches,
+                             "max_ongoing_requests": max(64, args.batch * args.concurrent_batches),
+                             "max_queued_requests": 1024, "batch_wait_timeout_s": wait,
+                             "idle_skips_batch_wait": idle, "port": port,
+                             "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}}),
+                  name="bench", route_prefix="/")
+        asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
+        return role_pids()
+
+    pids = deploy(args.modes[0])
     served_model = httpx.get(f"{url}/model", timeout=60).json()
     threads = served_model["torch_threads"]
     torch.set_num_threads(threads)  # the raw figure uses the replica's intra-op threads
@@ -199,28 +276,36 @@ def main() -> None:
     print(f"torch {torch.__version__}, {cpus} CPUs{', GPU ' + torch.cuda.get_device_name() if gpu else ''}; "
           f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
           f"runtime {served_model['runtime']} served, {raw_scorer.runtime} raw; "
-          f"serve.max_concurrent_batches {args.concurrent_batches}; {serve_mode}; "
+          f"serve.max_batch_size {args.batch}, serve.max_concurrent_batches {args.concurrent_batches}; {serve_mode}; "
           f"raw = score_batch at batch {args.batch}, measured right before and after each round while Serve is idle")
-    pids = role_pids()
-    print(f"{args.rounds} rounds per level of raw, {args.requests} served requests, raw; a round's ratio is its served "
-          "img/s over the mean of its two raw figures, and the row is the round with the median ratio (latencies: "
-          "all rounds)")
-    print("| concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | served/raw | "
-          "all rounds |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    spent: dict[int, dict[str, float]] = {}
+    stages = stage_ms(model_dir, pngs[0])
+    forward_cpu = stages.pop("forward CPU")
+    print("\nOne single-image request's stages in this process, median wall ms of 50: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()) + f" (sum {sum(stages.values()):.2f}); "
+          f"the single-image forward's CPU ms {forward_cpu:.2f}")
+    print(f"\n{args.rounds} rounds per level of raw, {args.requests} served requests, raw; a round's ratio is its "
+          "served img/s over the mean of its two raw figures, and the row is the round with the median ratio "
+          "(latencies: all rounds); modes: window = every request waits up to batch_wait_timeout_s 0.01 s, "
+          "idle = the same unless nothing else is queued or scoring (serve.idle_skips_batch_wait), zero = "
+          "batch_wait_timeout_s 0; floor = the same Predictor in one FastAPI + uvicorn process, no Serve")
+    print("| app | concurrency | requests | p50 ms | p95 ms | p99 ms | p99/p50 | served img/s | raw img/s | "
+          "served/raw | all rounds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    spent: dict[tuple[str, int], dict[str, float]] = {}
     raw_cpu: list[float] = []
-    try:
+    floor = None
+
+    def levels(label: str, target: str, roles: dict[str, list[int]]) -> None:
         for c in args.concurrency:
             lat: list[float] = []
             rounds: list[tuple[float, float, float]] = []  # (ratio, served img/s, raw img/s)
-            cpu_level = {k: 0.0 for k in cpu_seconds(pids)}
+            cpu_level = {k: 0.0 for k in cpu_seconds(roles)}
             for _ in range(args.rounds):
                 before, cpu_ms = raw_scorer.images_per_s(args.iters)
                 raw_cpu.append(cpu_ms)
-                cpu_before = cpu_seconds(pids)
-                round_lat, wall = asyncio.run(load_test(url, pngs, c, args.requests))
-                cpu_after = cpu_seconds(pids)
+                cpu_before = cpu_seconds(roles)
+                round_lat, wall = asyncio.run(load_test(target, pngs, c, args.requests))
+                cpu_after = cpu_seconds(roles)
                 for k in cpu_level:
                     cpu_level[k] += cpu_after[k] - cpu_before[k]
                 after, cpu_ms = raw_scorer.images_per_s(args.iters)
@@ -228,22 +313,37 @@ def main() -> None:
                 lat += round_lat
                 raw = (before + after) / 2
                 rounds.append((args.requests / wall / raw, args.requests / wall, raw))
-            spent[c] = {k: v / (args.rounds * args.requests) * 1000.0 for k, v in cpu_level.items()}
+            spent[(label, c)] = {k: v / (args.rounds * args.requests) * 1000.0 for k, v in cpu_level.items()}
             ratio, served, raw = sorted(rounds)[len(rounds) // 2]
             every = " ".join(f"{r[0]:.2f}" for r in rounds)
-            print(f"| {c} | {args.rounds} x {args.requests} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | "
-                  f"{pct(lat, 99):.0f} | {pct(lat, 99) / pct(lat, 50):.2f} | {served:.2f} | {raw:.2f} | {ratio:.2f} | "
-                  f"{every} |", flush=True)
+            print(f"| {label} | {c} | {args.rounds} x {args.requests} | {pct(lat, 50):.1f} | {pct(lat, 95):.1f} | "
+                  f"{pct(lat, 99):.1f} | {pct(lat, 99) / pct(lat, 50):.2f} | {served:.2f} | {raw:.2f} | "
+                  f"{ratio:.2f} | {every} |", flush=True)
+
+    try:
+        for n, mode in enumerate(args.modes):
+            levels(mode, url, pids if n == 0 else deploy(mode))
+        if args.floor:
+            serve.delete("bench")  # the floor runs alone on the machine, as each mode did
+            floor, floor_url = start_floor(model_dir, threads)
+            asyncio.run(load_test(floor_url, pngs, 2, 4))  # warm-up
+            levels("floor", floor_url, {"proxy": [], "replica": [floor.pid]})
         raw_cpu_ms = statistics.mean(raw_cpu)
         # where the CPU goes: on a machine where client, proxy and replica share the cores, every
         # CPU-ms spent outside the model is taken from it
-        print(f"\nCPU ms per request (user + system, all threads); raw score_batch: {raw_cpu_ms:.0f} CPU ms per image")
-        print("| concurrency | client | Serve proxy | replica | replica minus raw model | whole machine |")
-        print("|---|---|---|---|---|---|")
-        for c, ms in spent.items():
-            print(f"| {c} | {ms['client']:.0f} | {ms['proxy']:.0f} | {ms['replica']:.0f} | "
-                  f"{ms['replica'] - raw_cpu_ms:.0f} | {ms['machine']:.0f} |")
+        print(f"\nCPU ms per request (user + system, all threads); the forward: {forward_cpu:.1f} CPU ms for one "
+              f"image alone (concurrency 1), raw score_batch {raw_cpu_ms:.1f} CPU ms per image at batch {args.batch} "
+              "(other levels); the floor's server process is in the replica column")
+        print("| app | concurrency | client | Serve proxy | replica | server minus the forward | whole machine |")
+        print("|---|---|---|---|---|---|---|")
+        for (label, c), ms in spent.items():
+            model = forward_cpu if c == 1 else raw_cpu_ms
+            print(f"| {label} | {c} | {ms['client']:.1f} | {ms['proxy']:.1f} | {ms['replica']:.1f} | "
+                  f"{ms['proxy'] + ms['replica'] - model:.1f} | {ms['machine']:.1f} |")
     finally:
+        if floor is not None:
+            floor.terminate()
+            floor.wait(30)
         ray.shutdown()  # the bench's own cluster, Serve with it (serve.shutdown() first only adds a raylet error line)
         shutil.rmtree(tmp, ignore_errors=True)  # the model is ~170 MB at ViT-S size
 

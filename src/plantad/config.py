@@ -495,6 +495,8 @@ class ServeConfig(_Section):
     max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it: 503 (-1: unbounded, not advised)
     max_batch_size: int = Field(16, ge=1)  # requests per @serve.batch call
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    # a request that finds no other queued or scoring on its replica is scored at once, without the batch window
+    idle_skips_batch_wait: bool = True
     max_concurrent_batches: int = Field(1, ge=1)  # batches a replica scores at once (overlaps decoding and answers)
     alias_poll_s: float = Field(1.0, gt=0.0)  # the rollout controller's registry poll (one per application)
     max_image_bytes: int = Field(20_000_000, ge=1)

@@ -94,6 +94,8 @@ class ScoringServer:
         self.batched_score = serve.batch(max_batch_size=self.cfg.max_batch_size,
                                          batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
                                          max_concurrent_batches=self.cfg.max_concurrent_batches)(self._score_batch)
+        # forwards at once, batches and lone requests together (a lone request skips Serve's batch queue)
+        self._forwards = asyncio.Semaphore(self.cfg.max_concurrent_batches)
 
     def __del__(self) -> None:
         holder = getattr(self, "holder", None)
@@ -139,15 +141,16 @@ class ScoringServer:
         self.metrics.batch_requests.observe(len(jobs))
         self.metrics.batch_images.observe(sum(len(j.images) for j in jobs))
         on_canary = [canary is not None and canary_serves(declared, j.line) for j in jobs]
-        if not any(on_canary):
-            return await asyncio.to_thread(score_jobs, current, jobs)
-        out: list[ScoredJob | None] = [None] * len(jobs)
-        for predictor, flag in ((current, False), (canary, True)):
-            idx = [i for i, c in enumerate(on_canary) if c == flag]
-            if idx:
-                for i, done in zip(idx, await asyncio.to_thread(score_jobs, predictor, [jobs[i] for i in idx])):
-                    out[i] = done
-        return out
+        async with self._forwards:
+            if not any(on_canary):
+                return await asyncio.to_thread(score_jobs, current, jobs)
+            out: list[ScoredJob | None] = [None] * len(jobs)
+            for predictor, flag in ((current, False), (canary, True)):
+                idx = [i for i, c in enumerate(on_canary) if c == flag]
+                if idx:
+                    for i, done in zip(idx, await asyncio.to_thread(score_jobs, predictor, [jobs[i] for i in idx])):
+                        out[i] = done
+            return out
 
     async def _answer(self, route: str, request: Request, handler: Callable[[], Awaitable[tuple[int, Any]]],
                       auth: bool = True) -> JSONResponse:
@@ -169,9 +172,12 @@ class ScoringServer:
         declared = self.holder.declared
         role = "canary" if declared.canary and canary_serves(declared, line) else "champion"
         started = time.perf_counter()
+        job = ScoreJob(images, threshold, heatmap, line)
+        # nothing else queued or scoring on this replica: a batch of one now, not after the batch window
+        lone = self.cfg.idle_skips_batch_wait and self._in_flight == 0
         self._in_flight += 1
         try:
-            scored = await self.batched_score(ScoreJob(images, threshold, heatmap, line))
+            scored = (await self._score_batch([job]))[0] if lone else await self.batched_score(job)
         except Exception:
             if declared.canary:
                 self.book.failed(role, len(images))
