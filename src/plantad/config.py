@@ -338,6 +338,10 @@ class RayConfig(_Section):
     # (a one-node cluster); this node's IP opens it to other nodes (Ray then listens on all interfaces)
     host: str = "127.0.0.1"
     num_workers: int = Field(2, ge=1)
+    # elastic training: after a lost worker or node, the run resumes from its newest checkpoint with as
+    # many workers as fit (Ray Train's elastic ScalingConfig), at least this many; None: a fixed count,
+    # the run waits for room for all num_workers
+    min_workers: int | None = Field(None, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
@@ -365,6 +369,16 @@ class RayConfig(_Section):
             raise ValueError(f"ray.host {value!r} is not an address a Ray node can have: use 127.0.0.1 (loopback "
                              "only) or this node's IP")
         return value
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> RayConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"ray.min_workers ({self.min_workers}) is above ray.num_workers ({self.num_workers})")
+        return self
+
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ScalingConfig(num_workers): a fixed count, or (min, max) for elastic training."""
+        return self.num_workers if self.min_workers is None else (self.min_workers, self.num_workers)
 
 
 class MlflowConfig(_Section):

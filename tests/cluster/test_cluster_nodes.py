@@ -2,7 +2,8 @@
 so the session's shared cluster is untouched): bulk scoring loses a worker node mid-run and still
 finishes with exactly one row per image; online scoring loses a replica's node under load, loses
 no request of a retrying client, follows a champion declared while the node is gone, and gets its
-capacity back when a node returns."""
+capacity back when a node returns; elastic training loses a worker's node and finishes on the other
+from its newest checkpoint in S3."""
 
 from __future__ import annotations
 
@@ -88,3 +89,24 @@ def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_cap
           f"the new champion {got['survivor_follows_s']:.1f} s after the move, capacity back "
           f"{got['capacity_back_s']:.1f} s after a node was added; {got['seconds']:.1f} s in all")
 
+
+
+@pytest.mark.chaos  # about 2.5 min: CI's 30-minute budget has no room for it; `pytest -m chaos tests/cluster` runs it
+def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_checkpoint(moto_s3, demo_shards,
+                                                                                        demo_manifest, tmp_path):
+    import uuid
+
+    from plantad.tracking.s3 import s3_client
+
+    bucket = f"node-loss-{uuid.uuid4().hex[:8]}"
+    s3_client(moto_s3).create_bucket(Bucket=bucket)
+    demo_manifest.to_parquet(tmp_path / "manifest.parquet")
+    got = run_script("multinode_train.py", [demo_shards.location, str(tmp_path / "manifest.parquet"),
+                                            moto_s3.endpoint_url, bucket, str(tmp_path / "model")],
+                     tmp_path, tmp_path / "report.json", 480)
+    assert got["worker_nodes"] == 2 and got["removed_at_s"] is not None, got  # one worker per node, one node lost
+    assert "error" not in got and got["steps"] == 30, got
+    # the last worker group began at the checkpoint written before the loss: no step ran twice from 0
+    assert got["history"][-1]["resumed_from"] >= 5, got["history"]
+    print(f"resumed from step {got['history'][-1]['resumed_from']}; finished "
+          f"{got['seconds'] - got['removed_at_s']:.0f} s after the node was removed")

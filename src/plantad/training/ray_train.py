@@ -10,6 +10,7 @@ driver then calibrates on held-out normal images, read from the shards too, and 
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 import time
@@ -69,6 +70,41 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise RuntimeError(f"training checkpoint does not fit the model: mismatched keys {bad[:10]}")
 
 
+def stored_states(filesystem: Any, run_dir: str) -> list[str]:
+    """The training states rank 0 wrote into the run's storage folder, newest first (Ray names each
+    checkpoint folder after the time it was written)."""
+    import pyarrow.fs
+
+    selector = pyarrow.fs.FileSelector(run_dir, recursive=True, allow_not_found=True)
+    found = [f.path for f in filesystem.get_file_info(selector)
+             if f.type == pyarrow.fs.FileType.File and f.path.endswith(f"/{STATE_FILE}")]
+    return sorted(found, key=lambda path: path.rsplit("/", 2)[-2], reverse=True)
+
+
+def newest_stored_state(filesystem: Any, run_dir: str) -> dict[str, Any] | None:
+    """The newest complete training state in the run's storage, or None.
+
+    Ray Train hands a restarted worker group only a checkpoint that every rank reported; a node lost
+    between rank 0's upload and the other ranks' reports leaves a newer, complete state that Ray never
+    registered. Under DDP every rank holds the same weights, so rank 0's state is the run's state: a
+    restart resumes from the newest one that loads (a partly copied file is skipped)."""
+    for path in stored_states(filesystem, run_dir):
+        try:
+            with filesystem.open_input_file(path) as f:
+                return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:  # removed meanwhile, or cut short
+            log.warning("training state %s does not load (%s): trying an older one", path, exc)
+    return None
+
+
+def _storage_filesystem(settings: Settings) -> Any:
+    import pyarrow.fs
+
+    from plantad.tracking.s3 import pyarrow_filesystem
+
+    return pyarrow_filesystem(settings.s3) if settings.ray.storage_path.startswith("s3://") else pyarrow.fs.LocalFileSystem()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -91,6 +127,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resume is not None:
         with resume.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    if config.get("run_dir"):  # a newer state than Ray registered (a node lost while ranks reported)
+        stored = newest_stored_state(_storage_filesystem(settings), config["run_dir"])
+        if stored is not None and (state is None or int(stored["step"]) > int(state["step"])):
+            state = stored
+    if state is not None:
         load_trainable_state(model, state["model"])
         step = int(state["step"])
     seed_rank(cfg.seed, ctx.get_world_rank())  # same initial weights everywhere, a dropout stream per rank
@@ -205,8 +246,9 @@ def run_ray_training(
     board = start_board()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run, "progress": board},
-        scaling_config=ScalingConfig(num_workers=rcfg.num_workers, use_gpu=rcfg.use_gpu, resources_per_worker=resources),
+        train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run, "progress": board,
+                           "run_dir": f"{storage_path}/{name}"},
+        scaling_config=ScalingConfig(num_workers=rcfg.scaling_workers(), use_gpu=rcfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
