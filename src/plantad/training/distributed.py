@@ -57,7 +57,8 @@ def stop_if_not_finite(terms: LossTerms, step: int) -> None:
         where = "; ".join(f"rank {r}: {', '.join(n for n, b in TERM_BITS.items() if bits & b)}"
                           for r, bits in sorted(per_rank.items()))
         raise FloatingPointError(f"training stopped at step {step}: a loss is not finite ({where}); every rank "
-                                 "stops here. Lower train.lr, or check the data of this step")
+                                 "stops here. Lower the learning rate (train.lr; train.snl_optimizer.lr for "
+                                 "snl_rd and snl_fd), or check the data of this step")
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
