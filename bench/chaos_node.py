@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from chaos_common import Row
-from cluster_helpers import two_versions
+from infra.fixtures import two_versions
 
 from plantad.cluster import with_serve_env
 from plantad.config import S3Config

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 
 from plantad.cluster.capacity import list_holders, read_capacity
 from tiny import tiny_settings
@@ -57,27 +56,3 @@ def tiny_ray_settings(moto_s3, *extra: str):
     return tiny_settings("ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.steps_per_epoch=5", "ray.max_failures=0",
                          f"ray.storage_path=s3://{moto_s3.bucket}/fit-{uuid.uuid4().hex[:8]}",
                          f"s3.endpoint_url={moto_s3.endpoint_url}", f"s3.bucket={moto_s3.bucket}", *extra)
-
-
-def two_versions(model_dir: Path, png: bytes, root: Path, name: str = "plantad-node-loss") -> tuple[str, str, list[str]]:
-    """A SQLite registry under `root` holding the model in `model_dir` twice (the answers' version
-    says which one served): (tracking URI, model name, [version, version])."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from plantad.tracking.pyfunc import log_pyfunc_model
-    from plantad.tracking.registry import register_version
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("node-loss", artifact_location=str(root / "artifacts"))
-    mlflow.set_tracking_uri(uri)
-    try:
-        versions = []
-        for _ in range(2):
-            with mlflow.start_run(experiment_id=exp) as run:
-                info = log_pyfunc_model(model_dir, png)
-            versions.append(str(register_version(client, name, run.info.run_id, "model", model_id=info.model_id).version))
-    finally:
-        mlflow.set_tracking_uri(None)
-    return uri, name, versions

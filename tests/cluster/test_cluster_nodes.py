@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import two_versions
+from infra.fixtures import two_versions
 from plantad.cluster import with_serve_env
 
 HERE = Path(__file__).resolve().parent

@@ -241,3 +241,27 @@ def local_ray() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def two_versions(model_dir: Path, png: bytes, root: Path, name: str = "plantad-two-versions") -> tuple[str, str, list[str]]:
+    """A SQLite registry under `root` holding the model in `model_dir` twice (the answers' version
+    says which one served): (tracking URI, model name, [version, version])."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from plantad.tracking.pyfunc import log_pyfunc_model
+    from plantad.tracking.registry import register_version
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(name, artifact_location=str(root / "artifacts"))
+    mlflow.set_tracking_uri(uri)
+    try:
+        versions = []
+        for _ in range(2):
+            with mlflow.start_run(experiment_id=exp) as run:
+                info = log_pyfunc_model(model_dir, png)
+            versions.append(str(register_version(client, name, run.info.run_id, "model", model_id=info.model_id).version))
+    finally:
+        mlflow.set_tracking_uri(None)
+    return uri, name, versions

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from bulk_helpers import assert_rows_match, bulk_settings, comparable, expected_rows, folder_files, make_input
+from infra.fixtures import two_versions
 from plantad.cli import main as cli_main
 from plantad.cluster.capacity import DoesNotFit
 from plantad.serving.bulk import read_results, run_bulk
@@ -100,33 +101,13 @@ def test_folder_is_scored_like_score_batch_with_error_rows_and_maps(ray_local, t
     assert comparable(read_results(open_location(str(out / mid), bulk_settings().s3))).equals(comparable(table))
 
 
-def _log_twice(tmp_path, model_dir, example_png: bytes) -> tuple[str, MlflowClient, list[str]]:
-    import mlflow
-
-    from plantad.tracking.pyfunc import log_pyfunc_model
-    from plantad.tracking.registry import register_version
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("bulk", artifact_location=str(tmp_path / "artifacts"))
-    mlflow.set_tracking_uri(uri)
-    try:
-        versions = []
-        for _ in range(2):
-            with mlflow.start_run(experiment_id=exp) as run:
-                info = log_pyfunc_model(model_dir, example_png)
-            versions.append(str(register_version(client, "bulkreg", run.info.run_id, "model",
-                                                 model_id=info.model_id).version))
-    finally:
-        mlflow.set_tracking_uri(None)
-    return uri, client, versions
-
-
 @pytest.mark.e2e
 def test_each_champion_version_writes_its_own_table(ray_local, trained_tiny, demo_root, tmp_path):
     _, result = trained_tiny
     images = make_input(demo_root, tmp_path / "in", limit=6)
-    uri, client, versions = _log_twice(tmp_path, result.model_path.parent, (tmp_path / "in" / images[-1]).read_bytes())
+    uri, _, versions = two_versions(result.model_path.parent, (tmp_path / "in" / images[-1]).read_bytes(), tmp_path,
+                                    "bulkreg")
+    client = MlflowClient(uri)
     settings = bulk_settings(f"mlflow.tracking_uri={uri}")
     out = tmp_path / "out"
     set_alias(client, "bulkreg", CHAMPION, versions[0])
