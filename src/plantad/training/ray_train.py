@@ -122,15 +122,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logging.getLogger("plantad").setLevel(logging.ERROR)
     model = build_model_with_teacher_weights(settings)  # a remote teacher: fetched into this node's cache
     step = 0
-    resume = ray.train.get_checkpoint()
-    state = None
+    # the newest state in the run's storage: Ray's last registered checkpoint is one of them, and a
+    # newer one is there when a node was lost while the ranks reported
+    state = newest_stored_state(_storage_filesystem(settings), config["run_dir"]) if config.get("run_dir") else None
+    resume = ray.train.get_checkpoint() if state is None else None
     if resume is not None:
         with resume.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    if config.get("run_dir"):  # a newer state than Ray registered (a node lost while ranks reported)
-        stored = newest_stored_state(_storage_filesystem(settings), config["run_dir"])
-        if stored is not None and (state is None or int(stored["step"]) > int(state["step"])):
-            state = stored
     if state is not None:
         load_trainable_state(model, state["model"])
         step = int(state["step"])
