@@ -1,8 +1,9 @@
 """Fault injection with figures: SIGKILLed `dvc repro` stages, SIGKILLed Ray Train workers, a flaky S3,
-a worker node lost under bulk scoring, online scoring and Ray Train.
+a worker node lost under bulk scoring, online scoring and Ray Train, two bulk runs racing for one output.
 
     python bench/chaos.py --k 3                 # every fault K times (the README's table)
     python bench/chaos.py --k 1 --only s3       # one family
+    python bench/chaos.py --k 3 --only dvc --stages score   # kills in one stage (after a full reference run)
 
 Everything runs on this machine with the test suite's real services: moto's S3 server, an MLflow
 server proxying artifacts to it, a local Ray cluster of 2 CPUs, and DVC projects on the tiny
@@ -23,22 +24,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests"), str(REPO / "tests" / "pipeline"),
-                str(REPO / "tests" / "cluster")]
+                str(REPO / "tests" / "cluster"), str(REPO / "tests" / "serving")]
 
 from chaos_common import Row, table  # noqa: E402
 
-FAMILIES = ("dvc", "ray", "s3", "node")
+FAMILIES = ("dvc", "ray", "s3", "node", "race")
 
 
 def run_families(families: list[str], work: Path, k: int, seed: int, s3, tracking_uri: str,
-                 stage_env: dict[str, str]) -> list[Row]:
+                 stage_env: dict[str, str], stages: list[str] | None = None) -> list[Row]:
     """The chaos rows of the chosen families; services (S3, MLflow, Ray) must be up."""
     rng = random.Random(seed)
     rows: list[Row] = []
     if "dvc" in families:
         from chaos_dvc import dvc_kill_rows
 
-        rows += dvc_kill_rows(work / "dvc", stage_env, tracking_uri, k, rng)
+        rows += dvc_kill_rows(work / "dvc", stage_env, tracking_uri, k, rng, stages)
     if "ray" in families:
         from chaos_ray import worker_kill_rows
 
@@ -51,6 +52,10 @@ def run_families(families: list[str], work: Path, k: int, seed: int, s3, trackin
         from chaos_node import node_loss_rows
 
         rows += node_loss_rows(work / "node", k, s3)
+    if "race" in families:
+        from chaos_race import race_rows
+
+        rows += race_rows(work / "race", k, rng, s3)
     return rows
 
 
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=3, help="trials per fault")
     parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--stages", nargs="+", help="dvc family: kill only in these stages (default: every stage)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from infra.fixtures import local_ray, mlflow_server_process, moto_server
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         s3 = stack.enter_context(moto_server(work / "no-aws-files"))
         tracking_uri = stack.enter_context(mlflow_server_process(s3, work))
         stack.enter_context(local_ray())
-        rows = run_families(args.only, work, args.k, args.seed, s3, tracking_uri, joined_stage_env(work / "home"))
+        rows = run_families(args.only, work, args.k, args.seed, s3, tracking_uri, joined_stage_env(work / "home"),
+                            args.stages)
     print(f"\nK={args.k}, seed {args.seed}, {time.monotonic() - started:.0f} s\n")
     print(table(rows))
     return 0 if all(r.recovered == r.trials and r.data_lost == 0 for r in rows) else 1

@@ -144,8 +144,12 @@ def kill_rows(project: Project, reference: Project, targets: list[str], k: int, 
     return rows
 
 
-def dvc_kill_rows(work: Path, env: dict[str, str], tracking_uri: str, k: int, rng: random.Random) -> list[Row]:
-    """K SIGKILLs in every stage of one pipeline run from scratch, against an uninterrupted run."""
+def dvc_kill_rows(work: Path, env: dict[str, str], tracking_uri: str, k: int, rng: random.Random,
+                  stages: list[str] | None = None) -> list[Row]:
+    """K SIGKILLs in every stage (or in `stages`) of one pipeline run from scratch, against an uninterrupted run."""
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        raise ValueError(f"--stages: no stage {', '.join(unknown)} in dvc.yaml (its stages: {', '.join(STAGES)})")
     suffix = f"{rng.getrandbits(32):08x}"
     ref = new_project(work / "reference", env, tracking_uri,
                       {"experiment": f"chaos-ref-{suffix}", "registered_model": f"chaos-ref-{suffix}"})
@@ -155,7 +159,7 @@ def dvc_kill_rows(work: Path, env: dict[str, str], tracking_uri: str, k: int, rn
     ref.stage_seconds = reference.durations()
     project = new_project(work / "chaos", env, tracking_uri,
                           {"experiment": f"chaos-{suffix}", "registered_model": f"chaos-{suffix}"})
-    return kill_rows(project, ref, STAGES, k, rng, tracking_uri, work)
+    return kill_rows(project, ref, [s for s in STAGES if s in stages] if stages else STAGES, k, rng, tracking_uri, work)
 
 
 def registered_versions(tracking_uri: str, name: str) -> int:
