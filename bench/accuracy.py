@@ -6,11 +6,20 @@ cross-class interference probes (mixup of two categories, a patch of one pasted 
 scored against the normal test images) and wall times. A second table gives each branch's raw score
 alone and the joined score under the earlier scale-only fusion and the offset-and-spread fusion the
 model stores (same model, same held-out normal images: equal training steps); a third the false-alarm
-rate promised at the stored threshold, the rate on the normal test images and recall there.
+rate promised at the stored threshold, the rate on the normal test images and recall there; a last
+one summarises each variant over its seeds.
+
+Training time is the process's CPU seconds per training step (the mean over steps 2 to n: the first
+step's one-off set-up left out), times the steps. With --equal-time, each variant is first timed for
+a few steps; within each group of variants with the same model.branches, the dearest (most CPU
+seconds per step) trains train.steps and each other variant the steps its own measured cost fits in
+the same time, with its warm-up and hard-mining ramp scaled alike. Run it with one torch thread
+(OMP_NUM_THREADS=1) so that CPU seconds measure work, not spinning threads on a shared machine.
 
 Usage: python bench/accuracy.py [--config params.yaml] [--set key=value ...] [--work DIR]
        [--datasets demo,semantic] [--variants sd,se,se_patch,dual,dual_patch] [--seeds 0,1,2] [--json rows.json]
-       python bench/accuracy.py --variants se,se_shared,dual,dual_shared  (the lighter S_E)
+       python bench/accuracy.py --variants se,se_shared,dual,dual_shared --equal-time  (the lighter S_E)
+       python bench/accuracy.py --tables rows-a.json rows-b.json  (the tables of saved runs, together)
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (table label, override
 DEFAULT_VARIANTS = "sd,se,se_patch,dual,dual_patch"
 METHOD_VARIANTS = "dual,snl_rd,snl_rd_no_structural,snl_rd_no_cram,snl_fd,dual_snl"
 PROBES_PER_PAIR = 4
+TIMING_STEPS = 8  # --equal-time: steps each variant is timed for before the budget is set
 
 
 def make_data(name: str, work: Path, config: str, overrides: list[str]) -> Path:
@@ -142,12 +152,54 @@ def holdout_predictions(model: Any, manifest: Any, data: Path, settings: Any) ->
     return predict(model, rows.reset_index(drop=True), data, settings, progress=False)
 
 
+def timed_train(settings: Any, manifest: Any, data: Path, out_dir: Path) -> tuple[Any, float]:
+    """Train; returns the result and the process's CPU seconds per step (mean over steps 2 to n)."""
+    marks: list[float] = []
+    result = train_model(settings, manifest, data, out_dir, on_step=lambda step, logs: marks.append(time.process_time()),
+                         progress=False)
+    if len(marks) < 2:
+        raise ValueError(f"train.steps={settings.train.steps}: timing a training step needs at least 2 steps")
+    return result, float(np.mean(np.diff(marks)))
+
+
+def equal_time_overrides(seconds_per_step: dict[str, float], train: Any) -> dict[str, list[str]]:
+    """Per variant, the train.* overrides that give it the training time of the dearest variant (most
+    CPU seconds per step) at train.steps: its own steps from its own cost, warm-up and ramp scaled alike."""
+    if not seconds_per_step or min(seconds_per_step.values()) <= 0:
+        raise ValueError(f"equal training time needs a positive time per step for every variant: {seconds_per_step}")
+    budget = train.steps * max(seconds_per_step.values())
+    out = {}
+    for variant, cost in seconds_per_step.items():
+        steps = max(1, round(budget / cost))
+        scale = steps / train.steps
+        out[variant] = [f"train.steps={steps}", f"train.warmup_steps={round(train.warmup_steps * scale)}",
+                        f"train.hard_mining.ramp_steps={round(train.hard_mining.ramp_steps * scale)}"]
+    return out
+
+
+def equal_time_plan(dataset: str, data: Path, manifest: Any, variants: list[str], config: str,
+                    overrides: list[str], work: Path) -> dict[str, list[str]]:
+    """Time each variant for TIMING_STEPS steps, then equal_time_overrides within each model.branches group."""
+    groups: dict[str, dict[str, float]] = {}
+    for variant in variants:
+        settings = load_settings(config, [*overrides, *VARIANTS[variant][1], f"train.steps={TIMING_STEPS}"])
+        out = work / f"timing-{dataset}-{variant}"
+        _, cost = timed_train(settings, manifest, data, out)
+        shutil.rmtree(out, ignore_errors=True)
+        groups.setdefault(str(settings.model.branches), {})[variant] = cost
+        print(f"  timing {variant}: {cost:.3f} CPU s per step", flush=True)
+    train = load_settings(config, overrides).train
+    plan = {v: o for group in groups.values() for v, o in equal_time_overrides(group, train).items()}
+    print(f"  equal time: {', '.join(f'{v} {o[0]}' for v, o in plan.items())}", flush=True)
+    return plan
+
+
 def run_variant(dataset: str, data: Path, manifest: Any, variant: str, config: str, overrides: list[str],
                 work: Path) -> dict[str, Any]:
     settings = load_settings(config, [*overrides, *VARIANTS[variant][1]])
     t0 = time.perf_counter()
-    result = train_model(settings, manifest, data, work / f"model-{dataset}-{variant}-{settings.train.seed}",
-                         progress=False)
+    result, cpu_per_step = timed_train(settings, manifest, data,
+                                       work / f"model-{dataset}-{variant}-{settings.train.seed}")
     t1 = time.perf_counter()
     model, _ = load_model(result.model_path)
     metrics, pred = evaluate_model(model, manifest, data, settings, progress=False)
@@ -167,7 +219,11 @@ def run_variant(dataset: str, data: Path, manifest: Any, variant: str, config: s
             "fa_achieved": fa["achieved"], "fa_ci": (fa["ci_low"], fa["ci_high"]), "fa_normal": fa["normal_images"],
             "recall_at_threshold": metrics["at_threshold"]["recall"],
             "train_s": t1 - t0, "eval_s": t2 - t1, "per_category": metrics["per_category"],
-            "branches": metrics["branches"]}
+            "steps": settings.train.steps, "train_cpu_s": cpu_per_step * settings.train.steps,
+            "branches": metrics["branches"], "labels": pred.labels.tolist(),
+            "categories": pred.rows["category"].tolist(), "probability": pred.probability.tolist(),
+            **{f"score_{k}": None if v is None else v.tolist()
+               for k, v in (("local", pred.local_score), ("semantic", pred.semantic_score))}}
 
 
 def fmt(v: float | None) -> str:
@@ -176,13 +232,12 @@ def fmt(v: float | None) -> str:
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
     print("\n| data | model | image AUROC | image AP | pixel AUROC | AUPRO | mixup probe AUROC | paste probe AUROC "
-          "| train s | eval s |")
-    print("|---" * 10 + "|")
+          "| steps | train CPU s | train s | eval s |")
+    print("|---" * 12 + "|")
     for r in rows:
         cells = [fmt(r[k]) for k in (*KEYS, "probe_mixup", "probe_paste")]
         print(f"| {r['dataset']} | {VARIANTS[r['variant']][0]}, seed {r['seed']} | {' | '.join(cells)} "
-              f"| {r['train_s']:.0f} "
-              f"| {r['eval_s']:.0f} |")
+              f"| {r['steps']} | {r['train_cpu_s']:.1f} | {r['train_s']:.0f} | {r['eval_s']:.0f} |")
     print("\nbranch scores alone and joined (image AUROC; joined: the earlier scale-only rule and the "
           "offset-and-spread rule, fitted on the same held-out normal images of the same model):")
     print("| data | model | seed | S_D score | S_E score | joined, scale rule | joined, offset-and-spread rule "
@@ -203,6 +258,80 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
               f"| {fmt(r['fa_promised'])} | {fmt(r['fa_promised_90'])} "
               f"| {r['fa_images']} | {fmt(r['fa_achieved'])} ({r['fa_normal']} images) | {fmt(low)} to {fmt(high)} "
               f"| {fmt(r['recall_at_threshold'])} |")
+    print_summary(rows)
+
+
+def spread(values: list[float | None]) -> str:
+    """Mean over seeds and, for more than one, the range: '0.812 (0.790 to 0.840)'."""
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    if not vals:
+        return "n/a"
+    return fmt(float(np.mean(vals))) + ("" if len(vals) == 1 else f" ({fmt(min(vals))} to {fmt(max(vals))})")
+
+
+def category_auroc(labels: np.ndarray, cats: np.ndarray, score: np.ndarray, idx: np.ndarray) -> float:
+    """Image AUROC of score over the images idx, the mean over categories (as in the metrics)."""
+    return float(np.mean([image_auroc(labels[idx[cats[idx] == c]], score[idx[cats[idx] == c]])
+                          for c in np.unique(cats)]))
+
+
+def paired_difference(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str,
+                      draws: int = 1000) -> tuple[list[float], float, float, float]:
+    """AUROC of a's `key` scores minus b's, per seed (a and b: rows of the same seeds, same test images);
+    their mean; a 95% bootstrap interval of the mean (test images resampled within category and label,
+    one draw for every seed and both variants)."""
+    labels, cats = np.asarray(a[0]["labels"]), np.asarray(a[0]["categories"])
+    pairs = [(np.asarray(x[key], dtype=float), np.asarray(y[key], dtype=float)) for x, y in zip(a, b)]
+    if any(len(y["labels"]) != len(labels) for y in [*a, *b]):
+        raise ValueError("paired rows must score the same test images")
+
+    def mean_gap(idx: np.ndarray) -> tuple[list[float], float]:
+        gaps = [category_auroc(labels, cats, x, idx) - category_auroc(labels, cats, y, idx) for x, y in pairs]
+        return gaps, float(np.mean(gaps))
+
+    per_seed, mean = mean_gap(np.arange(len(labels)))
+    strata = [np.flatnonzero((cats == c) & (labels == y)) for c in np.unique(cats) for y in (0, 1)]
+    rng = np.random.default_rng(0)
+    boot = [mean_gap(np.concatenate([rng.choice(s, size=len(s)) for s in strata]))[1] for _ in range(draws)]
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return per_seed, mean, float(low), float(high)
+
+
+SE_PAIRS = (("se_shared", "se"), ("dual_shared", "dual"))  # (shared S_E, the paper's S_E)
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    """One row per data set and variant over its seeds, then shared minus paper S_E at the same seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["variant"]), []).append(r)
+    print("\nsummary over seeds (mean, and the range over seeds; image AUROC; false alarms at the stored threshold):")
+    print("| data | model | seeds | steps | train CPU s | S_D score | S_E score | joined | false alarms promised "
+          "| achieved | recall |")
+    print("|---" * 11 + "|")
+    for (dataset, variant), rs in groups.items():
+        steps = sorted({r["steps"] for r in rs})
+        print(f"| {dataset} | {VARIANTS[variant][0]} | {','.join(str(r['seed']) for r in rs)} "
+              f"| {'/'.join(map(str, steps))} | {np.mean([r['train_cpu_s'] for r in rs]):.1f} "
+              f"| {spread([r['auroc_local'] for r in rs])} | {spread([r['auroc_semantic'] for r in rs])} "
+              f"| {spread([r['auroc_joined'] for r in rs])} | {spread([r['fa_promised'] for r in rs])} "
+              f"| {spread([r['fa_achieved'] for r in rs])} | {spread([r['recall_at_threshold'] for r in rs])} |")
+    pairs = [(d, s, p) for d in dict.fromkeys(r["dataset"] for r in rows) for s, p in SE_PAIRS
+             if (d, s) in groups and (d, p) in groups]
+    if not pairs:
+        return
+    print("\nshared S_E minus the paper's S_E, image AUROC at the same seeds (mean, per seed, 95% bootstrap of the mean):")
+    print("| data | pair | seeds | S_E score: mean | per seed | bootstrap | joined: mean | per seed | bootstrap |")
+    print("|---" * 9 + "|")
+    for dataset, shared, paper in pairs:
+        seeds = sorted({r["seed"] for r in groups[dataset, shared]} & {r["seed"] for r in groups[dataset, paper]})
+        a = [next(r for r in groups[dataset, shared] if r["seed"] == s) for s in seeds]
+        b = [next(r for r in groups[dataset, paper] if r["seed"] == s) for s in seeds]
+        cells = []
+        for key in ("score_semantic", "probability"):
+            per_seed, mean, low, high = paired_difference(a, b, key)
+            cells += [f"{mean:+.3f}", " / ".join(f"{g:+.3f}" for g in per_seed), f"{low:+.3f} to {high:+.3f}"]
+        print(f"| {dataset} | {shared} - {paper} | {','.join(map(str, seeds))} | {' | '.join(cells)} |")
 
 
 def main() -> None:
@@ -216,9 +345,22 @@ def main() -> None:
                         help=f"every model.method and SNL's ablations on the demo data (--variants {METHOD_VARIANTS})")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON (after every row)")
     parser.add_argument("--seeds", default="0", help="train.seed values: each variant is trained once per seed")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="equal training CPU time within each model.branches group (see above)")
+    parser.add_argument("--tables", type=Path, nargs="+", help="print the tables of rows saved by --json (several "
+                        "runs together) and train nothing")
     args = parser.parse_args()
+    if args.tables:
+        missing = [str(p) for p in args.tables if not p.is_file()]
+        if missing:
+            parser.error(f"--tables: no such file: {', '.join(missing)}")
+        print_tables([r for p in args.tables for r in json.loads(p.read_text())])
+        return
     if args.methods:
         args.datasets, args.variants = "demo", METHOD_VARIANTS
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     work = args.work or Path(tempfile.mkdtemp(prefix="plantad-bench-"))
     rows: list[dict[str, Any]] = []
     try:
@@ -227,13 +369,16 @@ def main() -> None:
             data = make_data(dataset, work, args.config, args.set)
             manifest = scan_dataset(data, None)
             print(f"{dataset}: data + manifest {time.perf_counter() - t0:.1f} s ({len(manifest)} images)", flush=True)
-            for variant in args.variants.split(","):
+            variants = args.variants.split(",")
+            plan = (equal_time_plan(dataset, data, manifest, variants, args.config, args.set, work)
+                    if args.equal_time else {v: [] for v in variants})
+            for variant in variants:
                 for seed in args.seeds.split(","):
                     rows.append(run_variant(dataset, data, manifest, variant, args.config,
-                                            [*args.set, f"train.seed={seed}"], work))
+                                            [*args.set, f"train.seed={seed}", *plan[variant]], work))
                     r = rows[-1]
-                    print(f"  {variant} seed {seed}: image_auroc={fmt(r['image_auroc'])} train {r['train_s']:.0f} s",
-                          flush=True)
+                    print(f"  {variant} seed {seed}: image_auroc={fmt(r['image_auroc'])} {r['steps']} steps, "
+                          f"train {r['train_cpu_s']:.1f} CPU s ({r['train_s']:.0f} s)", flush=True)
                     if args.json:
                         args.json.write_text(json.dumps(rows, indent=2))
     finally:
