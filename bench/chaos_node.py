@@ -10,9 +10,10 @@ ports and temp dir), the same scripts as tests/cluster/test_cluster_nodes.py:
   that made the rollout controller removed, the champion moved, a node added back. Recovered: no
   request left unanswered and two replicas on the new champion again; data lost: a request never
   answered.
-- training: two Ray Train workers, one per worker node, elastic down to one, the node of one removed
-  once a checkpoint is written. Recovered: the run finished its steps from a checkpoint after step 0;
-  data lost: a run that restarted from step 0 or did not finish.
+- training: two Ray Train workers, one per worker node, elastic down to one (or, with `fixed`, kept
+  at two), the node of one removed once a checkpoint is written (and, with `add_back`, a node of
+  1 CPU added that many seconds later). Recovered: the run finished its steps from a checkpoint
+  after step 0; data lost: a run that restarted from step 0 or did not finish.
 """
 
 from __future__ import annotations
@@ -107,28 +108,38 @@ def serving_row(work: Path, model_dir: Path, images: Path, k: int) -> Row:
                f"was added (s): {back}" + (f"; {errors}" if errors else ""))
 
 
-def training_row(work: Path, s3, k: int) -> Row:
+def training_row(work: Path, s3, k: int, add_back: float | None = None, fixed: bool = False) -> Row:
     from plantad.data.shards import write_shards
 
     root = work / "demo"
     manifest = scan_dataset(root)
     shards = write_shards(manifest, root, str(work / "shards"), S3Config(), 256_000_000)
     manifest.to_parquet(work / "manifest.parquet")
+    options = ([f"--add-back={add_back}"] if add_back is not None else []) + (["--fixed"] if fixed else [])
     trials = [node_loss_trial("multinode_train.py", [shards.location, str(work / "manifest.parquet"), s3.endpoint_url,
-                                                     s3.bucket, str(work / f"model-{i}")], work / f"train-{i}.json")
-              for i in range(k)]  # elastic (ray.min_workers=1), no node added back
+                                                     s3.bucket, str(work / f"model-{i}"), *options],
+                              work / f"train-{i}.json") for i in range(k)]
     lost = [t for t in trials if t.get("removed_at_s") is not None]
     done = [t for t in lost if t.get("steps") == 30]
     resumed = [int(t["history"][-1]["resumed_from"]) for t in done]  # the step the last worker group began at
     timing = ", ".join(f"{t['seconds'] - t['removed_at_s']:.0f}" for t in done)
     errors = "; ".join(t["error"][:160] for t in trials if "error" in t)
-    return Row("worker node lost under Ray Train (3 nodes, 1 worker per worker node, elastic: min 1 worker)", len(lost),
+    count = "fixed: 2 workers" if fixed else "elastic: min 1 worker"
+    back = f", a node added {add_back:g} s after the loss" if add_back is not None else ""
+    workers = ", ".join(str(t["history"][-1].get("world_size", "?")) for t in done)
+    return Row(f"worker node lost under Ray Train (3 nodes, 1 worker per worker node, {count}{back})", len(lost),
                sum(r > 0 for r in resumed), len(lost) - sum(r > 0 for r in resumed),
-               (f"resumed from step {', '.join(map(str, resumed))} of 30 on the remaining node; finished {timing} s "
+               (f"resumed from step {', '.join(map(str, resumed))} of 30 with {workers} workers; finished {timing} s "
                 "after the loss" if resumed else "did not resume") + (f"; {errors}" if errors else ""))
 
 
-def node_loss_rows(work: Path, k: int, s3) -> list[Row]:
+NODE_ROWS = ("bulk", "serving", "training")
+
+
+def node_loss_rows(work: Path, k: int, s3, which: tuple[str, ...] = NODE_ROWS, add_back: float | None = None,
+                   fixed: bool = False) -> list[Row]:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, images = tiny_model_and_images(work)
-    return [bulk_row(work, model_dir, images, k), serving_row(work, model_dir, images, k), training_row(work, s3, k)]
+    rows = [bulk_row(work, model_dir, images, k)] if "bulk" in which else []
+    rows += [serving_row(work, model_dir, images, k)] if "serving" in which else []
+    return rows + ([training_row(work, s3, k, add_back, fixed)] if "training" in which else [])

@@ -4,11 +4,12 @@ CPU for workers, two workers of 1 CPU), two training workers of 0.75 CPU (so one
 checkpoints every epoch to moto's S3, and the node of one worker removed (raylet and workers killed)
 once a checkpoint is written. The run is elastic (`ray.min_workers=1`): it resumes from the newest
 checkpoint in S3 with the one worker the remaining node holds. With `--add-back` a node of 1 CPU
-joins 3 s after the loss, as an autoscaler would add one; on Ray 2.60 that run does not resume
-(docs/explanation/faults.md, "What the bench found"). Writes a JSON report: the nodes, the times,
-and the run's steps and reported epochs (or its error).
+joins 3 s after the loss (`--add-back=SECONDS`: that many), as an autoscaler would add one; with
+`--fixed` the run keeps its 2 workers (no `ray.min_workers`) and must wait for that node.
+Writes a JSON report: the nodes, the times, and the run's steps and reported epochs (or its error).
 
-    python tests/cluster/multinode_train.py <shards> <manifest.parquet> <s3 endpoint> <bucket> <out> [--add-back] <report.json>
+    python tests/cluster/multinode_train.py <shards> <manifest.parquet> <s3 endpoint> <bucket> <out> \
+        [--add-back[=SECONDS]] [--fixed] <report.json>
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ def train_worker_nodes() -> set[str]:
             if "TrainWorker" in (a.class_name or "")}
 
 
+def placement(seconds: float) -> dict:
+    """What holds the cluster now: every placement group in any state, with its bundles' nodes, and
+    each node's free CPU (for a report on a run that did not resume)."""
+    import ray
+    from ray.util.state import list_placement_groups
+
+    groups = [{"id": g.placement_group_id[:8], "state": g.state,
+               "bundles": [{"node": (b.get("node_id") or "")[:8], "cpu": b.get("unit_resources", {}).get("CPU")}
+                           for b in (g.bundles or [])]}
+              for g in list_placement_groups(detail=True, limit=1000)]
+    free = {n["NodeID"][:8]: ray._private.state.available_resources_per_node().get(n["NodeID"], {}).get("CPU")
+            for n in ray.nodes() if n["Alive"]}
+    return {"at_s": round(seconds, 1), "groups": groups, "free_cpu": free}
+
+
 def checkpoints(client, bucket: str, prefix: str) -> int:
     """How many checkpoints the run has written under s3://bucket/prefix."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -39,7 +55,7 @@ def checkpoints(client, bucket: str, prefix: str) -> int:
 
 
 def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_dir: str, report: str,
-         add_back: bool = False) -> int:
+         add_back: float | None = None, fixed: bool = False) -> int:
     import pandas as pd
     import ray
 
@@ -54,7 +70,7 @@ def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_di
     prefix = f"fit-{uuid.uuid4().hex[:8]}"
     settings = tiny_settings(f"train.steps={STEPS}", f"ray.steps_per_epoch={SPE}", "ray.num_workers=2",
                              "ray.cpus_per_worker=0.75", "ray.min_cpus_per_worker=0.75", "ray.data_cpus=0.25",
-                             "ray.max_failures=2", "ray.min_workers=1", "ray.stall_timeout_s=120", f"ray.address={cluster.address}",
+                             "ray.max_failures=2", f"ray.min_workers={'null' if fixed else 1}", "ray.stall_timeout_s=120", f"ray.address={cluster.address}",
                              f"ray.storage_path=s3://{bucket}/{prefix}", f"s3.endpoint_url={endpoint}",
                              f"s3.bucket={bucket}")
     manifest = pd.read_parquet(manifest_file)
@@ -83,14 +99,22 @@ def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_di
     result: dict = {"worker_nodes": len(nodes), "removed_at_s": None}
     if job.is_alive() and len(nodes) == 2:
         result["checkpoints_before_removal"] = checkpoints(client, bucket, prefix)
+        result["nodes"] = {"lost": workers[1].node_id[:8], "kept": workers[0].node_id[:8]}
         cluster.remove_node(workers[1], allow_graceful=False)
         removed = time.monotonic()
         result["removed_at_s"] = removed - started
-        if add_back:
-            time.sleep(3)
-            cluster.add_node(num_cpus=1)
+        if add_back is not None:
+            time.sleep(add_back)
+            result["nodes"]["added"] = cluster.add_node(num_cpus=1).node_id[:8]
             result["added_at_s"] = time.monotonic() - started
-    job.join(timeout=300)
+    snapshots: list[dict] = []
+    while job.is_alive() and time.monotonic() - started < 600:
+        job.join(timeout=15)
+        try:
+            snapshots = [*snapshots[-3:], placement(time.monotonic() - started)]
+        except Exception as exc:  # noqa: BLE001 - a diagnostic only
+            snapshots = [*snapshots[-3:], {"error": str(exc)[:200]}]
+    result["placement_snapshots"] = snapshots
     result.update(seconds=time.monotonic() - started, job_alive=job.is_alive(), **outcome)
     Path(report).write_text(json.dumps(result, indent=2, default=str))
     ray.shutdown()
@@ -98,5 +122,11 @@ def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_di
     return 0
 
 
+def _add_back(argv: list[str]) -> float | None:
+    given = [a for a in argv if a.startswith("--add-back")]
+    return None if not given else float(given[-1].partition("=")[2] or 3)
+
+
 if __name__ == "__main__":
-    sys.exit(main(*[a for a in sys.argv[1:] if a != "--add-back"][:6], add_back="--add-back" in sys.argv))
+    sys.exit(main(*[a for a in sys.argv[1:] if not a.startswith("--")][:6], add_back=_add_back(sys.argv),
+                  fixed="--fixed" in sys.argv))

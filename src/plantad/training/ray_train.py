@@ -155,6 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         metrics = {"step": step, "epoch": -(-step // spe), "loss": float(np.mean(losses)),
                    "resumed_from": int(state["step"]) if state else 0, "epoch_seconds": seconds,
+                   "world_size": ctx.get_world_size(),
                    # the global batch: every worker ran the same number of steps on its own shard
                    "images_per_second": (step - epoch_start) * per_worker * ctx.get_world_size() / seconds}
         if step_logger is not None:
