@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,8 +50,18 @@ def version_problems(tracking_uri: str, name: str, scratch: Path) -> list[str]:
     return problems
 
 
-def after_kill_problems(project: Project, run: Repro, tracking_uri: str, name: str, scratch: Path) -> list[str]:
-    """Damage a kill left: an unreadable dvc.lock, a finished stage out of date, a broken version."""
+def stale_stages(project: Project) -> set[str] | str:
+    """The stages `dvc status` calls out of date, or its error."""
+    status = project.run("dvc", "status", "--json", check=False)
+    if status.returncode != 0:
+        return f"dvc status failed: {status.stdout[-500:]}{status.stderr[-500:]}"
+    return set(json.loads(status.stdout or "{}"))
+
+
+def after_kill_problems(project: Project, run: Repro, tracking_uri: str, name: str, scratch: Path,
+                        stale_before: set[str] = frozenset()) -> list[str]:
+    """Damage a kill left: an unreadable dvc.lock, a stage that was up to date and finished before
+    the kill now out of date, a broken version."""
     from plantad.dvc_lock import check_lock
 
     problems = []
@@ -60,13 +71,12 @@ def after_kill_problems(project: Project, run: Repro, tracking_uri: str, name: s
     if report.problem:
         problems.append(f"dvc.lock damaged ({report.problem[:120]}); repaired from {report.repaired_from}")
     hit = STAGES.index(run.killed_in) if run.killed_in in STAGES else 0
-    status = project.run("dvc", "status", "--json", check=False)
-    finished = set(STAGES[:hit])
-    if status.returncode != 0:
-        problems.append(f"dvc status failed: {status.stdout[-500:]}{status.stderr[-500:]}")
+    stale = stale_stages(project)
+    finished = set(STAGES[:hit]) - stale_before  # (a stage no target needs, e.g. demo_data on the user's data)
+    if isinstance(stale, str):
+        problems.append(stale)
     else:
-        stale = finished & set(json.loads(status.stdout or "{}"))
-        problems += [f"stage {s} finished before the kill but is now out of date" for s in sorted(stale)]
+        problems += [f"stage {s} finished before the kill but is now out of date" for s in sorted(finished & stale)]
     return problems + version_problems(tracking_uri, name, scratch)
 
 
@@ -98,7 +108,9 @@ def kill_sequence(project: Project, targets: list[str], seconds: dict[str, float
     A trial is `dvc repro --force --single-item <stage>` once every stage before it is complete, so
     that each of the K kills lands in that stage even after an earlier trial let it finish (a plain
     `dvc repro` would skip a finished stage, or carry the kill into the next one). A trial whose stage
-    ended before its kill moment is drawn again, up to 3 times.
+    ended before its kill moment is drawn again (within the duration that run took), up to 3 times.
+    Each attempt in `score` starts without the previous table (so the job has every image to score)
+    and, after the kill, the stage runs again: its table must then hold exactly one row per image.
     Returns per stage: (no damage after the kill, seconds into the stage), and the damage found."""
     hits: dict[str, list[tuple[bool, float]]] = {s: [] for s in targets}
     damage: list[str] = []
@@ -109,19 +121,33 @@ def kill_sequence(project: Project, targets: list[str], seconds: dict[str, float
             if done.proc.returncode != 0:
                 damage.append(f"`dvc repro {before[-1]}` before the kills in {stage} failed: {done.tail()[-300:]}")
                 continue
+        if stage == "score":  # its kill moments come from an uninterrupted run here, with Ray warm
+            timed = project.repro(timeout=900, check=False, args=("--force", "--single-item", stage))
+            seconds[stage] = timed.durations().get(stage, seconds[stage])  # (the row reports this duration)
+        stale_before = stale_stages(project)
+        stale_before = set() if isinstance(stale_before, str) else stale_before
         for _ in range(k):
+            window = seconds[stage]
             for _attempt in range(3):
+                if stage == "score":  # each attempt scores the whole input again, so that a kill lands mid-job
+                    for leftover in ("outputs/scores", "outputs/score.json"):
+                        shutil.rmtree(project.root / leftover, ignore_errors=True)
+                        (project.root / leftover).unlink(missing_ok=True)
                 run = project.repro(timeout=900, check=False, kill_stage=stage,
-                                    kill_after=rng.uniform(0.0, 0.9 * seconds[stage]),
-                                    args=("--force", "--single-item", stage))
+                                    kill_after=rng.uniform(0.0, 0.9 * window), args=("--force", "--single-item", stage))
                 if run.killed_in is not None:
                     break
                 if run.proc.returncode != 0:  # it ended before the kill moment, but failed on its own
                     damage.append(f"{stage} failed before the kill: {run.tail()[-300:]}")
+                window = run.durations().get(stage, window)  # drawn again within the duration just seen
             else:
                 damage.append(f"{stage} ended before each of 3 kill moments")
                 continue
-            found = after_kill_problems(project, run, tracking_uri, name, scratch)
+            found = after_kill_problems(project, run, tracking_uri, name, scratch, stale_before)
+            if stage == "score":  # the re-run resumes the killed job's table: exactly one row per image
+                again = project.repro(timeout=900, check=False, args=("--force", "--single-item", stage))
+                found += ([f"the re-run after the kill failed: {again.tail()[-300:]}"] if again.proc.returncode
+                          else score_table_problems(project))
             hits[stage].append((not found, run.ended - run.started[stage]))
             damage += [f"kill in {stage}: {p}" for p in found]
     return hits, damage
