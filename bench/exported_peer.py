@@ -111,8 +111,8 @@ def peer_model(encoder_name: str, size: int, no_download: Callable[[], contextli
     return peer
 
 
-def peer_graphs(peer: Any, size: int, batch: int, config: dict[str, Any], workdir: Path, calib_images: int = 32
-                ) -> dict[str, Graph]:
+def peer_graphs(peer: Any, size: int, batch: int, config: dict[str, Any], workdir: Path, calib_images: int = 32,
+                compressions: dict[str, str | None] = COMPRESSIONS) -> dict[str, Graph]:
     """Dinomaly exported by its own `to_openvino` with each compression type, INT8_PTQ calibrated on
     the demo's normal images, each compiled with `config`."""
     from anomalib.data import Folder
@@ -125,11 +125,32 @@ def peer_graphs(peer: Any, size: int, batch: int, config: dict[str, Any], workdi
         data = Folder(name="metal", root=root, normal_dir="train/good", normal_test_dir="test/good",
                       val_split_mode="from_train", val_split_ratio=0.5, train_batch_size=batch,
                       eval_batch_size=batch, num_workers=0, seed=0)
-        for label, compression in COMPRESSIONS.items():
+        for label, compression in compressions.items():
             xml = peer.to_openvino(workdir / label.replace(" ", "-"), input_size=(size, size),
                                    compression_type=compression and CompressionType[compression],
                                    datamodule=data if compression == "INT8_PTQ" else None)
             graphs[label] = Graph(core.compile_model(str(xml), "CPU", config))
+    return graphs
+
+
+LEVERS = {  # label -> (compile properties added to plantad's, static input shape)
+    "static batch shape": ({}, True),
+    "PERFORMANCE_HINT THROUGHPUT": ({"PERFORMANCE_HINT": "THROUGHPUT"}, False),
+    "PERFORMANCE_HINT LATENCY": ({"PERFORMANCE_HINT": "LATENCY"}, False),
+}
+
+
+def lever_graphs(graph: OpenVinoModel, shape: tuple[int, ...], config: dict[str, Any]) -> dict[str, OpenVinoModel]:
+    """plantad's production graph (the same conversion) compiled with each lever of LEVERS."""
+    ov = import_openvino()
+    model = graph.model
+    graphs = {}
+    for label, (extra, static) in LEVERS.items():
+        ov_model, _ = convert(_Forward(model, graph.outputs).eval(), _probe_batch(model.image_size))
+        if static:
+            ov_model.reshape({0: list(shape)})
+        compiled = ov.Core().compile_model(ov_model, "CPU", {**config, **extra})
+        graphs[label] = OpenVinoModel(model, compiled, graph.outputs, graph.runtime.split()[-1])
     return graphs
 
 

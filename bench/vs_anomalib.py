@@ -22,7 +22,7 @@ jobs, `--clock cpu --threads 1` times the CPU seconds this process spends instea
 seconds, which other jobs' load disturbs far less. anomalib is an optional extra
 (`pip install -e ".[bench]"`); without it the Dinomaly rows are skipped with a note.
 Usage: python bench/vs_anomalib.py [--size 392] [--batch 8] [--rounds 5] [--devices cpu cuda]
-       [--clock wall|cpu] [--threads N] [--parts scoring profile training] [--compile]
+       [--clock wall|cpu] [--threads N] [--parts scoring profile training] [--compile] [--levers]
 """
 
 from __future__ import annotations
@@ -222,7 +222,12 @@ def exported_fns(args, x: torch.Tensor, graph: torch.nn.Module, settings: Settin
     print(f"\nOpenVINO {exported_peer.import_openvino().__version__}: every graph compiled on CPU with {config} "
           "(read back from plantad's production graph), one reused infer request each")
     timed = "scoring" in args.parts
-    if timed:
+    if timed and args.levers:  # only the production rows, the peer's default export and the levers
+        for key in [k for k in fns if not k.endswith(", production")]:
+            del fns[key]
+        for label, lever in exported_peer.lever_graphs(graph, tuple(x.shape), config).items():
+            fns[f"plantad dual, production, OpenVINO {label}"] = lambda m=lever: score_batch(m, x, settings.scoring)
+    elif timed:
         teacher = exported_peer.teacher_graph(full_teacher, args.size, config)
         fns["teacher forward, all blocks, OpenVINO"] = lambda: teacher(x)
     profiles: Profiles = {"plantad dual, production (OpenVINO graph)": lambda: exported_peer.plantad_profile(
@@ -234,7 +239,8 @@ def exported_fns(args, x: torch.Tensor, graph: torch.nn.Module, settings: Settin
     graphs = {}
     if timed:
         with tempfile.TemporaryDirectory(prefix="plantad-peer-ov-") as tmp:
-            graphs = exported_peer.peer_graphs(peer, args.size, args.batch, config, Path(tmp))
+            graphs = exported_peer.peer_graphs(peer, args.size, args.batch, config, Path(tmp), compressions={
+                k: v for k, v in exported_peer.COMPRESSIONS.items() if not args.levers or v is None})
     for label, compiled in graphs.items():
         fns[f"Dinomaly, anomalib's to_openvino, {label}"] = lambda g=compiled: g(images)
     profiles["anomalib Dinomaly, to_openvino, default precision"] = lambda: exported_peer.peer_profile(
@@ -384,6 +390,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=["scoring", "profile", "training"],
                         default=["scoring", "profile", "training"], help="profile: of the OpenVINO graphs (CPU)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (compiles for about 1 min)")
+    parser.add_argument("--levers", action="store_true",
+                        help="OpenVINO compile levers for the production graph, beside the production rows only")
     args = parser.parse_args()
     global clock, unit
     clock = CLOCKS[args.clock]
