@@ -262,11 +262,11 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 
 
 def spread(values: list[float | None]) -> str:
-    """Mean over seeds and, for more than one, the range: '0.812 (0.790 to 0.840)'."""
+    """Mean over seeds and, where the seeds differ, the range: '0.812 (0.790 to 0.840)'."""
     vals = [v for v in values if v is not None and np.isfinite(v)]
     if not vals:
         return "n/a"
-    return fmt(float(np.mean(vals))) + ("" if len(vals) == 1 else f" ({fmt(min(vals))} to {fmt(max(vals))})")
+    return fmt(float(np.mean(vals))) + ("" if min(vals) == max(vals) else f" ({fmt(min(vals))} to {fmt(max(vals))})")
 
 
 def category_auroc(labels: np.ndarray, cats: np.ndarray, score: np.ndarray, idx: np.ndarray) -> float:
