@@ -31,7 +31,7 @@ PEER_STAGES = {"pre_processor": "pre-processing (resize to 448, crop 392, normal
                "encoder": "encoder (ViT-S, to its last tapped block)", "bottleneck": "bottleneck + decoder",
                "decoder": "bottleneck + decoder", "post_processor": "post-processing (normalise, threshold)"}
 PEER_MAPS = "maps, blur, top-1% score"
-PLANTAD_STAGES = {"teacher": "teacher", "decoder": "S_D bottleneck + decoder", "encoder": "S_E (its own blocks)"}
+PLANTAD_STAGES = {"teacher": "teacher", "decoder": "S_D bottleneck + decoder", "encoder": "S_E"}
 PLANTAD_MAPS = "distances (S_D map, S_E distance)"
 COMPRESSIONS = {"default precision": None, "FP16": "FP16", "INT8 weights": "INT8", "INT8_PTQ": "INT8_PTQ"}
 

@@ -54,7 +54,7 @@ FP32 = ["scoring.cpu_amp=false", "train.cpu_amp=false", "scoring.runtime=torch"]
 # "fp32" holds on CPU only: on CUDA every plantad row runs under bf16 autocast (train.amp), in torch
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad dual, paper S_E, fp32 (before)": ("dual", TODAY),
-    "plantad dual, shared S_E, fp32": ("dual", FP32),
+    "plantad dual, shared S_E, fp32": ("dual", [*FP32, "model.encoder.shared_blocks=8"]),
     "plantad dual, production in torch": ("dual", ["scoring.runtime=torch"]),
     "plantad dual, production": ("dual", []),
     "plantad local, fp32": ("local", FP32),
