@@ -62,7 +62,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad local, production": ("local", []),
 }
 PEER_OV = "Dinomaly, anomalib's to_openvino, default precision"
-TARGETS = [  # issue 23: (what, row, reference, at least)
+TARGETS = [  # the speed targets: (what, row, reference, at least)
     ("production dual scoring vs Dinomaly exported to OpenVINO", "plantad dual, production", PEER_OV, 1.0),
     ("production local-only scoring vs Dinomaly exported to OpenVINO", "plantad local, production", PEER_OV, 1.3),
     ("dual train step vs Dinomaly's at equal precision (bf16)", "plantad dual, production",
@@ -370,7 +370,7 @@ def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor
 
 
 def report_targets(score: dict[str, float], train: dict[str, float]) -> None:
-    print("\ntargets of issue 23 (ratios of best throughput in this run; production rows use bf16 on CPU)")
+    print("\nspeed targets (ratios of best throughput in this run; production rows use bf16 on CPU)")
     for what, row, ref, goal in TARGETS:
         table = train if "train" in ref else score
         if row in table and ref in table:
