@@ -282,8 +282,9 @@ def test_the_page_scores_redecides_saves_bands_and_reviews(served, browser, demo
 
     browser.find_element(By.ID, "band-save").click()
     wait(browser, lambda b: "saved for line press-2" in b.find_element(By.ID, "band-status").text)
-    audit_row = browser.find_element(By.CSS_SELECTOR, "#audit tbody tr")
-    assert "press-2" in audit_row.text
+    # read in one script: the page re-renders the audit table on its poll, so a found row can go stale
+    wait(browser, lambda b: "press-2" in b.execute_script(
+        "const r = document.querySelector('#audit tbody tr'); return r ? r.textContent : '';"))
     saved_low = float(browser.find_element(By.ID, "band-low").get_attribute("value"))
 
     def api_uses_band():
