@@ -7,14 +7,15 @@ exactly one of them score: the other stops before scoring with an error that nam
 if it started after the first finished, finds the table complete and scores nothing. Then the
 loser is run again, as its user would, and must finish without re-scoring anything.
 Recovered: the table then holds exactly one row per image, no lock is left, and the loser's re-run
-scored 0 images. Data lost: a missing or duplicated row, an unreadable table, or a part that the
-manifest names and the store does not hold.
+scored 0 images. Data lost: a missing or duplicated row, an unreadable table (a part that the
+manifest names and the store does not hold makes it unreadable), or a lock left behind.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -87,8 +88,6 @@ def race_trial(cmd: list[str], delay: float, work: Path, output_of: str, s3, n: 
 
 def _scored(log: str) -> int | None:
     """The number of images a run scored, from the summary `plantad score` prints."""
-    import re
-
     found = re.findall(r"scored (\d+)", log)
     return int(found[-1]) if found else None
 
