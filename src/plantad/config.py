@@ -126,6 +126,10 @@ class EncoderConfig(_Section):
     # k > 0: S_E starts from the teacher's tokens after its first k blocks (frozen patch embedding and
     # blocks, taken from the one teacher forward) and trains only its own upper blocks from scratch
     shared_blocks: int = Field(0, ge=0)
+    # [reconstructed, a speed lever] the side of the view S_E sees: the model's input downscaled to it
+    # (antialiased bilinear, a multiple of the teacher's patch); its target stays the teacher's class
+    # token from the full-size pass. None: the model's input size (the paper). Only for shared_blocks 0
+    image_size: int | None = Field(None, ge=8)
     # [read] S_E distils the class token only (no identity mapping); True adds the mean patch token
     # [reconstructed], an ablation measured in bench/accuracy.py
     distill_patch_mean: bool = False
@@ -220,6 +224,13 @@ class ModelConfig(_Section):
             if allowed is not None:  # an unknown method is reported by the field itself
                 data = {**data, "branches": allowed[0]}
         return data
+
+    @model_validator(mode="after")
+    def _encoder_view(self) -> ModelConfig:
+        if self.encoder.image_size is not None and self.encoder.shared_blocks:
+            raise ValueError(f"model.encoder.image_size={self.encoder.image_size} needs model.encoder.shared_blocks=0: "
+                             f"S_E with shared_blocks={self.encoder.shared_blocks} reads the teacher's tokens, not an image")
+        return self
 
     @model_validator(mode="after")
     def _method_fits_branches(self) -> ModelConfig:

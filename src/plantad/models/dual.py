@@ -43,7 +43,7 @@ class DualStudentModel(nn.Module):
             )
         if semantic:
             self.encoder = (SharedEncoderStudent(cfg.encoder, cfg.teacher, image_size, len(t.vit.blocks)) if shared
-                            else EncoderStudent(cfg.encoder, cfg.teacher, image_size))
+                            else EncoderStudent(cfg.encoder, cfg.teacher, image_size, t.patch_size))
         self.noisy_or = NoisyOr(cfg.noisy_or)
 
     def student_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -83,6 +83,9 @@ class DualStudentModel(nn.Module):
             facts["semantic_student"] = (f"shares the teacher's patch embedding and first {k} blocks, trains "
                                          f"{len(self.encoder.blocks)} blocks [reconstructed]" if k else
                                          "a whole ViT from scratch on the image (the paper's S_E)")
+            if getattr(self.encoder, "downscale", None) is not None:
+                facts["semantic_student"] += (f", on the image downscaled to {self.encoder.view_size} px; its target is "
+                                              "the teacher's class token at full size [reconstructed]")
         return facts
 
     def _semantic(self, x: torch.Tensor, feats: TeacherFeatures) -> torch.Tensor:

@@ -3,6 +3,10 @@ class token [read]. Distilling only the class token is sparse supervision, so th
 learn an identity map of the image; optionally the mean patch token is regressed too
 [reconstructed, `model.encoder.distill_patch_mean`].
 
+`model.encoder.image_size` [reconstructed, a speed lever] lets the paper's S_E see the image
+downscaled (`Downscale`) while its target stays the teacher's class token from the full-size pass:
+a ViT's cost grows with its token count, and the class token is an image-level target.
+
 Two forms, chosen by `model.encoder.shared_blocks`:
 - 0, `EncoderStudent`: the paper's S_E, a whole ViT of the teacher's architecture on the image.
 - k > 0, `SharedEncoderStudent` [reconstructed, a speed lever]: S_E reads the teacher's tokens after
@@ -18,6 +22,7 @@ from typing import Any, NamedTuple
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from plantad.config import EncoderConfig, TeacherConfig
@@ -35,16 +40,47 @@ def _vit(teacher_cfg: TeacherConfig, image_size: int, depth: int | None) -> nn.M
     return timm.create_model(teacher_cfg.name, pretrained=False, img_size=image_size, num_classes=0, **kwargs)
 
 
+def _resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in): torch's antialiased bilinear resize along one axis, as a linear map."""
+    basis = torch.eye(size_in).reshape(size_in, 1, 1, size_in)  # each input pixel alone, as a 1-row image
+    rows = F.interpolate(basis, size=(1, size_out), mode="bilinear", antialias=True, align_corners=False)
+    return rows.reshape(size_in, size_out).T.contiguous()
+
+
+class Downscale(nn.Module):
+    """Antialiased bilinear downscaling of square images, as two matrix products. It equals torch's
+    `interpolate(..., antialias=True)`, which is separable, and unlike that op it exports to ONNX and
+    OpenVINO (their converters have no antialiased resize)."""
+
+    def __init__(self, size_in: int, size_out: int) -> None:
+        super().__init__()
+        self.size_out = size_out
+        # recomputed from the sizes, so not part of the state dict (saved models stay the same)
+        self.register_buffer("matrix", _resize_matrix(size_in, size_out), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, H) -> (B, C, size_out, size_out)
+        m = self.matrix.to(x.dtype)
+        return m @ x @ m.T
+
+
 class EncoderStudent(nn.Module):
     """The paper's S_E: same timm architecture as the teacher (depth overridable), random init, own
-    weights, run on the image."""
+    weights, run on the image (downscaled to `model.encoder.image_size` when set)."""
 
-    def __init__(self, cfg: EncoderConfig, teacher_cfg: TeacherConfig, image_size: int) -> None:
+    def __init__(self, cfg: EncoderConfig, teacher_cfg: TeacherConfig, image_size: int, patch_size: int) -> None:
         super().__init__()
-        self.vit = _vit(teacher_cfg, image_size, cfg.depth)
+        view = cfg.image_size or image_size
+        if view > image_size or view % patch_size:
+            raise ValueError(f"model.encoder.image_size={view} must be a multiple of the teacher's patch size "
+                             f"({patch_size}) and at most the model's input size (data.image_size {image_size})")
+        self.view_size = view
+        self.downscale = Downscale(image_size, view) if view != image_size else None
+        self.vit = _vit(teacher_cfg, view, cfg.depth)
         self.num_prefix_tokens: int = self.vit.num_prefix_tokens
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
+        if self.downscale is not None:
+            x = self.downscale(x)
         tokens = self.vit.forward_features(x)  # (B, P+N, C), normalised like the teacher's output
         return EncoderOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1))
 

@@ -201,6 +201,7 @@ class Teacher(nn.Module):
         self.num_heads: int = self.vit.blocks[0].attn.num_heads
         self.num_prefix_tokens: int = self.vit.num_prefix_tokens
         self.grid: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
+        self.patch_size: int = int(self.vit.patch_embed.patch_size[0])
         # blocks whose outputs are read, in block order (forward_intermediates returns them so)
         self._taps = sorted(set(self.layers) | ({share_blocks - 1} if share_blocks else set()))
         for p in self.vit.parameters():
