@@ -243,3 +243,50 @@ def report_profile(title: str, times: dict[str, float], batch: int) -> None:
     for stage, seconds in sorted(times.items(), key=lambda kv: -kv[1]):
         print(f"| {stage} | {seconds * 1e3:.0f} | {seconds / total:.0%} |")
     print(f"| sum | {total * 1e3:.0f} | 100% |", flush=True)
+
+
+WEIGHTS = {  # label -> how the production graph's weights are stored before compiling
+    "fp32 weights (saved with compress_to_fp16=False)": "f32",
+    "INT8_PTQ (NNCF, calibrated on normal demo images)": "int8",
+}
+
+
+@contextlib.contextmanager
+def demo_images(size: int, normal: int, test: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The procedural demo (category metal) at the model's input size, as plantad loads images:
+    `normal` train/good images (calibration), and `test` good plus `test` defective test images, labels."""
+    from plantad.data.dataset import ManifestDataset
+    from plantad.data.demo import generate_demo
+    from plantad.data.manifest import scan_dataset
+
+    with tempfile.TemporaryDirectory(prefix="plantad-calib-") as tmp:
+        cfg = DemoConfig(image_size=size, categories=["metal"], n_train=normal, n_test_good=test, n_test_defect=test)
+        root = generate_demo(Path(tmp) / "demo", cfg)
+        rows = scan_dataset(root)
+
+        def load(split) -> tuple[torch.Tensor, torch.Tensor]:
+            ds = ManifestDataset(rows[rows.split == split].reset_index(drop=True), root, size)
+            items = [ds[i] for i in range(len(ds))]
+            return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
+
+        train, _ = load("train")
+        yield (train, *load("test"))
+
+
+def weight_graphs(graph: OpenVinoModel, normal: torch.Tensor, config: dict[str, Any]) -> dict[str, OpenVinoModel]:
+    """plantad's production graph (the same conversion) with each weight storage of WEIGHTS, compiled
+    with `config`: float32 weights as converted, or NNCF's INT8 post-training quantization (weights and
+    activations; transformer preset) with its ranges taken from `normal` images only."""
+    ov = import_openvino()
+    model = graph.model
+    graphs = {}
+    for label, weights in WEIGHTS.items():
+        ov_model, _ = convert(_Forward(model, graph.outputs).eval(), _probe_batch(model.image_size))
+        if weights == "int8":
+            import nncf
+
+            data = nncf.Dataset([image[None].numpy() for image in normal])
+            ov_model = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(normal))
+        compiled = ov.Core().compile_model(ov_model, "CPU", config)
+        graphs[label] = OpenVinoModel(model, compiled, graph.outputs, graph.runtime.split()[-1])
+    return graphs

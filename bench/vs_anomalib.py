@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad dual, shared S_E, fp32": ("dual", [*FP32, "model.encoder.shared_blocks=8"]),
     "plantad dual, production in torch": ("dual", ["scoring.runtime=torch"]),
     "plantad dual, production": ("dual", []),
+    # the paper's S_E on a 224 px view of the 392 px input [reconstructed lever; target: the full-size class token]
+    "plantad dual, production, S_E on a 224 px view": ("dual", ["model.encoder.image_size=224"]),
     "plantad local, fp32": ("local", FP32),
     "plantad local, production in torch": ("local", ["scoring.runtime=torch"]),
     "plantad local, production": ("local", []),
@@ -204,7 +206,36 @@ def scoring_fns(args, device: torch.device, peer_ok: bool
     if device.type == "cpu":
         profiles = exported_fns(args, x, scorers["plantad dual, production"], models["plantad dual, production"][0],
                                 full_teacher, peer_ok, fns)
+        if args.weights and "scoring" in args.parts:
+            weight_fns(args, x, {k: (models[k][0], scorers[k]) for k in WEIGHT_ROWS}, fns)
     return fns, stages, profiles
+
+
+WEIGHT_ROWS = ["plantad dual, production", "plantad local, production"]
+
+
+def weight_fns(args, x: torch.Tensor, graphs: dict[str, tuple[Settings, torch.nn.Module]], fns: Timed) -> None:
+    """Adds rows for the production graphs with other weight storage (bench/exported_peer.py WEIGHTS),
+    INT8 calibrated on 16 normal demo images; prints each one's largest probability gap against the
+    production graph on 8 good and 8 defective demo test images, the Noisy-OR fitted on the normal ones."""
+    import exported_peer
+    from plantad.evaluation.metrics import image_auroc as auroc
+
+    with exported_peer.demo_images(args.size, 16, 8) as (normal, test, labels):
+        for row, (settings, graph) in graphs.items():
+            if not isinstance(graph, OpenVinoModel):
+                continue
+            normal_scores = score_batch(graph, normal, settings.scoring)
+            graph.noisy_or.fit(normal_scores.local_score, normal_scores.semantic_score)
+            ref = score_batch(graph, test, settings.scoring).probability
+            print(f"\n{row}: weights against its production graph on 16 demo test images, random weights, "
+                  f"Noisy-OR fitted on the 16 normal images (image AUROC of the production graph "
+                  f"{auroc(labels.numpy(), ref.numpy()):.3f})")
+            for label, lever in exported_peer.weight_graphs(graph, normal, exported_peer.compile_config(graph)).items():
+                got = score_batch(lever, test, settings.scoring).probability
+                print(f"- {label}: largest probability gap {float((got - ref).abs().max()):.2e}, "
+                      f"image AUROC {auroc(labels.numpy(), got.numpy()):.3f}")
+                fns[f"{row}, {label}"] = lambda m=lever, s=settings: score_batch(m, x, s.scoring)
 
 
 def exported_fns(args, x: torch.Tensor, graph: torch.nn.Module, settings: Settings, full_teacher: torch.nn.Module,
@@ -392,6 +423,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (compiles for about 1 min)")
     parser.add_argument("--levers", action="store_true",
                         help="OpenVINO compile levers for the production graph, beside the production rows only")
+    parser.add_argument("--weights", action="store_true",
+                        help="rows for the production graphs with fp32 and NNCF INT8 weights (quantizing takes ~1 min)")
     args = parser.parse_args()
     global clock, unit
     clock = CLOCKS[args.clock]
