@@ -35,10 +35,18 @@ def start_multinode(head_cpus: float, worker_cpus: float, workers: int = 2):
     of its own (the test session's cluster holds Ray's defaults), a lost node declared dead after 3
     missed health checks 1 s apart (Ray's default: 5 x 3 s), this process joined to it:
     (cluster, worker nodes)."""
+    import os
+
     import ray
     from ray.cluster_utils import Cluster
 
     from infra.fixtures import free_port
+
+    # One authentication mode for every node: ray.init turns token mode on in this process's
+    # environment when ~/.ray/auth_token exists, so a node added later (cluster.add_node) would start
+    # in token mode and refuse the GCS's calls (placing a bundle on it fails, and the CPU it prepared
+    # stays reserved). The cluster listens on loopback only, in a process of its own.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
 
     health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
               "health_check_failure_threshold": 3}

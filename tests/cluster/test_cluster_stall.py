@@ -4,6 +4,7 @@ ray.stall_timeout_s fails, naming what it waited for, and leaves the cluster as 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 
 from plantad.cluster.capacity import read_capacity
 from plantad.cluster.watch import StallError, watched_iter
+from plantad.training.ray_restarts import NoRoomError, run_with_restarts
 from plantad.training.ray_train import run_ray_training
 from cluster_helpers import free_cpus_back_to, hold, tiny_ray_settings
 
@@ -122,3 +124,30 @@ def test_bulk_scoring_that_gets_no_actor_fails_after_the_bound(ray_local, traine
     assert "actor Replica 'main-job-replica'" in proc.stderr
     assert took < 120
     free_cpus_back_to(total)  # the job ended with its process: nothing of it waits on in the cluster
+
+
+def test_a_fixed_count_restart_that_never_gets_room_fails_naming_what_it_waited_for(ray_local) -> None:
+    """The driver's restart of a fixed worker count (ray_restarts.py) waits for room for every worker,
+    bounded: here a worker needs a CPU more than the whole cluster has, so room never comes."""
+    from ray.train import WorkerGroupError
+
+    total = read_capacity(samples=1).total["CPU"]
+    calls: list[int] = []
+
+    def attempt(n: int) -> str:
+        calls.append(n)
+        if n == 0:
+            raise WorkerGroupError("rank 1 was lost with its node", {1: RuntimeError("node lost")})
+        return "resumed"
+
+    started = time.monotonic()
+    with pytest.raises(NoRoomError) as caught:
+        run_with_restarts(attempt, max_failures=2, num_workers=2, per_worker={"CPU": total + 1}, timeout_s=1.5)
+    message = str(caught.value)
+    assert calls == [0] and time.monotonic() - started < 15, calls  # no second attempt without room
+    assert f"waited 1.5 s (ray.stall_timeout_s) for room for ray.num_workers=2 workers of {total + 1:g} CPU each" \
+        in message, message
+    assert re.search(r"the cluster's live nodes have node [0-9a-f]{8}: [0-9.]+ CPU free", message), message
+    # with room, the same failure is followed by a second attempt
+    calls.clear()
+    assert run_with_restarts(attempt, 2, 2, {"CPU": 0.01}, timeout_s=10) == "resumed" and calls == [0, 1]

@@ -64,6 +64,10 @@ class ProgressBoard:
     def beat(self, who: str, what: str) -> None:
         self.beats[who] = (time.time(), what)
 
+    def clear(self) -> None:
+        """Forget every beat (a restarted run counts its quiet time from its own start)."""
+        self.beats = {}
+
     def read(self) -> tuple[float, dict[str, tuple[float, str]]]:
         """(now, {who: (time, what)}) on the board's clock."""
         return time.time(), dict(self.beats)

@@ -4,8 +4,10 @@ The only module that touches `get_dataset_shard`, `prepare_model`, `report` and 
 Workers read images only from the shard set (a local folder or s3://, data/shards.py) and fetch a
 remote teacher into their node's cache, so no node needs the driver's files. Workers run the same
 `fit`/`train_step` as `plantad train`; rank 0 checkpoints every epoch to the configured storage
-(local or s3://) and a restarted worker group resumes from the last one (`FailureConfig`). The
-driver then calibrates on held-out normal images, read from the shards too, and saves the model.
+(local or s3://) and a restarted worker group resumes from the newest one: restarted by Ray Train
+(`FailureConfig`) for an elastic count, by the driver once the cluster has room for a fixed one
+(ray_restarts.py). The driver then calibrates on held-out normal images, read from the shards
+too, and saves the model.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
 from plantad.training.ray_budget import abort_train_runs, fit_training, stall_reason, worker_resources
 from plantad.training.ray_data import endless_shard, image_dataset
+from plantad.training.ray_restarts import run_with_restarts
 from plantad.training.distributed import check_worker_batch, seed_rank, sync_batchnorm
 from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything, shard_holdout_batches
 
@@ -243,28 +246,39 @@ def run_ray_training(
     worker_settings = settings_for_workers(settings)
     worker_settings = worker_settings.model_copy(update={"ray": rcfg.model_copy(update={"cpus_per_worker": plan.cpus_per_worker})})
     board = start_board()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run, "progress": board,
-                           "run_dir": f"{storage_path}/{name}"},
-        scaling_config=ScalingConfig(num_workers=rcfg.scaling_workers(), use_gpu=rcfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=rcfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=rcfg.keep_checkpoints),
-            # Ray Train's own INFO lines (worker group, process group, every report) stay in its log files
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-        datasets={"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size, rcfg.data_cpus,
-                                         rcfg.cache_images, board, rcfg.stall_timeout_s,
-                                         lambda beats: stall_reason(plan, rcfg, beats, reading=True))},
-    )
+    fixed = rcfg.min_workers is None
+    datasets = {"train": image_dataset(shards, settings.s3, train_rows, settings.data.image_size, rcfg.data_cpus,
+                                       rcfg.cache_images, board, rcfg.stall_timeout_s,
+                                       lambda beats: stall_reason(plan, rcfg, beats, reading=True))}
+
+    def attempt(n: int):
+        ray.get(board.clear.remote())  # this attempt's quiet time counts from its own start
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"settings": settings_to_dict(worker_settings), "mlflow": mlflow_run, "progress": board,
+                               "run_dir": f"{storage_path}/{name}"},
+            scaling_config=ScalingConfig(num_workers=rcfg.scaling_workers(), use_gpu=rcfg.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=name,  # a restart continues the same run: Ray restores its checkpoint list from storage
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                # a fixed count: the driver restarts (ray_restarts.py), Ray Train none; elastic: Ray Train does
+                failure_config=(FailureConfig(max_failures=0, controller_failure_limit=0, max_preemption_failures=0)
+                                if fixed else FailureConfig(max_failures=rcfg.max_failures)),
+                checkpoint_config=CheckpointConfig(num_to_keep=rcfg.keep_checkpoints),
+                # Ray Train's own INFO lines (worker group, process group, every report) stay in its log files
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+            datasets=datasets,
+        )
+        return run_watched(trainer.fit, board, rcfg.stall_timeout_s, lambda beats: stall_reason(plan, rcfg, beats),
+                           abort=lambda: abort_train_runs(job))
+
     job = ray.get_runtime_context().get_job_id()
     try:
-        result = run_watched(trainer.fit, board, rcfg.stall_timeout_s, lambda beats: stall_reason(plan, rcfg, beats),
-                             abort=lambda: abort_train_runs(job))
+        result = (run_with_restarts(attempt, rcfg.max_failures, rcfg.num_workers, resources, rcfg.stall_timeout_s)
+                  if fixed else attempt(0))
     except StallError:
         raise
     except Exception as exc:  # Ray's error names neither the storage nor its endpoint
