@@ -68,6 +68,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (table label, override
         "model.branches=semantic", "model.encoder.distill_patch_mean=false", "model.encoder.image_size=40"]),
     "dual_view": ("dual, S_E on a 40 px view", [
         "model.branches=dual", "model.encoder.distill_patch_mean=false", "model.encoder.image_size=40"]),
+    # a milder view: 48 px of 64 (36 of the 64 patch tokens; production: 294 of 392 px)
+    "se_view48": ("S_E alone, on a 48 px view", [
+        "model.branches=semantic", "model.encoder.distill_patch_mean=false", "model.encoder.image_size=48"]),
+    "dual_view48": ("dual, S_E on a 48 px view", [
+        "model.branches=dual", "model.encoder.distill_patch_mean=false", "model.encoder.image_size=48"]),
     # every other model.method, and SNL's ablations on the RD student; "no structural losses" keeps
     # only the channel-wise distillation (the RD/FD baselines' loss)
     "snl_rd": ("SNL, RD student", ["model.method=snl_rd"]),
@@ -304,7 +309,8 @@ def paired_difference(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str
 
 
 # (a lighter S_E, the paper's S_E)
-SE_PAIRS = (("se_shared", "se"), ("dual_shared", "dual"), ("se_view", "se"), ("dual_view", "dual"))
+SE_PAIRS = (("se_shared", "se"), ("dual_shared", "dual"), ("se_view", "se"), ("dual_view", "dual"),
+            ("se_view48", "se"), ("dual_view48", "dual"))
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
