@@ -351,13 +351,14 @@ class RayConfig(_Section):
     num_workers: int = Field(2, ge=1)
     # elastic training: after a lost worker or node, the run resumes from its newest checkpoint with as
     # many workers as fit (Ray Train's elastic ScalingConfig), at least this many; None: a fixed count,
-    # the run waits for room for all num_workers
+    # the driver restarts the run once the live nodes have room for all num_workers (up to
+    # stall_timeout_s; training/ray_restarts.py)
     min_workers: int | None = Field(None, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
     storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0)  # restarts from the newest checkpoint: Ray Train's (elastic) or the driver's (fixed)
     checkpoint_every_epochs: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # newest N kept in storage; their metrics form the run history
     steps_per_epoch: int = Field(20, ge=1)
@@ -371,7 +372,9 @@ class RayConfig(_Section):
     # true: the cluster adds nodes for pending work, so a job that does not fit waits for them (up to
     # stall_timeout_s) instead of stopping at once
     autoscaling: bool = False
-    stall_timeout_s: float = Field(300.0, gt=0.0)  # a Ray job with no progress for this long fails, naming what it waited for
+    # a Ray job with no progress for this long fails, naming what it waited for (a fixed-count training
+    # run's wait for room to restart included)
+    stall_timeout_s: float = Field(300.0, gt=0.0)
 
     @field_validator("host")
     @classmethod

@@ -42,10 +42,10 @@ def start_multinode(head_cpus: float, worker_cpus: float, workers: int = 2):
 
     from infra.fixtures import free_port
 
-    # One authentication mode for every node: ray.init turns token mode on in this process's
-    # environment when ~/.ray/auth_token exists, so a node added later (cluster.add_node) would start
-    # in token mode and refuse the GCS's calls (placing a bundle on it fails, and the CPU it prepared
-    # stays reserved). The cluster listens on loopback only, in a process of its own.
+    # One authentication mode for every node: plantad.cluster.connect (a training run in this process)
+    # sets RAY_AUTH_MODE=token in this process's environment when a token is at hand, so a node added
+    # later (cluster.add_node) would start in token mode and refuse the GCS's calls (placing a bundle
+    # on it fails, and the CPU it prepared stays reserved). The cluster is this process's own.
     os.environ["RAY_AUTH_MODE"] = "disabled"
 
     health = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,

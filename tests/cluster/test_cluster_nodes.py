@@ -110,3 +110,31 @@ def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_check
     assert got["history"][-1]["resumed_from"] >= 5, got["history"]
     print(f"resumed from step {got['history'][-1]['resumed_from']}; finished "
           f"{got['seconds'] - got['removed_at_s']:.0f} s after the node was removed")
+
+
+@pytest.mark.chaos  # about 3 min, as its neighbour: not in CI; `pytest -m chaos tests/cluster` runs it
+def test_fixed_count_training_that_loses_a_worker_node_resumes_when_a_replacement_joins(moto_s3, demo_shards,
+                                                                                          demo_manifest, tmp_path):
+    """ray.min_workers unset: the run keeps its 2 workers, so it waits for a node of 1 CPU added 15 s
+    after the loss; the driver restarts it from the newest checkpoint in S3 once there is room."""
+    import uuid
+
+    from plantad.tracking.s3 import s3_client
+
+    bucket = f"node-fixed-{uuid.uuid4().hex[:8]}"
+    s3_client(moto_s3).create_bucket(Bucket=bucket)
+    demo_manifest.to_parquet(tmp_path / "manifest.parquet")
+    got = run_script("multinode_train.py", [demo_shards.location, str(tmp_path / "manifest.parquet"),
+                                            moto_s3.endpoint_url, bucket, str(tmp_path / "model"), "--fixed",
+                                            "--add-back=15"],
+                     tmp_path, tmp_path / "report.json", 480)
+    assert got["worker_nodes"] == 2 and got["removed_at_s"] is not None and "added" in got["nodes"], got
+    assert "error" not in got and got["steps"] == 30, got
+    last = got["history"][-1]
+    assert last["resumed_from"] >= 5 and last["world_size"] == 2, got["history"]  # from a checkpoint, 2 workers
+    steps = [h["step"] for h in got["history"]]
+    assert steps == sorted(set(steps)), steps  # each reported step once: the restart continued the run's history
+    assert (tmp_path / "model").is_dir()
+    print(f"resumed from step {last['resumed_from']} with 2 workers; finished "
+          f"{got['seconds'] - got['added_at_s']:.0f} s after the node was added, "
+          f"{got['seconds'] - got['removed_at_s']:.0f} s after the loss")

@@ -95,5 +95,5 @@ def run_with_restarts(attempt: Callable[[int], T], max_failures: int, num_worker
             if n == max_failures:
                 raise
             log.warning("Ray Train attempt %d failed (%s): the driver restarts it from the newest checkpoint once "
-                        "the cluster has room for %d workers", n, str(exc).splitlines()[0][:200], num_workers)
+                        "the cluster has room for %d workers", n, " ".join(str(exc).split())[:300], num_workers)
     raise AssertionError("unreachable")
