@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +49,7 @@ Timed = dict[str, Callable[[], object]]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set from --clock in main()
 unit = "img/s"  # "img per CPU-s" with --clock cpu
+T = TypeVar("T")
 TODAY = ["model.encoder.shared_blocks=0", "scoring.cpu_amp=false", "train.cpu_amp=false", "scoring.runtime=torch"]
 FP32 = ["scoring.cpu_amp=false", "train.cpu_amp=false", "scoring.runtime=torch"]
 # label -> (model.branches, overrides on configs/production.yaml); the production rows use its defaults
@@ -59,6 +62,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad dual, production": ("dual", []),
     # the paper's S_E on a 224 px view of the 392 px input [reconstructed lever; target: the full-size class token]
     "plantad dual, production, S_E on a 224 px view": ("dual", ["model.encoder.image_size=224"]),
+    # a milder view: 294 of 392 px (441 of S_E's 784 patch tokens)
+    "plantad dual, production, S_E on a 294 px view": ("dual", ["model.encoder.image_size=294"]),
     "plantad local, fp32": ("local", FP32),
     "plantad local, production in torch": ("local", ["scoring.runtime=torch"]),
     "plantad local, production": ("local", []),
@@ -400,6 +405,15 @@ def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor
                       for k, (a, b) in pairs.items()))
 
 
+SCORE_REFS = (PEER_OV, "Dinomaly forward, bf16", "teacher forward, all blocks")
+TRAIN_REFS = ("Dinomaly train step, bf16",)
+
+
+def kept(fns: dict[str, T], rows: re.Pattern[str] | None, refs: tuple[str, ...]) -> dict[str, T]:
+    """The rows `--rows` asks for, and the reference rows the ratios are taken against."""
+    return {k: v for k, v in fns.items() if rows is None or k in refs or rows.search(k)}
+
+
 def report_targets(score: dict[str, float], train: dict[str, float]) -> None:
     print("\nspeed targets (ratios of best throughput in this run; production rows use bf16 on CPU)")
     for what, row, ref, goal in TARGETS:
@@ -423,6 +437,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (compiles for about 1 min)")
     parser.add_argument("--levers", action="store_true",
                         help="OpenVINO compile levers for the production graph, beside the production rows only")
+    parser.add_argument("--rows", type=re.compile, default=None, metavar="REGEX",
+                        help="time only the rows whose label matches (the reference rows are always kept)")
     parser.add_argument("--weights", action="store_true",
                         help="rows for the production graphs with fp32 and NNCF INT8 weights (quantizing takes ~1 min)")
     args = parser.parse_args()
@@ -442,8 +458,9 @@ def main() -> None:
         train: dict[str, float] = {}
         if "scoring" in args.parts or "profile" in args.parts:
             fns, stages, profiles = scoring_fns(args, device, peer_ok)
+            fns, stages = kept(fns, args.rows, SCORE_REFS), kept(stages, args.rows, SCORE_REFS)
             if "scoring" in args.parts:
-                refs = [r for r in (PEER_OV, "Dinomaly forward, bf16", "teacher forward, all blocks") if r in fns]
+                refs = [r for r in SCORE_REFS if r in fns]
                 with torch.no_grad():
                     score = report(f"Scoring on {name}", interleaved(fns, args.rounds, sync), args.batch, refs)
                 report_stages("Scoring", ["teacher", "S_D", "S_E", "maps, blur, top-k"], stages, args.rounds,
@@ -456,9 +473,10 @@ def main() -> None:
             del fns, stages, profiles
         if "training" in args.parts:
             train_fns, train_stages = training_fns(args, device, peer_ok)
+            train_fns, train_stages = kept(train_fns, args.rows, TRAIN_REFS), kept(train_stages, args.rows, TRAIN_REFS)
             train_rounds = max(2, args.rounds // 2)
             train_times = interleaved(train_fns, train_rounds, sync)
-            refs = [r for r in ("Dinomaly train step, bf16",) if r in train_fns]
+            refs = [r for r in TRAIN_REFS if r in train_fns]
             train = report(f"Training step on {name}", train_times, args.batch, refs)
             report_stages("Training step", TRAIN_STAGES, train_stages, train_rounds, args.batch, name)
             del train_fns, train_stages
