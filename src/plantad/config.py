@@ -312,6 +312,12 @@ class ScoringConfig(_Section):
     # openvino: on a CPU, serving and bulk scoring run the network as an OpenVINO graph (exported
     # once per model, checked against torch at load; pip install 'plantad[openvino]'); torch elsewhere
     runtime: Literal["torch", "openvino"] = "torch"
+    # how the OpenVINO graph stores its weights: fp16 (OpenVINO's default when saving a graph), fp32, or int8
+    # (NNCF post-training quantization of weights and activations, its ranges from the held-out normal images
+    # the model ships, models/exported.py); an int8 graph whose probabilities on the other shipped images move
+    # more than int8_tolerance from torch's is refused and the fp16 graph scores instead
+    openvino_weights: Literal["fp16", "fp32", "int8"] = "fp16"
+    int8_tolerance: float = Field(0.1, ge=0.0, le=1.0)  # measured: 0.079 on the trained tiny demo model
     # line-health drift reference fitted at calibration (evaluation/drift.py): held-out normal images kept
     # (their projected teacher embeddings and probabilities ship in the model's metadata) and projected dims
     drift_reference_images: int = Field(512, ge=8)

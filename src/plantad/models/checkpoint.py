@@ -89,7 +89,10 @@ def save_model(model: AnomalyModel, settings: Settings, out_dir: Path, extra: di
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = model_metadata(model, settings, extra)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out_dir / MODEL_FILE, lambda p: torch.save({"meta": meta, "state_dict": state}, p))
+    blob = {"meta": meta, "state_dict": state}
+    if getattr(model, "normal_sample", None) is not None:  # held-out normal images (uint8): int8 calibration
+        blob["normal_sample"] = model.normal_sample.detach().cpu()
+    _atomic_write(out_dir / MODEL_FILE, lambda p: torch.save(blob, p))
     recorded = {**meta, SHA256_KEY: file_sha256(out_dir / MODEL_FILE)}
     _atomic_write(out_dir / META_FILE, lambda p: Path(p).write_text(json.dumps(recorded, indent=2)))
     return out_dir / MODEL_FILE
@@ -127,6 +130,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[AnomalyM
         model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ModelLoadError(f"weights in {file} do not fit the architecture in its metadata: {exc}") from exc
+    model.normal_sample = blob.get("normal_sample")  # None for a model saved before samples were kept
     return model.to(device).eval(), meta
 
 

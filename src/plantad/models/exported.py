@@ -3,14 +3,19 @@
 Only the network's forward (teacher, students, distances) moves to OpenVINO; smoothing, image
 score, Noisy-OR and threshold stay in `plantad.scoring.score_batch`, so the scoring contract is the
 same. The graph is exported once per model file with `torch.export` (any batch size) and kept in
-a cache keyed by model.pt's sha256, the image size and the OpenVINO version. Every load checks
-the graph against the torch forward on a fixed batch; a graph that disagrees is exported again,
-and when OpenVINO is missing, the export fails or the check still fails, scoring stays on torch
-with a warning that says why (the scores are the same within tolerance, only slower).
+a cache keyed by model.pt's sha256, the image size, the weight storage (`scoring.openvino_weights`)
+and the OpenVINO version. Every load checks the graph against the torch forward on a fixed batch; a
+graph that disagrees is exported again, and when OpenVINO is missing, the export fails or the check
+still fails, scoring stays on torch with a warning that says why (the scores are the same within
+tolerance, only slower). An int8 graph (NNCF post-training quantization) takes its activation ranges
+from every second of the held-out normal images the model ships (`normal_sample`, kept at
+calibration) and is checked on the others: its probabilities must stay within
+`scoring.int8_tolerance` of torch's, else the fp16 graph scores instead, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -24,14 +29,17 @@ import torch
 from torch import nn
 
 from plantad.config import ScoringConfig
+from plantad.data.images import IMAGENET_MEAN, IMAGENET_STD
 from plantad.models.device import autocast, model_device
 from plantad.models.interface import RawScores
+from plantad.scoring import score_batch
 
 log = logging.getLogger(__name__)
 GRAPH_FILE = "model.xml"
 # a graph must reproduce the torch forward within this fraction of the largest |value| (plus a
 # small absolute slack for distances near 0), in the precision scoring runs in
 TOLERANCE = {"f32": (5e-3, 1e-4), "bf16": (5e-2, 2e-3)}
+NORMAL_SAMPLE_IMAGES = 16  # held-out normal images a model ships for int8 calibration (8) and its check (8)
 
 
 class ExportError(RuntimeError):
@@ -105,6 +113,9 @@ def for_scoring(model: nn.Module, cfg: ScoringConfig, model_sha256: str | None,
     try:
         return openvino_model(model, cfg, model_sha256, cache_dir or default_cache_dir())
     except ExportError as exc:
+        if cfg.openvino_weights == "int8":
+            log.warning("scoring.openvino_weights is int8 but %s; scoring with the fp16 graph instead", exc)
+            return for_scoring(model, cfg.model_copy(update={"openvino_weights": "fp16"}), model_sha256, cache_dir)
         log.warning("scoring.runtime is openvino but %s; scoring with torch instead (same scores, slower)", exc)
         return model
 
@@ -118,7 +129,10 @@ def openvino_model(model: nn.Module, cfg: ScoringConfig, model_sha256: str | Non
     with torch.no_grad(), autocast(probe.device, False, cfg.cpu_amp):
         reference = model(probe)
     outputs = tuple(name for name, value in zip(RawScores._fields, reference) if value is not None)
-    key = f"{model_sha256}-{model.image_size}px-ov{ov.__version__.split('-')[0]}" if model_sha256 else None
+    weights = cfg.openvino_weights
+    normal = normal_images(model) if weights == "int8" else None
+    key = (f"{model_sha256}-{model.image_size}px-{weights}-ov{ov.__version__.split('-')[0]}"
+           if model_sha256 else None)
     folder = cache_dir / key if key else None
     problem = ""
     for attempt in ("cache", "export"):
@@ -126,15 +140,16 @@ def openvino_model(model: nn.Module, cfg: ScoringConfig, model_sha256: str | Non
             continue
         try:
             if attempt == "export":
-                folder = _export(model, outputs, probe, cache_dir, key)
+                folder = _export(model, outputs, probe, cache_dir, key, weights, normal)
             try:
                 compiled = core.compile_model(str(folder / GRAPH_FILE), "CPU", {
                     "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()})
             finally:
                 if key is None:  # a compiled graph holds its weights: an uncached export can go
                     shutil.rmtree(folder, ignore_errors=True)
-            candidate = OpenVinoModel(model, compiled, outputs, precision)
-            problem = _disagreement(candidate(probe), reference, precision)
+            candidate = OpenVinoModel(model, compiled, outputs, precision if normal is None else f"int8+{precision}")
+            problem = (_disagreement(candidate(probe), reference, precision) if normal is None
+                       else probability_drift(candidate, model, normal[1::2], cfg))
         except ExportError:
             raise
         except Exception as exc:  # a torn or foreign cache entry, an op OpenVINO cannot compile
@@ -148,6 +163,36 @@ def openvino_model(model: nn.Module, cfg: ScoringConfig, model_sha256: str | Non
 def _probe_batch(size: int) -> torch.Tensor:
     """Two fixed images in normalised space (the export needs a batch above 1 to keep it free)."""
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def normal_sample(batches: list[torch.Tensor], n: int = NORMAL_SAMPLE_IMAGES) -> torch.Tensor:
+    """Up to `n` of the held-out normal images (normalised batches), spread over all of them, as
+    uint8 (n, 3, S, S): what a model ships to calibrate and check an int8 graph with."""
+    images = torch.cat([b.detach().float().cpu() for b in batches])
+    images = images[:: max(1, len(images) // n)][:n]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (images * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def normal_images(model: nn.Module) -> torch.Tensor:
+    """The model's shipped normal images, normalised as scoring normalises its input."""
+    sample = getattr(model, "normal_sample", None)
+    if sample is None or len(sample) < 2:
+        raise ExportError("this model ships no held-out normal images to calibrate an int8 graph with "
+                          "(saved before plantad kept them at calibration); train or calibrate it again")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (sample.float() / 255 - mean) / std
+
+
+def probability_drift(graph: OpenVinoModel, model: nn.Module, images: torch.Tensor, cfg: ScoringConfig) -> str:
+    """Why the graph's probabilities on `images` are not torch's within `cfg.int8_tolerance`, or ""."""
+    torch_cfg = cfg.model_copy(update={"runtime": "torch"})
+    gap = float((score_batch(graph, images, torch_cfg).probability
+                 - score_batch(model, images, torch_cfg).probability).abs().max())
+    if not gap <= cfg.int8_tolerance:
+        return (f"its probabilities on {len(images)} held-out normal images differ from torch's by {gap:.3g} "
+                f"(allowed: scoring.int8_tolerance={cfg.int8_tolerance:g})")
+    return ""
 
 
 def _disagreement(got: RawScores, want: RawScores, precision: str) -> str:
@@ -165,7 +210,7 @@ def _disagreement(got: RawScores, want: RawScores, precision: str) -> str:
 
 
 def _export(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, cache_dir: Path,
-            key: str | None) -> Path:
+            key: str | None, weights: str = "fp16", normal: torch.Tensor | None = None) -> Path:
     """Export, convert and save the graph; into the cache (atomically, one writer at a time) when
     the model has a key, else into a temporary folder."""
     from filelock import FileLock
@@ -175,13 +220,13 @@ def _export(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, cac
     cache_dir.mkdir(parents=True, exist_ok=True)
     if key is None:
         folder = Path(tempfile.mkdtemp(prefix="plantad-openvino-"))
-        _convert(model, outputs, probe, folder)
+        _convert(model, outputs, probe, folder, weights, normal)
         return folder
     final = cache_dir / key
     with FileLock(str(cache_dir / f"{key}.lock")):
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
         try:
-            _convert(model, outputs, probe, staging)
+            _convert(model, outputs, probe, staging, weights, normal)
             if final.exists():  # a stale or damaged entry: this load is replacing it
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -191,7 +236,8 @@ def _export(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, cac
     return final
 
 
-def _convert(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, folder: Path) -> None:
+def _convert(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, folder: Path,
+             weights: str = "fp16", normal: torch.Tensor | None = None) -> None:
     ov = import_openvino()
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
@@ -200,24 +246,50 @@ def _convert(model: nn.Module, outputs: tuple[str, ...], probe: torch.Tensor, fo
         graph = ov.convert_model(program)
     except Exception as exc:
         raise ExportError(f"the forward of this model cannot be exported ({type(exc).__name__}: {exc})") from exc
-    ov.save_model(graph, str(folder / GRAPH_FILE))  # bf16 or f32 is chosen when compiling, not here
+    if weights == "int8":
+        nncf = import_nncf()
+        images = [image[None].numpy() for image in normal[0::2]]  # every second shipped image
+        graph = nncf.quantize(graph, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(images))
+    # bf16 or f32 is chosen when compiling, not here; fp16 weights are decompressed then
+    ov.save_model(graph, str(folder / GRAPH_FILE), compress_to_fp16=weights == "fp16")
 
 
 def import_openvino() -> Any:
     """OpenVINO with its usage telemetry off. Its converter reports to Google Analytics on import
     and on every conversion unless a user opted out, and a plant's scoring node must not call out:
     with its telemetry package blocked during the first import, OpenVINO binds its built-in stub."""
-    first = "openvino" not in sys.modules
+    with _no_telemetry("openvino"):
+        try:
+            import openvino
+        except ImportError as exc:
+            raise ExportError("the openvino package is not installed (pip install 'plantad[openvino]')") from exc
+    return openvino
+
+
+def import_nncf() -> Any:
+    """NNCF (int8 quantization), with its Google Analytics telemetry off the same way: without the
+    telemetry package at its first import, NNCF binds its stub."""
+    import_openvino()
+    with _no_telemetry("nncf"):
+        try:
+            import nncf
+        except ImportError as exc:
+            raise ExportError("scoring.openvino_weights is int8 but the nncf package is not installed "
+                              "(pip install 'plantad[openvino]')") from exc
+    return nncf
+
+
+@contextlib.contextmanager
+def _no_telemetry(package: str) -> Any:
+    first = package not in sys.modules
     saved = sys.modules.get("openvino_telemetry", False)
     if first:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import -> ImportError -> stub
     try:
-        import openvino
-    except ImportError as exc:
-        raise ExportError("the openvino package is not installed (pip install 'plantad[openvino]')") from exc
+        yield
     finally:
         if first and saved is False:
             del sys.modules["openvino_telemetry"]
         elif first:
             sys.modules["openvino_telemetry"] = saved
-    return openvino

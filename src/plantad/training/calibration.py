@@ -12,7 +12,8 @@ With n < 1/alpha - 1, k would exceed n: no threshold keeps the promise; the larg
 half is used (bound 1/(n + 1)), training logs a warning naming the held-out images needed, and the
 bound stored is the one it can keep. All held-out images, scored once more with the fitted
 calibration, give the line-health drift reference (evaluation/drift.py), which `save_model` stores
-in the model's metadata: serving needs no side file to watch for drift.
+in the model's metadata: serving needs no side file to watch for drift. Sixteen of the held-out
+images, as uint8, ship in model.pt too: an int8 OpenVINO graph is calibrated and checked on them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from plantad.config import ScoringConfig
 from plantad.evaluation.drift import fit_reference
+from plantad.models.exported import normal_sample
 from plantad.models.interface import AnomalyModel
 from plantad.scoring import score_batch
 
@@ -124,6 +126,7 @@ def calibrate(model: AnomalyModel, batches: Iterable[torch.Tensor], cfg: Scoring
         getattr(nor, f"alarm_{name}").fill_(value)
     if conformal.shortfall():
         log.warning("%s", conformal.shortfall())
+    model.normal_sample = normal_sample(batches)  # saved with the model: an int8 graph's calibration
     drift_images = 0
     if "embedding" in scored and prob.numel() >= 8:  # read by checkpoint.model_metadata
         reference = fit_reference(scored["embedding"].numpy(), prob.numpy(), threshold, cfg.drift_dims,
