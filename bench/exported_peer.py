@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from plantad.config import DemoConfig, Settings
-from plantad.models.exported import OpenVinoModel, _Forward, _probe_batch, import_openvino
+from plantad.models.exported import OpenVinoModel, _Forward, _probe_batch, import_nncf, import_openvino
 
 OV_OWN = "OpenVINO's own nodes"
 PEER_STAGES = {"pre_processor": "pre-processing (resize to 448, crop 392, normalise)",
@@ -283,8 +283,7 @@ def weight_graphs(graph: OpenVinoModel, normal: torch.Tensor, config: dict[str, 
     for label, weights in WEIGHTS.items():
         ov_model, _ = convert(_Forward(model, graph.outputs).eval(), _probe_batch(model.image_size))
         if weights == "int8":
-            import nncf
-
+            nncf = import_nncf()  # its telemetry off, as plantad's int8 graphs
             data = nncf.Dataset([image[None].numpy() for image in normal])
             ov_model = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(normal))
         compiled = ov.Core().compile_model(ov_model, "CPU", config)

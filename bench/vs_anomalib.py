@@ -19,10 +19,11 @@ the rest of its forward). All models
 have random weights (this machine cannot download DINOv2; speed does not depend on the weights).
 Timings are interleaved round-robin, best and median of `--rounds`. On a machine shared with other
 jobs, `--clock cpu --threads 1` times the CPU seconds this process spends instead of wall-clock
-seconds, which other jobs' load disturbs far less. anomalib is an optional extra
+seconds, which other jobs' load disturbs far less. `--weights` adds plantad's production graphs with fp32
+weights and NNCF INT8 (calibrated on normal demo images only) beside them. anomalib is an optional extra
 (`pip install -e ".[bench]"`); without it the Dinomaly rows are skipped with a note.
 Usage: python bench/vs_anomalib.py [--size 392] [--batch 8] [--rounds 5] [--devices cpu cuda]
-       [--clock wall|cpu] [--threads N] [--parts scoring profile training] [--compile] [--levers]
+       [--clock wall|cpu] [--threads N] [--parts scoring profile training] [--compile] [--levers] [--weights]
 """
 
 from __future__ import annotations
