@@ -254,7 +254,7 @@ WEIGHTS = {  # label -> how the production graph's weights are stored before com
 @contextlib.contextmanager
 def demo_images(size: int, normal: int, test: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The procedural demo (category metal) at the model's input size, as plantad loads images:
-    `normal` train/good images (calibration), and `test` good plus `test` defective test images, labels."""
+    `normal` train/good images (calibration), and the test images (`test` good, `test` of each defect type), labels."""
     from plantad.data.dataset import ManifestDataset
     from plantad.data.demo import generate_demo
     from plantad.data.manifest import scan_dataset

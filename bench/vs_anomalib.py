@@ -223,7 +223,8 @@ WEIGHT_ROWS = ["plantad dual, production", "plantad local, production"]
 def weight_fns(args, x: torch.Tensor, graphs: dict[str, tuple[Settings, torch.nn.Module]], fns: Timed) -> None:
     """Adds rows for the production graphs with other weight storage (bench/exported_peer.py WEIGHTS),
     INT8 calibrated on 16 normal demo images; prints each one's largest probability gap against the
-    production graph on 8 good and 8 defective demo test images, the Noisy-OR fitted on the normal ones."""
+    production graph on the demo's test images of category metal (8 good, 8 of each of its 3 defect
+    types), the Noisy-OR fitted on the normal ones."""
     import exported_peer
     from plantad.evaluation.metrics import image_auroc as auroc
 
@@ -234,7 +235,8 @@ def weight_fns(args, x: torch.Tensor, graphs: dict[str, tuple[Settings, torch.nn
             normal_scores = score_batch(graph, normal, settings.scoring)
             graph.noisy_or.fit(normal_scores.local_score, normal_scores.semantic_score)
             ref = score_batch(graph, test, settings.scoring).probability
-            print(f"\n{row}: weights against its production graph on 16 demo test images, random weights, "
+            print(f"\n{row}: weights against its production graph on {len(labels)} demo test images "
+                  f"({int(labels.sum())} defective), random weights, "
                   f"Noisy-OR fitted on the 16 normal images (image AUROC of the production graph "
                   f"{auroc(labels.numpy(), ref.numpy()):.3f})")
             for label, lever in exported_peer.weight_graphs(graph, normal, exported_peer.compile_config(graph)).items():
