@@ -69,6 +69,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad local, production in torch": ("local", ["scoring.runtime=torch"]),
     "plantad local, production": ("local", []),
 }
+
+
+def variants(size: int) -> dict[str, tuple[str, list[str]]]:
+    """VARIANTS without the S_E views larger than the input (`--size` below 294 or 224 px)."""
+    def view(overrides: list[str]) -> int:
+        return max([int(o.split("=")[1]) for o in overrides if o.startswith("model.encoder.image_size=")], default=0)
+
+    return {label: v for label, v in VARIANTS.items() if view(v[1]) <= size}
+
+
 PEER_OV = "Dinomaly, anomalib's to_openvino, default precision"
 TARGETS = [  # the speed targets: (what, row, reference, at least)
     ("production dual scoring vs Dinomaly exported to OpenVINO", "plantad dual, production", PEER_OV, 1.0),
@@ -174,7 +184,7 @@ Profiles = dict[str, Callable[[], dict[str, float]]]
 def scoring_fns(args, device: torch.device, peer_ok: bool
                 ) -> tuple[Timed, dict[str, Callable[[], list[float]]], Profiles]:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    models = {label: plantad(args.config, args.size, br, device, ov) for label, (br, ov) in VARIANTS.items()}
+    models = {label: plantad(args.config, args.size, br, device, ov) for label, (br, ov) in variants(args.size).items()}
     teacher_name = models["plantad dual, production"][0].model.teacher.name
     full_teacher = models["plantad dual, paper S_E, fp32 (before)"][1].teacher
     early_teacher = models["plantad local, fp32"][1].teacher
@@ -326,7 +336,7 @@ def training_fns(args, device: torch.device, peer_ok: bool) -> tuple[Timed, dict
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     fns: Timed = {}
     stages: dict[str, Callable[[], list[float]]] = {}
-    for label, (branches, overrides) in VARIANTS.items():
+    for label, (branches, overrides) in variants(args.size).items():
         if label.endswith("production in torch"):
             continue  # the runtime is scoring's only: these train like the production row
         settings, model = plantad(args.config, args.size, branches, device, overrides)
