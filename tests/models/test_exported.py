@@ -30,19 +30,6 @@ def with_runtime(settings, runtime: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(trained_tiny):
-    settings, result = trained_tiny
-    model, _ = load_model(result.model_path)
-    return settings, model, recorded_sha256(result.model_path.parent / META_FILE)
-
-
-@pytest.fixture(scope="module")
-def graph_cache(tmp_path_factory):
-    """One cache for the equality tests: the graph is exported once, compiled in each precision."""
-    return tmp_path_factory.mktemp("openvino-cache")
-
-
-@pytest.fixture(scope="module")
 def demo_batch(trained_tiny, demo_root, demo_manifest):
     settings, _ = trained_tiny
     return next(iter(image_loader(demo_manifest.head(16), demo_root, settings, shuffle=False)))["image"]

@@ -25,19 +25,6 @@ def int8(settings, **update):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(trained_tiny):
-    settings, result = trained_tiny
-    model, _ = load_model(result.model_path)
-    return settings, model, recorded_sha256(result.model_path.parent / META_FILE)
-
-
-@pytest.fixture(scope="module")
-def graph_cache(tmp_path_factory):
-    """One cache for the module: the int8 graph is quantized once, the fp16 fallback exported once."""
-    return tmp_path_factory.mktemp("openvino-cache")
-
-
-@pytest.fixture(scope="module")
 def test_images(trained_tiny, demo_root, demo_manifest):
     """The demo's test split: good and defective images of every category."""
     settings, _ = trained_tiny
