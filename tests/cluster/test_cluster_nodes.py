@@ -60,7 +60,6 @@ def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(t
     print(f"node removed at {got['removed_at_s']:.1f} s, job finished at {got['seconds']:.1f} s")
 
 
-@pytest.mark.chaos  # 1 of 7 runs here: Serve never started the replacement replica (240 s); not in CI until understood
 def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_capacity_back(trained_tiny, demo_root,
                                                                                            tmp_path):
     _, result = trained_tiny
