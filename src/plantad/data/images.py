@@ -19,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+_MEAN_255 = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).mul(255.0).view(3, 1, 1)
+_STD_255 = torch.tensor(IMAGENET_STD, dtype=torch.float32).mul(255.0).view(3, 1, 1)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -165,8 +167,8 @@ class ImageTransform:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.image_size = image_size
         # normalisation on 0..255 values: (x / 255 - mean) / std == (x - 255 mean) * (1 / (255 std))
-        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).mul(255.0).view(3, 1, 1)
-        self._inv_std = torch.tensor(IMAGENET_STD, dtype=torch.float32).mul(255.0).reciprocal().view(3, 1, 1)
+        self._mean = _MEAN_255
+        self._inv_std = _STD_255.reciprocal()
 
     def __repr__(self) -> str:
         return f"ImageTransform(image_size={self.image_size})"
@@ -183,6 +185,16 @@ class ImageTransform:
                 x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False, antialias=True
             ).squeeze(0)
         return x.sub_(self._mean).mul_(self._inv_std)
+
+
+def normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) images -> the model's input, normalised as ImageTransform normalises."""
+    return (pixels.float() - _MEAN_255) / _STD_255
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """The model's normalised input -> uint8 (..., 3, H, W) pixels (the inverse of `normalised`, rounded)."""
+    return (images.detach().float().cpu() * _STD_255 + _MEAN_255).round().clamp(0, 255).to(torch.uint8)
 
 
 def mask_to_tensor(mask: Image.Image | None, image_size: int) -> torch.Tensor:

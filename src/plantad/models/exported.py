@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from plantad.config import ScoringConfig
-from plantad.data.images import IMAGENET_MEAN, IMAGENET_STD
+from plantad.data.images import as_uint8, normalised
 from plantad.models.device import autocast, model_device
 from plantad.models.interface import RawScores
 from plantad.scoring import score_batch
@@ -169,9 +169,7 @@ def normal_sample(batches: list[torch.Tensor], n: int = NORMAL_SAMPLE_IMAGES) ->
     """Up to `n` of the held-out normal images (normalised batches), spread over all of them, as
     uint8 (n, 3, S, S): what a model ships to calibrate and check an int8 graph with."""
     images = torch.cat([b.detach().float().cpu() for b in batches])
-    images = images[:: max(1, len(images) // n)][:n]
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (images * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+    return as_uint8(images[:: max(1, len(images) // n)][:n])
 
 
 def normal_images(model: nn.Module) -> torch.Tensor:
@@ -180,8 +178,7 @@ def normal_images(model: nn.Module) -> torch.Tensor:
     if sample is None or len(sample) < 2:
         raise ExportError("this model ships no held-out normal images to calibrate an int8 graph with "
                           "(saved before plantad kept them at calibration); train or calibrate it again")
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (sample.float() / 255 - mean) / std
+    return normalised(sample)
 
 
 def probability_drift(graph: OpenVinoModel, model: nn.Module, images: torch.Tensor, cfg: ScoringConfig) -> str:
