@@ -14,8 +14,13 @@ zero: batch_wait_timeout_s 0), and `--floor` adds the same Predictor behind a pl
 app in one process (bench/floor_app.py), with the same client and images. Before the load, the
 stages of one single-image request are timed in this process (decoding, pre-processing, forward,
 answer building with its JSON encoding).
+`--ingress` serves the modes once per way in, each on a new Ray cluster started with its environment:
+proxy (Serve's HTTP proxy, which sends each request to the replica as a Ray actor call, as SERVE_ENV
+leaves it), grpc (the proxy sends it over gRPC, RAY_SERVE_PROXY_USE_GRPC=1) and direct (Serve's direct
+ingress, RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the replica answers HTTP on a port of its own, which the
+client calls; the proxy still runs on the head node, unused).
 Usage: python bench/serve_latency.py [--size 224] [--batch 16] [--concurrent-batches 1] [--requests 64]
-       [--rounds 3] [--concurrency 1 8 32] [--modes idle] [--floor]
+       [--rounds 3] [--concurrency 1 8 32] [--modes idle] [--floor] [--ingress proxy direct]
 """
 
 from __future__ import annotations
@@ -127,19 +132,41 @@ def free_port() -> int:
 
 
 ROLES = {"proxy": "ray::ProxyActor", "replica": "ray::ServeReplica"}
+# environment of each way in, over SERVE_ENV; direct ingress holds a replica that stops for at least
+# 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S) so that load balancers can drop it: 0 here,
+# where nothing balances and each mode's replica is deleted before the next one starts
+INGRESS = {"proxy": {}, "grpc": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
+           "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
 
 
 def role_pids() -> dict[str, list[int]]:
-    """Serve's proxy and replica processes, by the titles Ray gives its actors."""
+    """Serve's proxy and replica processes of this bench's cluster (this process's descendants, not
+    another job's on the same machine), by the titles Ray gives its actors."""
     import psutil
 
     found: dict[str, list[int]] = {role: [] for role in ROLES}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:  # a worker that exited meanwhile
+            continue
         for role, title in ROLES.items():
             if cmd.startswith(title):
-                found[role].append(proc.info["pid"])
+                found[role].append(proc.pid)
     return found
+
+
+def direct_port(replicas: list[int]) -> int:
+    """The HTTP port that the replica listens on with direct ingress (Serve's range for it)."""
+    import psutil
+    from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT as HIGH,
+                                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT as LOW)
+
+    ports = {c.laddr.port for pid in replicas for c in psutil.Process(pid).net_connections("inet")
+             if c.status == psutil.CONN_LISTEN and LOW <= c.laddr.port <= HIGH}
+    if len(ports) != 1:
+        raise RuntimeError(f"expected one direct-ingress port in {LOW}-{HIGH} on the replica, found {sorted(ports)}")
+    return ports.pop()
 
 
 def stage_ms(model_dir: Path, png: bytes, repeats: int = 50) -> dict[str, float]:
@@ -230,12 +257,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["idle"],
                         help="batching modes, each served in turn (window 0.01 s; idle: window unless alone; zero)")
     parser.add_argument("--floor", action="store_true", help="also a plain FastAPI + uvicorn app, one process")
+    parser.add_argument("--ingress", nargs="+", choices=list(INGRESS), default=["proxy"],
+                        help="ways in, each on its own new Ray cluster: Serve's proxy with actor calls, with gRPC, "
+                             "or direct ingress (the replica's own HTTP port)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     os.environ.update(with_serve_env(os.environ))  # before Ray starts: its processes inherit it
     serve_mode = ", ".join(f"{k}={os.environ[k]}" for k in SERVE_ENV)
+    base_env = {k: os.environ.get(k) for env in INGRESS.values() for k in env}
     import ray
     from ray import serve
 
@@ -246,17 +277,25 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="plantad-serve-bench-"))
     model_dir = random_model_dir(args.config, args.size, tmp / "model")
     pngs = png_images(max(args.batch, 32), args.size)
-    # replica logs (one access line per request) stay in Ray's log files: streamed to this process
-    # they would cost the client's CPU, which on one machine is taken from the model
-    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    def start_cluster(ingress: str) -> int:
+        """A new Ray cluster with `ingress`'s environment and Serve's HTTP proxy on loopback; its port."""
+        for k, v in base_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.environ.update(INGRESS[ingress])  # the cluster's processes inherit it
+        # replica logs (one access line per request) stay in Ray's log files: streamed to this process
+        # they would cost the client's CPU, which on one machine is taken from the model
+        ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        return port
 
-    def deploy(mode: str) -> dict[str, list[int]]:
-        """The app in `mode`, warmed up; its proxy and replica processes."""
+    def deploy(mode: str, ingress: str, port: int, first: bool) -> tuple[str, dict[str, list[int]]]:
+        """The app in `mode`, warmed up; the URL its clients call and its proxy and replica processes."""
         wait, idle = MODES[mode]
-        if mode != args.modes[0]:
+        if not first:
             serve.delete("bench")  # the previous mode's replica goes before the next one's is counted
         serve.run(build_app({"model_dir": str(model_dir), "device": args.device, "max_batch_size": args.batch,
                              "max_concurrent_batches": args.concurrent_batches,
@@ -265,10 +304,13 @@ def main() -> None:
                              "idle_skips_batch_wait": idle, "port": port,
                              "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}}),
                   name="bench", route_prefix="/")
+        roles = role_pids()
+        url = f"http://127.0.0.1:{direct_port(roles['replica']) if ingress == 'direct' else port}"
         asyncio.run(load_test(url, pngs, 2, 4))  # warm-up
-        return role_pids()
+        return url, roles
 
-    pids = deploy(args.modes[0])
+    port = start_cluster(args.ingress[0])
+    url, pids = deploy(args.modes[0], args.ingress[0], port, True)
     served_model = httpx.get(f"{url}/model", timeout=60).json()
     threads = served_model["torch_threads"]
     torch.set_num_threads(threads)  # the raw figure uses the replica's intra-op threads
@@ -277,6 +319,7 @@ def main() -> None:
           f"{args.config} random weights at {args.size} px; {threads} torch threads in the replica and for raw; "
           f"runtime {served_model['runtime']} served, {raw_scorer.runtime} raw; "
           f"serve.max_batch_size {args.batch}, serve.max_concurrent_batches {args.concurrent_batches}; {serve_mode}; "
+          f"ways in: {', '.join(f'{i} {INGRESS[i]}' for i in args.ingress)}; "
           f"raw = score_batch at batch {args.batch}, measured right before and after each round while Serve is idle")
     stages = stage_ms(model_dir, pngs[0])
     forward_cpu = stages.pop("forward CPU")
@@ -321,8 +364,15 @@ def main() -> None:
                   f"{ratio:.2f} | {every} |", flush=True)
 
     try:
-        for n, mode in enumerate(args.modes):
-            levels(mode, url, pids if n == 0 else deploy(mode))
+        for k, ingress in enumerate(args.ingress):
+            if k:
+                serve.shutdown()  # the previous way in's cluster goes before the next one starts
+                ray.shutdown()
+                port = start_cluster(ingress)
+            for n, mode in enumerate(args.modes):
+                if k or n:
+                    url, pids = deploy(mode, ingress, port, n == 0)
+                levels(f"{ingress} {mode}" if len(args.ingress) > 1 else mode, url, pids)
         if args.floor:
             serve.delete("bench")  # the floor runs alone on the machine, as each mode did
             floor, floor_url = start_floor(model_dir, threads)
