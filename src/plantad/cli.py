@@ -182,10 +182,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uri = resolve_tracking_uri(settings.mlflow, Path.cwd())
         check_tracking_server(uri)
         serve_cfg = serve_cfg.model_copy(update={"tracking_uri": uri})
-    where = launch.connect_for_serving(settings.ray, args.detach)
+    where = launch.connect_for_serving(settings.ray, args.detach, serve_cfg.direct_ingress)
     url = launch.deploy(serve_cfg)
     print(f"serving {serve_cfg.model_uri} at {url} on {where}")
     print(f"  API docs {url}/docs, model {url}/model")
+    if serve_cfg.direct_ingress:  # a replica that restarts takes the next free port
+        print(f"  each replica on its own port (serve.direct_ingress): {' '.join(launch.direct_urls(serve_cfg))}")
     if args.detach:
         plantad, ray = (_command_path(name) for name in ("plantad", "ray"))
         print(f"  stop the app: {plantad} serve --stop; stop a local cluster: {ray} stop")

@@ -518,6 +518,8 @@ class ServeConfig(_Section):
     model_name: str = "plantad-anomaly"  # serves models:/<model_name>@<model_alias>
     model_alias: str = "champion"
     model_dir: str | None = None  # a model folder instead of the registry (no promotion following)
+    # each replica also answers HTTP on a port of its own (Ray Serve direct ingress, clusters plantad starts)
+    direct_ingress: bool = False
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI where the app is built
     device: str = "auto"  # auto | cpu | cuda
     # scoring network on a CPU replica; None: the version's own scoring.runtime (what it was trained with)

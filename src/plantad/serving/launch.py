@@ -4,11 +4,15 @@ With `detach`, a local cluster is started by `ray start --head` so that it and t
 the command; `plantad serve --stop` removes the app (the cluster stays until `ray stop`).
 API keys in this process's environment or `serve.api_keys_file` reach every replica as digests in
 the cluster's key-value store (serving/security.py), never in the app's args.
+With `serve.direct_ingress`, a cluster that this command starts runs Ray Serve's direct ingress: each
+replica also answers HTTP itself on a port of its own (30000 up on each node), without the proxy's
+hop; the proxy keeps `serve.port` on the head node.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -30,18 +34,27 @@ def _ray_executable() -> str:
     return found
 
 
-def connect_for_serving(cfg: RayConfig, detach: bool) -> str:
-    """Connect to ray.address / RAY_ADDRESS, else a new local cluster on ray.host; returns a description."""
+# Ray Serve 2.60 reads it when its controller and replicas import Serve: it must be in the
+# cluster's environment when the cluster starts (over plantad.cluster.SERVE_ENV's "0")
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+
+
+def connect_for_serving(cfg: RayConfig, detach: bool, direct_ingress: bool = False) -> str:
+    """Connect to ray.address / RAY_ADDRESS, else a new local cluster on ray.host (with Serve's direct
+    ingress when `direct_ingress`; a running cluster keeps its own environment); returns a description."""
     address, source = job_address(cfg)
     if address:
         check_ray_address(address, source)
         join(cfg, address)
         return f"the Ray cluster at {address} ({source})"
+    extra = DIRECT_INGRESS_ENV if direct_ingress else {}
     if not detach:
+        os.environ.update(extra)  # the cluster's processes inherit this process's environment
         start_local(cfg)
         return f"a local Ray cluster of this process on {cfg.host} (stops with it)"
     ray = _ray_executable()
-    started = subprocess.run(head_start_args(cfg, ray), env=head_env(cfg, ray), capture_output=True, text=True)
+    env = head_env(cfg, ray, {**os.environ, **extra})
+    started = subprocess.run(head_start_args(cfg, ray), env=env, capture_output=True, text=True)
     if started.returncode != 0 and "already" not in (started.stdout + started.stderr):
         raise RuntimeError(f"`ray start --head` failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
     join(cfg, job_address(cfg)[0] or "auto")  # the head's address, as a later `plantad serve` joins it
@@ -70,6 +83,40 @@ def wait_ready(url: str, api_key: str | None, timeout_s: float = 300.0) -> dict:
     raise RuntimeError(f"{url}/readyz not ready after {timeout_s:.0f} s (last: {last})")
 
 
+def direct_urls(cfg: ServeConfig) -> list[str]:
+    """The base URLs of the app's replicas under direct ingress, from Ray Serve's target groups (its
+    controller's `get_target_groups`, internal in Ray 2.60); [] when the cluster runs without it.
+
+    A replica listens on serve.host: on loopback the URL names serve.host, else the replica's node IP."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    groups = ray.get(controller.get_target_groups.remote(cfg.app_name))
+    wildcard = cfg.host in ("0.0.0.0", "::")
+    return sorted(f"http://{t.ip if wildcard else cfg.host}:{t.port}{cfg.route_prefix.rstrip('/')}"
+                  for g in groups if g.protocol == RequestProtocol.HTTP and g.app_name == cfg.app_name
+                  for t in g.targets if t.name.startswith("SERVE_REPLICA"))
+
+
+def wait_direct(cfg: ServeConfig, timeout_s: float = 30.0) -> list[str]:
+    """direct_urls once the controller has the ports of all serve.num_replicas replicas (it learns
+    them on its next loop after the replicas start); an error naming the setting if none comes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        urls = direct_urls(cfg)
+        if len(urls) >= cfg.num_replicas or (urls and cfg.autoscaling) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if not urls:
+        raise RuntimeError(f"serve.direct_ingress is true but no replica of '{cfg.app_name}' answers on a port of its "
+                           f"own after {timeout_s:.0f} s: the Ray cluster runs without Serve's direct ingress. Start it "
+                           "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment (deploy/raycluster.yaml), let "
+                           "`plantad serve` start it, or set serve.direct_ingress: false")
+    return urls
+
+
 def http_options(cfg: ServeConfig) -> dict[str, object]:
     """Serve's HTTP options: serve.host:serve.port (127.0.0.1 unless configured otherwise) and the
     request deadline (serve.request_timeout_s; Serve answers 408 past it)."""
@@ -84,7 +131,8 @@ def start_http(cfg: ServeConfig) -> None:
 
 
 def deploy(cfg: ServeConfig) -> str:
-    """Start Serve's HTTP proxy and run the app with this process's API keys; returns its base URL.
+    """Start Serve's HTTP proxy and run the app with this process's API keys; returns its base URL
+    (the proxy's; with serve.direct_ingress, once the replicas' own URLs are known: `direct_urls`).
     Refuses, before anything starts, to serve without keys on a host other than loopback."""
     from ray import serve
 
@@ -99,6 +147,8 @@ def deploy(cfg: ServeConfig) -> str:
     serve.run(build_app(args), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     url = base_url(cfg)
     wait_ready(url, min(keys) if keys else None)
+    if cfg.direct_ingress:
+        wait_direct(cfg)
     return url
 
 
