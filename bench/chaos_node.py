@@ -120,17 +120,22 @@ def training_row(work: Path, s3, k: int, add_back: float | None = None, fixed: b
                                                      s3.bucket, str(work / f"model-{i}"), *options],
                               work / f"train-{i}.json") for i in range(k)]
     lost = [t for t in trials if t.get("removed_at_s") is not None]
-    done = [t for t in lost if t.get("steps") == 30]
+    done = [t for t in lost if t.get("steps") == t.get("planned_steps")]
     resumed = [int(t["history"][-1]["resumed_from"]) for t in done]  # the step the last worker group began at
     timing = ", ".join(f"{t['seconds'] - t['removed_at_s']:.0f}" for t in done)
     errors = "; ".join(t["error"][:160] for t in trials if "error" in t)
     count = "fixed: 2 workers" if fixed else "elastic: min 1 worker"
     back = f", a node added {add_back:g} s after the loss" if add_back is not None else ""
     workers = ", ".join(str(t["history"][-1].get("world_size", "?")) for t in done)
+    planned = done[0]["planned_steps"] if done else "?"
+    # Ray Train's tries to place the old size on its stale view of the cluster, each given up after
+    # ray.elastic_placement_timeout_s
+    stale = ", ".join(str(len(t.get("startup_timeouts", []))) for t in done)
     return Row(f"worker node lost under Ray Train (3 nodes, 1 worker per worker node, {count}{back})", len(lost),
                sum(r > 0 for r in resumed), len(lost) - sum(r > 0 for r in resumed),
-               (f"resumed from step {', '.join(map(str, resumed))} of 30 with {workers} workers; finished {timing} s "
-                "after the loss" if resumed else "did not resume") + (f"; {errors}" if errors else ""))
+               (f"resumed from step {', '.join(map(str, resumed))} of {planned} with {workers} workers; finished "
+                f"{timing} s after the loss; worker groups given up waiting for room: {stale}" if resumed
+                else "did not resume") + (f"; {errors}" if errors else ""))
 
 
 NODE_ROWS = ("bulk", "serving", "training")

@@ -360,6 +360,11 @@ class RayConfig(_Section):
     # the driver restarts the run once the live nodes have room for all num_workers (up to
     # stall_timeout_s; training/ray_restarts.py)
     min_workers: int | None = Field(None, ge=1)
+    # elastic training: how long a worker group waits for its workers' resources before Ray Train
+    # re-reads the cluster and starts the size that fits. After a lost node Ray Train first tries the
+    # old size on its stale view of the cluster (the node is not yet declared dead), so this bounds
+    # that try (Ray Train's own default: 60 s)
+    elastic_placement_timeout_s: float = Field(10.0, gt=0.0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-STEPS, SPE = 30, 5
+STEPS, SPE = 15, 5  # the node goes once the first checkpoint (step 5) is in S3: two epochs are left
 
 
 def train_worker_nodes() -> set[str]:
@@ -48,6 +48,27 @@ def placement(seconds: float) -> dict:
     return {"at_s": round(seconds, 1), "groups": groups, "free_cpu": free}
 
 
+def startup_timeouts() -> list[float]:
+    """The waits for a worker group's resources that Ray Train's controller gave up, in seconds
+    (its log under this cluster's RAY_TMPDIR): an elastic run after a lost node first asks for the
+    old size on a stale view of the cluster."""
+    import os
+    import re
+
+    logs = Path(os.environ["RAY_TMPDIR"]) / "ray" / "session_latest" / "logs" / "train"
+    found = re.compile(r"^Error in control loop iteration: The worker group startup timed out after ([0-9.]+) seconds")
+    timeouts = []
+    for f in sorted(logs.glob("ray-train-sys-controller-*.log")):  # JSON lines: one per record
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                match = found.match(json.loads(line).get("message", ""))
+            except (ValueError, AttributeError):
+                continue
+            if match:
+                timeouts.append(float(match.group(1)))
+    return timeouts
+
+
 def checkpoints(client, bucket: str, prefix: str) -> int:
     """How many checkpoints the run has written under s3://bucket/prefix."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -70,7 +91,8 @@ def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_di
     prefix = f"fit-{uuid.uuid4().hex[:8]}"
     settings = tiny_settings(f"train.steps={STEPS}", f"ray.steps_per_epoch={SPE}", "ray.num_workers=2",
                              "ray.cpus_per_worker=0.75", "ray.min_cpus_per_worker=0.75", "ray.data_cpus=0.25",
-                             "ray.max_failures=2", f"ray.min_workers={'null' if fixed else 1}", "ray.stall_timeout_s=120", f"ray.address={cluster.address}",
+                             "ray.max_failures=2", f"ray.min_workers={'null' if fixed else 1}", "ray.elastic_placement_timeout_s=10",
+                             "ray.stall_timeout_s=120", f"ray.address={cluster.address}",
                              f"ray.storage_path=s3://{bucket}/{prefix}", f"s3.endpoint_url={endpoint}",
                              f"s3.bucket={bucket}")
     manifest = pd.read_parquet(manifest_file)
@@ -115,7 +137,8 @@ def main(shards_dir: str, manifest_file: str, endpoint: str, bucket: str, out_di
         except Exception as exc:  # noqa: BLE001 - a diagnostic only
             snapshots = [*snapshots[-3:], {"error": str(exc)[:200]}]
     result["placement_snapshots"] = snapshots
-    result.update(seconds=time.monotonic() - started, job_alive=job.is_alive(), **outcome)
+    result.update(seconds=time.monotonic() - started, job_alive=job.is_alive(), planned_steps=STEPS,
+                  startup_timeouts=startup_timeouts(), **outcome)
     Path(report).write_text(json.dumps(result, indent=2, default=str))
     ray.shutdown()
     cluster.shutdown()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from plantad.cluster.watch import StallError
@@ -74,6 +76,30 @@ def wait_for_room(num_workers: int, per_worker: dict[str, float], timeout_s: flo
                 f"of {what} each (a fixed worker count: ray.min_workers is unset); the cluster's live nodes have "
                 f"{_cluster_text(free)}: add a node, free those resources, or set ray.min_workers to go on with fewer")
         time.sleep(poll_s)
+
+
+# Ray Train reads it when it creates a run's controller (and passes it on to the controller's actor)
+PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextmanager
+def elastic_placement_timeout(seconds: float | None) -> Iterator[None]:
+    """While a TorchTrainer is created and runs: an elastic run's bound on a worker group's wait
+    for its resources (ray.elastic_placement_timeout_s); None (a fixed count) leaves Ray's. After a
+    lost node Ray Train first asks for the old size on a stale view of the cluster and only re-reads
+    it when that wait ends, so Ray's 60 s default is the time an elastic run idles after every loss."""
+    if seconds is None:
+        yield
+        return
+    before = os.environ.get(PLACEMENT_TIMEOUT_ENV)
+    os.environ[PLACEMENT_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PLACEMENT_TIMEOUT_ENV, None)
+        else:
+            os.environ[PLACEMENT_TIMEOUT_ENV] = before
 
 
 def run_with_restarts(attempt: Callable[[int], T], max_failures: int, num_workers: int,

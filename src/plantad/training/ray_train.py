@@ -35,7 +35,7 @@ from plantad.training.calibration import calibrate
 from plantad.training.loop import build_optimizer, fit, unwrap
 from plantad.training.ray_budget import abort_train_runs, fit_training, stall_reason, worker_resources
 from plantad.training.ray_data import endless_shard, image_dataset
-from plantad.training.ray_restarts import run_with_restarts
+from plantad.training.ray_restarts import elastic_placement_timeout, run_with_restarts
 from plantad.training.distributed import check_worker_batch, seed_rank, sync_batchnorm
 from plantad.training.trainer import TrainResult, normal_train_rows, seed_everything, shard_holdout_batches
 
@@ -272,8 +272,9 @@ def run_ray_training(
             ),
             datasets=datasets,
         )
-        return run_watched(trainer.fit, board, rcfg.stall_timeout_s, lambda beats: stall_reason(plan, rcfg, beats),
-                           abort=lambda: abort_train_runs(job))
+        with elastic_placement_timeout(None if fixed else rcfg.elastic_placement_timeout_s):
+            return run_watched(trainer.fit, board, rcfg.stall_timeout_s, lambda beats: stall_reason(plan, rcfg, beats),
+                               abort=lambda: abort_train_runs(job))
 
     job = ray.get_runtime_context().get_job_id()
     try:
