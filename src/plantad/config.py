@@ -518,13 +518,13 @@ class ServeConfig(_Section):
 
     host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 only behind an API key or a firewall
     port: int = Field(8000, ge=1, le=65535)
+    # each replica also answers HTTP on a port of its own (Ray Serve direct ingress, clusters plantad starts)
+    direct_ingress: bool = False
     route_prefix: str = "/"
     app_name: str = "plantad"
     model_name: str = "plantad-anomaly"  # serves models:/<model_name>@<model_alias>
     model_alias: str = "champion"
     model_dir: str | None = None  # a model folder instead of the registry (no promotion following)
-    # each replica also answers HTTP on a port of its own (Ray Serve direct ingress, clusters plantad starts)
-    direct_ingress: bool = False
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI where the app is built
     device: str = "auto"  # auto | cpu | cuda
     # scoring network on a CPU replica; None: the version's own scoring.runtime (what it was trained with)
