@@ -56,18 +56,41 @@ def stall_reason(plan: TrainPlan, rcfg: RayConfig, beats: dict[str, tuple[float,
     return f"waited for {what}; the Ray cluster has {read_capacity(samples=1).text()}, held by: {holders_text()}"
 
 
-def abort_train_runs(job_id: str, timeout_s: float = 30.0) -> None:
+def abort_train_runs(job_id: str, timeout_s: float = 30.0, answer_s: float = 5.0) -> None:
     """Abort this job's Ray Train runs as Ctrl-C would: each controller ends its worker group and
-    placement group. (TorchTrainer.fit keeps its controller's handle, so it is looked up by id.)"""
+    placement group. (TorchTrainer.fit keeps its controller's handle, so it is looked up by id.)
+    A controller that does not answer within `answer_s` is killed (one waiting for a placement
+    group that cannot be placed blocks its own loop for that wait, Ray Train's 60 s by default);
+    its workers go with it (their owner), and this job's placement groups, which live as long as
+    the job, are removed."""
     import ray
     from ray.util.state import list_actors
 
     alive = list_actors(ray.get_runtime_context().gcs_address, filters=[
         ("class_name", "=", "TrainController"), ("job_id", "=", job_id), ("state", "=", "ALIVE")], timeout=timeout_s)
     core = ray._private.worker.global_worker.core_worker
+    killed = False
     for actor in alive:
         handle = core.get_actor_handle(ray.ActorID.from_hex(actor.actor_id))
         try:
-            ray.get(handle.abort.remote(), timeout=timeout_s)
+            ray.get(handle.abort.remote(), timeout=answer_s)
         except ray.exceptions.RayActorError:  # abort() ends the controller: the expected answer
             pass
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(handle, no_restart=True)
+            killed = True
+    if killed:
+        remove_placement_groups(job_id, timeout_s)
+
+
+def remove_placement_groups(job_id: str, timeout_s: float) -> None:
+    """Remove the placement groups this job created that are still there (a killed Ray Train
+    controller leaves its own behind)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_placement_groups
+
+    for group in list_placement_groups(ray.get_runtime_context().gcs_address, filters=[
+            ("creator_job_id", "=", job_id)], timeout=timeout_s):
+        if group.state != "REMOVED":
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
