@@ -19,6 +19,7 @@ import pytest
 
 from infra.fixtures import two_versions
 from plantad.cluster import with_serve_env
+from plantad.models.checkpoint import load_model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -80,8 +81,10 @@ def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_cap
     assert owner == got["victim"], got["controller_before"]  # the controller died with the lost node's replica
     assert [c["id"] for c in got["controller_after"]] != [c["id"] for c in got["controller_before"]], got
     assert len(got["replica_nodes_after"]) == 2 and got["victim"] not in got["replica_nodes_after"], got
-    moved = [a["start"] for a in attempts if a["version"] == versions[1]]
-    later = {a["version"] for a in attempts if a["version"] and a["start"] > min(moved) + 1}
+    # the first answer from the new champion (a request sent before the move can get one once the
+    # survivor swapped): every request sent a second after it gets the new champion
+    moved = min(a["end"] for a in attempts if a["version"] == versions[1])
+    later = {a["version"] for a in attempts if a["version"] and a["start"] > moved + 1}
     assert later == {versions[1]}, f"answers of {later} after the champion moved to v{versions[1]}"
     failed = [a for a in attempts if a["status"] != 200]
     print(f"{len(attempts)} requests, {len(failed)} failed ({len(hard)} with 500, the rest 503); the survivor on "
@@ -136,7 +139,9 @@ def test_fixed_count_training_that_loses_a_worker_node_resumes_when_a_replacemen
     assert last["resumed_from"] >= 5 and last["world_size"] == 2, got["history"]  # from a checkpoint, 2 workers
     steps = [h["step"] for h in got["history"]]
     assert steps == sorted(set(steps)), steps  # each reported step once: the restart continued the run's history
-    assert (tmp_path / "model").is_dir()
+    model, meta = load_model(tmp_path / "model" / "model.pt")
+    assert model.noisy_or.calibrated and meta["training"]["num_workers"] == 2 and meta["training"]["steps"] == 15
+    assert meta["training"]["ray_checkpoint"].startswith(f"{bucket}/fit-"), meta["training"]  # from S3
     print(f"resumed from step {last['resumed_from']} with 2 workers; finished "
           f"{got['seconds'] - got['added_at_s']:.0f} s after the node was added, "
           f"{got['seconds'] - got['removed_at_s']:.0f} s after the loss")
