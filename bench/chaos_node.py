@@ -113,7 +113,9 @@ def training_row(work: Path, s3, k: int, add_back: float | None = None, fixed: b
 
     root = work / "demo"
     manifest = scan_dataset(root)
-    shards = write_shards(manifest, root, str(work / "shards"), S3Config(), 256_000_000)
+    # in the bucket, as the nodes share no folder
+    shards = write_shards(manifest, root, f"s3://{s3.bucket}/shards-{work.name}", S3Config(
+        endpoint_url=s3.endpoint_url, bucket=s3.bucket), 256_000_000)
     manifest.to_parquet(work / "manifest.parquet")
     options = ([f"--add-back={add_back}"] if add_back is not None else []) + (["--fixed"] if fixed else [])
     trials = [node_loss_trial("multinode_train.py", [shards.location, str(work / "manifest.parquet"), s3.endpoint_url,

@@ -1,8 +1,9 @@
 """A node lost under Ray Train, in a process of its own (the test session's shared Ray cluster stays
 untouched): a three-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head with no
 CPU for workers, two workers of 1 CPU), two training workers of 0.75 CPU (so one per worker node),
-checkpoints every epoch to moto's S3, and the node of one worker removed (raylet and workers killed)
-once a checkpoint is written. The run is elastic (`ray.min_workers=1`): it resumes from the newest
+the shards read from moto's S3 (the tests give an s3:// location) and a checkpoint written there
+every epoch, and the node of one worker removed (raylet and workers killed) once a checkpoint is
+written. The run is elastic (`ray.min_workers=1`): it resumes from the newest
 checkpoint in S3 with the one worker the remaining node holds. With `--add-back` a node of 1 CPU
 joins 3 s after the loss (`--add-back=SECONDS`: that many), as an autoscaler would add one; with
 `--fixed` the run keeps its 2 workers (no `ray.min_workers`) and must wait for that node.

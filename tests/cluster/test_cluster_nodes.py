@@ -45,6 +45,22 @@ def run_script(script: str, args: list[str], cwd: Path, report: Path, timeout: f
     return json.loads(report.read_text())
 
 
+def bucket_with_shards(kind: str, moto_s3, manifest, root: Path) -> tuple[str, str]:
+    """A bucket of its own for a training run, holding the dataset's shards: the nodes share no
+    folder, so the workers read the images, and write their checkpoints, only there."""
+    import uuid
+
+    from plantad.config import S3Config
+    from plantad.data.shards import write_shards
+    from plantad.tracking.s3 import s3_client
+
+    bucket = f"{kind}-{uuid.uuid4().hex[:8]}"
+    s3_client(moto_s3).create_bucket(Bucket=bucket)
+    shards = write_shards(manifest, root, f"s3://{bucket}/shards", S3Config(endpoint_url=moto_s3.endpoint_url,
+                                                                           bucket=bucket), 256_000_000)
+    return bucket, shards.location
+
+
 @pytest.mark.e2e
 def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(trained_tiny, demo_root, tmp_path):
     _, result = trained_tiny
@@ -94,16 +110,11 @@ def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_cap
 
 
 @pytest.mark.e2e
-def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_checkpoint(moto_s3, demo_shards,
+def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_checkpoint(moto_s3, demo_root,
                                                                                         demo_manifest, tmp_path):
-    import uuid
-
-    from plantad.tracking.s3 import s3_client
-
-    bucket = f"node-loss-{uuid.uuid4().hex[:8]}"
-    s3_client(moto_s3).create_bucket(Bucket=bucket)
+    bucket, shards = bucket_with_shards("node-loss", moto_s3, demo_manifest, demo_root)
     demo_manifest.to_parquet(tmp_path / "manifest.parquet")
-    got = run_script("multinode_train.py", [demo_shards.location, str(tmp_path / "manifest.parquet"),
+    got = run_script("multinode_train.py", [shards, str(tmp_path / "manifest.parquet"),
                                             moto_s3.endpoint_url, bucket, str(tmp_path / "model")],
                      tmp_path, tmp_path / "report.json", 480)
     assert got["worker_nodes"] == 2 and got["removed_at_s"] is not None, got  # one worker per node, one node lost
@@ -117,18 +128,13 @@ def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_check
 
 
 @pytest.mark.e2e
-def test_fixed_count_training_that_loses_a_worker_node_resumes_when_a_replacement_joins(moto_s3, demo_shards,
+def test_fixed_count_training_that_loses_a_worker_node_resumes_when_a_replacement_joins(moto_s3, demo_root,
                                                                                           demo_manifest, tmp_path):
     """ray.min_workers unset: the run keeps its 2 workers, so it waits for a node of 1 CPU added 8 s
     after the loss; the driver restarts it from the newest checkpoint in S3 once there is room."""
-    import uuid
-
-    from plantad.tracking.s3 import s3_client
-
-    bucket = f"node-fixed-{uuid.uuid4().hex[:8]}"
-    s3_client(moto_s3).create_bucket(Bucket=bucket)
+    bucket, shards = bucket_with_shards("node-fixed", moto_s3, demo_manifest, demo_root)
     demo_manifest.to_parquet(tmp_path / "manifest.parquet")
-    got = run_script("multinode_train.py", [demo_shards.location, str(tmp_path / "manifest.parquet"),
+    got = run_script("multinode_train.py", [shards, str(tmp_path / "manifest.parquet"),
                                             moto_s3.endpoint_url, bucket, str(tmp_path / "model"), "--fixed",
                                             "--add-back=8"],
                      tmp_path, tmp_path / "report.json", 480)
