@@ -53,7 +53,7 @@ def run_families(families: list[str], work: Path, k: int, seed: int, s3, trackin
     if "node" in families:
         from chaos_node import node_loss_rows
 
-        rows += node_loss_rows(work / "node", k, s3, **(node or {}))
+        rows += node_loss_rows(work / "node", k, s3, tracking_uri, **(node or {}))
     if "race" in families:
         from chaos_race import race_rows
 

@@ -4,9 +4,11 @@ three-node Ray cluster on this machine.
 Each trial runs a tests/cluster/multinode_*.py script in a process of its own (its own Ray cluster,
 ports and temp dir), the same scripts as tests/cluster/test_cluster_nodes.py:
 - bulk: a head of 1 CPU and two workers of 2 CPUs, one scoring actor per worker, the worker of one
-  actor removed once a part is committed. Recovered: exactly one row per image; data lost: a
-  missing or duplicated row.
-- serving: one replica per worker, 4 clients that retry a failed request, the node of the replica
+  actor removed once a part is committed; the images come from and the table goes to the bucket,
+  and the actors download the model from the MLflow server. Recovered: exactly one row per image;
+  data lost: a missing or duplicated row.
+- serving: one replica per worker (each version downloaded from the MLflow server), 4 clients
+  that retry a failed request, the node of the replica
   that made the rollout controller removed, the champion moved, a node added back. Recovered: no
   request left unanswered and two replicas on the new champion again; data lost: a request never
   answered.
@@ -71,9 +73,20 @@ def node_loss_trial(script: str, args: list[str], report: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def bulk_row(work: Path, model_dir: Path, images: Path, k: int) -> Row:
+def bulk_row(work: Path, model_dir: Path, images: Path, k: int, s3, tracking_uri: str) -> Row:
+    """From and to the bucket, the model from the MLflow server: the nodes share no folder."""
+    from plantad.tracking.s3 import s3_client
+
     n = len(list(images.iterdir()))
-    trials = [node_loss_trial("multinode_bulk.py", [str(model_dir), str(images), str(work / f"out-{i}")],
+    client = s3_client(s3)
+    for image in sorted(images.iterdir()):
+        client.put_object(Bucket=s3.bucket, Key=f"{work.name}-bulk/in/{image.name}", Body=image.read_bytes())
+    (work / "registry-bulk").mkdir()
+    _, name, versions = two_versions(model_dir, next(images.iterdir()).read_bytes(), work / "registry-bulk",
+                                     f"{work.name}-bulk-{os.getpid()}", tracking_uri)
+    trials = [node_loss_trial("multinode_bulk.py", [f"models:/{name}/{versions[0]}", tracking_uri, s3.endpoint_url,
+                                                    s3.bucket, f"s3://{s3.bucket}/{work.name}-bulk/in",
+                                                    f"s3://{s3.bucket}/{work.name}-bulk/out-{i}"],
                               work / f"bulk-{i}.json") for i in range(k)]
     lost = [t for t in trials if t.get("removed_at_s") is not None]
     ok = sum("error" not in t and t.get("rows") == t.get("unique_relpaths") == n for t in lost)
@@ -85,13 +98,15 @@ def bulk_row(work: Path, model_dir: Path, images: Path, k: int) -> Row:
                + (f"; {k - len(lost)} trials ended before the removal" if len(lost) < k else ""))
 
 
-def serving_row(work: Path, model_dir: Path, images: Path, k: int) -> Row:
+def serving_row(work: Path, model_dir: Path, images: Path, k: int, tracking_uri: str) -> Row:
+    """The replicas download each version from the MLflow server: the nodes share no folder."""
     png = sorted(images.iterdir())[0]
     trials = []
     for i in range(k):
         root = work / f"registry-{i}"
         root.mkdir()
-        uri, name, versions = two_versions(model_dir, png.read_bytes(), root)
+        uri, name, versions = two_versions(model_dir, png.read_bytes(), root, f"{work.name}-serve-{os.getpid()}-{i}",
+                                           tracking_uri)
         trials.append(node_loss_trial("multinode_serve.py", [uri, name, *versions, str(png)], work / f"serve-{i}.json"))
     done = [t for t in trials if "attempts" in t]
     ok = sum(not t["lost"] for t in done)
@@ -143,10 +158,10 @@ def training_row(work: Path, s3, k: int, add_back: float | None = None, fixed: b
 NODE_ROWS = ("bulk", "serving", "training")
 
 
-def node_loss_rows(work: Path, k: int, s3, which: tuple[str, ...] = NODE_ROWS, add_back: float | None = None,
-                   fixed: bool = False) -> list[Row]:
+def node_loss_rows(work: Path, k: int, s3, tracking_uri: str, which: tuple[str, ...] = NODE_ROWS,
+                   add_back: float | None = None, fixed: bool = False) -> list[Row]:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, images = tiny_model_and_images(work)
-    rows = [bulk_row(work, model_dir, images, k)] if "bulk" in which else []
-    rows += [serving_row(work, model_dir, images, k)] if "serving" in which else []
+    rows = [bulk_row(work, model_dir, images, k, s3, tracking_uri)] if "bulk" in which else []
+    rows += [serving_row(work, model_dir, images, k, tracking_uri)] if "serving" in which else []
     return rows + ([training_row(work, s3, k, add_back, fixed)] if "training" in which else [])

@@ -2,9 +2,12 @@
 untouched): a three-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head of 1 CPU,
 two workers of 2 CPUs), one scoring actor per worker (2 CPUs each, so none fits on the head), and
 the worker of one actor removed (its raylet and workers killed, as a pre-empted VM) once both
-actors are up and a part is committed. Writes a JSON report: the summary, the table's row counts and the timings.
+actors are up and a part is committed. The images come from and the table goes to moto's S3, and
+the actors download the model from an MLflow server (`models:/...`): the nodes share no folder.
+Writes a JSON report: the summary, the table's row counts and the timings.
 
-    python tests/cluster/multinode_bulk.py <model dir> <input> <output> <report.json> [--replace]
+    python tests/cluster/multinode_bulk.py <models:/name/version> <tracking uri> <s3 endpoint> <bucket> \
+        <s3://input> <s3://output> <report.json> [--replace]
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def scoring_actor_nodes() -> dict[str, str]:
             if "MapWorker" in (a.class_name or "")}
 
 
-def main(model_dir: str, input_uri: str, output_uri: str, report: str, replace: bool) -> int:
+def main(model_uri: str, tracking_uri: str, endpoint: str, bucket: str, input_uri: str, output_uri: str, report: str,
+         replace: bool) -> int:
     import ray
 
     from cluster_helpers import start_multinode
@@ -37,17 +41,22 @@ def main(model_dir: str, input_uri: str, output_uri: str, report: str, replace: 
 
     cluster, workers = start_multinode(head_cpus=1, worker_cpus=2)
     settings = tiny_settings("bulk.part_size=4", "bulk.batch_size=2", "bulk.actors=2", "bulk.cpus_per_actor=2",
-                             "bulk.min_cpus_per_actor=2", "bulk.read_cpus=0.25", "ray.stall_timeout_s=120")
+                             "bulk.min_cpus_per_actor=2", "bulk.read_cpus=0.25", "ray.stall_timeout_s=120",
+                             f"s3.endpoint_url={endpoint}", f"s3.bucket={bucket}", f"mlflow.tracking_uri={tracking_uri}")
+    out = open_location(output_uri, settings.s3)
     outcome: dict = {}
 
     def score() -> None:
         try:
-            outcome["summary"] = run_bulk(settings, input_uri, output_uri, model_dir, progress=False).as_dict()
+            outcome["summary"] = run_bulk(settings, input_uri, output_uri, model_uri, progress=False).as_dict()
         except Exception as exc:  # reported, then asserted on by the test
             outcome["error"] = f"{type(exc).__name__}: {exc}"
 
     def committed() -> int:
-        return len(list(Path(output_uri).glob("*/parts/part-*.parquet")))
+        from pyarrow import fs as pafs
+
+        found = out.fs.get_file_info(pafs.FileSelector(out.base, recursive=True, allow_not_found=True))
+        return sum(1 for f in found if "/parts/part-" in f.path and f.path.endswith(".parquet"))
 
     started = time.monotonic()
     job = threading.Thread(target=score, daemon=True)
@@ -83,4 +92,4 @@ def main(model_dir: str, input_uri: str, output_uri: str, report: str, replace: 
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:5], replace="--replace" in sys.argv[5:]))
+    sys.exit(main(*sys.argv[1:8], replace="--replace" in sys.argv[8:]))

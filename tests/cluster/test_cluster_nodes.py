@@ -62,13 +62,24 @@ def bucket_with_shards(kind: str, moto_s3, manifest, root: Path) -> tuple[str, s
 
 
 @pytest.mark.e2e
-def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(trained_tiny, demo_root, tmp_path):
+def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(trained_tiny, demo_root, moto_s3,
+                                                                              mlflow_server, tmp_path):
+    """From and to S3, the model from the MLflow server: the nodes share no folder."""
+    import uuid
+
+    from plantad.tracking.s3 import s3_client
+
     _, result = trained_tiny
     images = sorted(p for p in demo_root.rglob("*.png") if "ground_truth" not in p.parts)[:40]
-    (tmp_path / "in").mkdir()
+    run = uuid.uuid4().hex[:8]
+    client = s3_client(moto_s3)
     for i, image in enumerate(images):
-        shutil.copy2(image, tmp_path / "in" / f"{i:03d}.png")
-    got = run_script("multinode_bulk.py", [str(result.model_path.parent), str(tmp_path / "in"), str(tmp_path / "out")],
+        client.put_object(Bucket=moto_s3.bucket, Key=f"node-bulk-{run}/in/{i:03d}.png", Body=image.read_bytes())
+    uri, model, versions = two_versions(result.model_path.parent, images[0].read_bytes(), tmp_path,
+                                        f"node-bulk-{run}", mlflow_server)
+    got = run_script("multinode_bulk.py", [f"models:/{model}/{versions[0]}", uri, moto_s3.endpoint_url, moto_s3.bucket,
+                                           f"s3://{moto_s3.bucket}/node-bulk-{run}/in",
+                                           f"s3://{moto_s3.bucket}/node-bulk-{run}/out"],
                      tmp_path, tmp_path / "report.json", 480)
     assert got["actor_nodes"] == 2 and got["removed_at_s"] is not None, got  # an actor on each worker, one lost
     assert got["committed_before_removal"] < got["summary"]["parts"], got  # the loss came mid-run
@@ -78,10 +89,14 @@ def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(t
 
 
 def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_capacity_back(trained_tiny, demo_root,
-                                                                                           tmp_path):
+                                                                                           mlflow_server, tmp_path):
+    """The replicas download each version from the MLflow server: the nodes share no folder."""
+    import uuid
+
     _, result = trained_tiny
     png = sorted(p for p in demo_root.rglob("*.png") if "ground_truth" not in p.parts)[0]
-    uri, model, versions = two_versions(result.model_path.parent, png.read_bytes(), tmp_path)
+    uri, model, versions = two_versions(result.model_path.parent, png.read_bytes(), tmp_path,
+                                        f"node-serve-{uuid.uuid4().hex[:8]}", mlflow_server)
     got = run_script("multinode_serve.py", [uri, model, *versions, str(png)], tmp_path, tmp_path / "report.json", 480)
     attempts = got["attempts"]
     assert got["proxy_nodes"] == [got["head"]], got["proxy_nodes"]  # the one proxy outlives any worker

@@ -243,18 +243,20 @@ def local_ray() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def two_versions(model_dir: Path, png: bytes, root: Path, name: str = "plantad-two-versions") -> tuple[str, str, list[str]]:
-    """A SQLite registry under `root` holding the model in `model_dir` twice (the answers' version
-    says which one served): (tracking URI, model name, [version, version])."""
+def two_versions(model_dir: Path, png: bytes, root: Path, name: str = "plantad-two-versions",
+                 tracking_uri: str | None = None) -> tuple[str, str, list[str]]:
+    """A registry holding the model in `model_dir` twice (the answers' version says which one
+    served): (tracking URI, model name, [version, version]). A SQLite one under `root`, or the
+    server at `tracking_uri` (its own artifact store: for nodes that share no folder)."""
     import mlflow
     from mlflow import MlflowClient
 
     from plantad.tracking.pyfunc import log_pyfunc_model
     from plantad.tracking.registry import register_version
 
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment(name, artifact_location=str(root / "artifacts"))
+    exp = client.create_experiment(name, artifact_location=None if tracking_uri else str(root / "artifacts"))
     mlflow.set_tracking_uri(uri)
     try:
         versions = []
