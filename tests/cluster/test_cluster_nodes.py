@@ -136,6 +136,8 @@ def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_check
     assert "error" not in got and got["steps"] == got["planned_steps"], got
     # the last worker group began at the checkpoint written before the loss: no step ran twice from 0
     assert got["history"][-1]["resumed_from"] >= 5 and got["history"][-1]["world_size"] == 1, got["history"]
+    steps = [h["step"] for h in got["history"]]
+    assert steps == sorted(set(steps)), steps  # each reported step once
     # a try at the old size on the stale view of the cluster ended after ray.elastic_placement_timeout_s
     assert set(got["startup_timeouts"]) <= {10.0}, got["startup_timeouts"]
     print(f"resumed from step {got['history'][-1]['resumed_from']}; finished "
