@@ -92,9 +92,11 @@ def bulk_row(work: Path, model_dir: Path, images: Path, k: int, s3, tracking_uri
     ok = sum("error" not in t and t.get("rows") == t.get("unique_relpaths") == n for t in lost)
     bad = sum("rows" in t and (t["rows"] != n or t["unique_relpaths"] != n) for t in lost)
     timing = ", ".join(f"{t['seconds'] - t['removed_at_s']:.0f}" for t in lost if "seconds" in t)
+    again = ", ".join(str(t["scorings"] - n) for t in lost if "scorings" in t)  # scored again after the loss
     errors = "; ".join(t["error"][:120] for t in trials if "error" in t)
     return Row("worker node lost under bulk scoring (3 nodes, 1 actor per worker)", len(lost), ok, bad,
-               f"{n} images; job finished {timing} s after the node was removed" + (f"; {errors}" if errors else "")
+               f"{n} images; job finished {timing} s after the node was removed; images scored again: {again}"
+               + (f"; {errors}" if errors else "")
                + (f"; {k - len(lost)} trials ended before the removal" if len(lost) < k else ""))
 
 

@@ -4,7 +4,8 @@ two workers of 2 CPUs), one scoring actor per worker (2 CPUs each, so none fits 
 the worker of one actor removed (its raylet and workers killed, as a pre-empted VM) once both
 actors are up and a part is committed. The images come from and the table goes to moto's S3, and
 the actors download the model from an MLflow server (`models:/...`): the nodes share no folder.
-Writes a JSON report: the summary, the table's row counts and the timings.
+Writes a JSON report: the summary, the table's row counts, how many images' scoring started in
+all (more than the images: some were scored again after the loss) and the timings.
 
     python tests/cluster/multinode_bulk.py <models:/name/version> <tracking uri> <s3 endpoint> <bucket> \
         <s3://input> <s3://output> <report.json> [--replace]
@@ -29,6 +30,40 @@ def scoring_actor_nodes() -> dict[str, str]:
             if "MapWorker" in (a.class_name or "")}
 
 
+def counting_scorer():
+    """Make the job's scorer tell a counter actor on this (the head) node how many images each batch
+    it starts holds, so that images scored again after the loss show (a lost node's counts were
+    sent as its batches started). Defined here, it reaches the actors by value; the job's own
+    scorer does the scoring. Returns the counter."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from plantad.serving.bulk import job
+    from plantad.serving.bulk.scorer import BulkScorer
+
+    @ray.remote(num_cpus=0)
+    class ScoringCounter:
+        def __init__(self) -> None:
+            self.images = 0
+
+        def add(self, n: int) -> None:
+            self.images += n
+
+        def total(self) -> int:
+            return self.images
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = ScoringCounter.options(name="bulk-scoring-counter", scheduling_strategy=here).remote()
+
+    class CountingScorer(BulkScorer):
+        def __call__(self, batch):
+            ray.get_actor("bulk-scoring-counter").add.remote(len(batch))
+            return super().__call__(batch)
+
+    job.BulkScorer = CountingScorer
+    return counter
+
+
 def main(model_uri: str, tracking_uri: str, endpoint: str, bucket: str, input_uri: str, output_uri: str, report: str,
          replace: bool) -> int:
     import ray
@@ -45,6 +80,7 @@ def main(model_uri: str, tracking_uri: str, endpoint: str, bucket: str, input_ur
                              f"s3.endpoint_url={endpoint}", f"s3.bucket={bucket}", f"mlflow.tracking_uri={tracking_uri}")
     out = open_location(output_uri, settings.s3)
     outcome: dict = {}
+    counter = counting_scorer()
 
     def score() -> None:
         try:
@@ -81,6 +117,7 @@ def main(model_uri: str, tracking_uri: str, endpoint: str, bucket: str, input_ur
               "job_alive": job.is_alive(), **outcome}
     if removed_at is not None:
         result["committed_before_removal"] = committed_before
+    result["scorings"] = ray.get(counter.total.remote())  # images whose scoring started, repeats included
     if "summary" in outcome:
         table = read_results(open_location(outcome["summary"]["output"], settings.s3))
         result["rows"] = len(table)

@@ -136,8 +136,11 @@ def main(tracking_uri: str, model: str, version_a: str, version_b: str, png: str
     result["replica_nodes"] = sorted(node for node, _ in replicas.values())
     result["proxy_nodes"] = sorted(node for node, _ in alive_actors("ProxyActor").values())
     result["controller_before"] = controllers()
-    on = {c["owner_node"] for c in result["controller_before"]} | {c["node"] for c in result["controller_before"]}
-    victim = next((w for w in workers if w.node_id in on), None) or workers[0]  # the controller's, when a worker's
+    # the worker whose replica made the rollout controller (it dies with its owner), else the one it runs on
+    owners = {c["owner_node"] for c in result["controller_before"]}
+    hosts = {c["node"] for c in result["controller_before"]}
+    victim = (next((w for w in workers if w.node_id in owners), None)
+              or next((w for w in workers if w.node_id in hosts), None) or workers[0])
     result["victim"] = victim.node_id
 
     clients = Clients(url, Path(png).read_bytes())

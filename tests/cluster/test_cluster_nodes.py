@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -33,16 +35,46 @@ def cluster_env(ray_tmp: str) -> dict[str, str]:
     return with_serve_env({**env, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
 
 
+class Trial:
+    """A tests/cluster script running on a cluster of its own (Ray's files under a temp dir of its
+    own, its output in `root`/log.txt); `result()` waits for its JSON report."""
+
+    def __init__(self, script: str, args: list[str], root: Path, timeout: float) -> None:
+        self.root, self.report, self.timeout = root, root / "report.json", timeout
+        self.ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
+        with open(root / "log.txt", "w") as log:  # a file, not a pipe: trials run side by side
+            # a session of its own: stop() ends the script and the Ray processes its cluster started
+            self.proc = subprocess.Popen([sys.executable, str(HERE / script), *args, str(self.report)],
+                                         env=cluster_env(self.ray_tmp), cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.deadline = time.monotonic() + timeout
+
+    def result(self) -> dict:
+        late = ""
+        try:
+            self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            late = f", stopped: not done after {self.timeout:.0f} s"
+        self.stop()
+        log = (self.root / "log.txt").read_text(errors="replace")[-6000:]
+        assert self.proc.returncode == 0 and self.report.exists(), \
+            f"{self.proc.args[1]} exit {self.proc.returncode}{late}\n{log}"
+        return json.loads(self.report.read_text())
+
+    def stop(self) -> None:
+        """Kill what is left of the script's process group; remove Ray's files."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
 def run_script(script: str, args: list[str], cwd: Path, report: Path, timeout: float) -> dict:
     """Run a tests/cluster script on a cluster of its own; its JSON report."""
-    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
-    try:
-        proc = subprocess.run([sys.executable, str(HERE / script), *args, str(report)], env=cluster_env(ray_tmp),
-                              cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0 and report.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(report.read_text())
+    assert report == cwd / "report.json"
+    return Trial(script, args, cwd, timeout).result()
 
 
 def bucket_with_shards(kind: str, moto_s3, manifest, root: Path) -> tuple[str, str]:
@@ -85,7 +117,9 @@ def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(t
     assert got["committed_before_removal"] < got["summary"]["parts"], got  # the loss came mid-run
     assert "error" not in got and got["summary"]["scored"] == len(images), got
     assert got["rows"] == got["unique_relpaths"] == len(images), got
-    print(f"node removed at {got['removed_at_s']:.1f} s, job finished at {got['seconds']:.1f} s")
+    assert got["scorings"] >= len(images), got  # each image's scoring started at least once
+    print(f"node removed at {got['removed_at_s']:.1f} s, job finished at {got['seconds']:.1f} s; "
+          f"{got['scorings'] - len(images)} images scored again")
 
 
 def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_capacity_back(trained_tiny, demo_root,
@@ -124,14 +158,28 @@ def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_cap
 
 
 
+@pytest.fixture(scope="module")
+def training_trials(moto_s3, demo_root, demo_manifest, tmp_path_factory):
+    """The elastic and the fixed-count training trial, started together, each on a cluster of its
+    own with a bucket of its own: much of each is waiting (for a node to be declared dead, for a
+    placement, for the replacement node), so side by side they take little more than one.
+    {kind: (bucket, folder, trial)}."""
+    trials = {}
+    for kind, extra in (("elastic", []), ("fixed", ["--fixed", "--add-back=8"])):
+        root = tmp_path_factory.mktemp(f"node-{kind}")
+        bucket, shards = bucket_with_shards(f"node-{kind}", moto_s3, demo_manifest, demo_root)
+        demo_manifest.to_parquet(root / "manifest.parquet")
+        trials[kind] = (bucket, root, Trial("multinode_train.py", [shards, str(root / "manifest.parquet"),
+                                                                  moto_s3.endpoint_url, bucket, str(root / "model"),
+                                                                  *extra], root, 600))
+    yield trials
+    for _, _, trial in trials.values():
+        trial.stop()
+
+
 @pytest.mark.e2e
-def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_checkpoint(moto_s3, demo_root,
-                                                                                        demo_manifest, tmp_path):
-    bucket, shards = bucket_with_shards("node-loss", moto_s3, demo_manifest, demo_root)
-    demo_manifest.to_parquet(tmp_path / "manifest.parquet")
-    got = run_script("multinode_train.py", [shards, str(tmp_path / "manifest.parquet"),
-                                            moto_s3.endpoint_url, bucket, str(tmp_path / "model")],
-                     tmp_path, tmp_path / "report.json", 480)
+def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_checkpoint(training_trials):
+    got = training_trials["elastic"][2].result()
     assert got["worker_nodes"] == 2 and got["removed_at_s"] is not None, got  # one worker per node, one node lost
     assert "error" not in got and got["steps"] == got["planned_steps"], got
     # the last worker group began at the checkpoint written before the loss: no step ran twice from 0
@@ -145,16 +193,11 @@ def test_elastic_training_that_loses_a_worker_node_resumes_from_its_newest_check
 
 
 @pytest.mark.e2e
-def test_fixed_count_training_that_loses_a_worker_node_resumes_when_a_replacement_joins(moto_s3, demo_root,
-                                                                                          demo_manifest, tmp_path):
+def test_fixed_count_training_that_loses_a_worker_node_resumes_when_a_replacement_joins(training_trials):
     """ray.min_workers unset: the run keeps its 2 workers, so it waits for a node of 1 CPU added 8 s
     after the loss; the driver restarts it from the newest checkpoint in S3 once there is room."""
-    bucket, shards = bucket_with_shards("node-fixed", moto_s3, demo_manifest, demo_root)
-    demo_manifest.to_parquet(tmp_path / "manifest.parquet")
-    got = run_script("multinode_train.py", [shards, str(tmp_path / "manifest.parquet"),
-                                            moto_s3.endpoint_url, bucket, str(tmp_path / "model"), "--fixed",
-                                            "--add-back=8"],
-                     tmp_path, tmp_path / "report.json", 480)
+    bucket, root, trial = training_trials["fixed"]
+    got = trial.result()
     assert got["worker_nodes"] == 2 and got["removed_at_s"] is not None and "added" in got["nodes"], got
     assert "error" not in got and got["steps"] == got["planned_steps"], got
     assert got["startup_timeouts"] == [], got["startup_timeouts"]  # the driver waited for room, Ray Train did not
@@ -162,7 +205,7 @@ def test_fixed_count_training_that_loses_a_worker_node_resumes_when_a_replacemen
     assert last["resumed_from"] >= 5 and last["world_size"] == 2, got["history"]  # from a checkpoint, 2 workers
     steps = [h["step"] for h in got["history"]]
     assert steps == sorted(set(steps)), steps  # each reported step once: the restart continued the run's history
-    model, meta = load_model(tmp_path / "model" / "model.pt")
+    model, meta = load_model(root / "model" / "model.pt")
     assert model.noisy_or.calibrated and meta["training"]["num_workers"] == 2 and meta["training"]["steps"] == 15
     assert meta["training"]["ray_checkpoint"].startswith(f"{bucket}/fit-"), meta["training"]  # from S3
     print(f"resumed from step {last['resumed_from']} with 2 workers; finished "
