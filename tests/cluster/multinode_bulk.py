@@ -30,10 +30,15 @@ def scoring_actor_nodes() -> dict[str, str]:
             if "MapWorker" in (a.class_name or "")}
 
 
+ACTORS = 2  # bulk.actors below
+
+
 def counting_scorer():
     """Make the job's scorer tell a counter actor on this (the head) node how many images each batch
     it starts holds, so that images scored again after the loss show (a lost node's counts were
-    sent as its batches started). Defined here, it reaches the actors by value; the job's own
+    sent as its batches started), and hold its first batch until all ACTORS scorers exist (at most
+    120 s), so the loss comes mid-run: otherwise the first actor can score every image before the
+    second has downloaded the model. Defined here, it reaches the actors by value; the job's own
     scorer does the scoring. Returns the counter."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -44,10 +49,17 @@ def counting_scorer():
     @ray.remote(num_cpus=0)
     class ScoringCounter:
         def __init__(self) -> None:
-            self.images = 0
+            self.images = self.scorers = 0
 
         def add(self, n: int) -> None:
             self.images += n
+
+        def arrive(self) -> int:
+            self.scorers += 1
+            return self.scorers
+
+        def arrived(self) -> int:
+            return self.scorers
 
         def total(self) -> int:
             return self.images
@@ -56,8 +68,18 @@ def counting_scorer():
     counter = ScoringCounter.options(name="bulk-scoring-counter", scheduling_strategy=here).remote()
 
     class CountingScorer(BulkScorer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.counter = ray.get_actor("bulk-scoring-counter")
+            ray.get(self.counter.arrive.remote())
+            self.all_there = False
+
         def __call__(self, batch):
-            ray.get_actor("bulk-scoring-counter").add.remote(len(batch))
+            deadline = time.monotonic() + 120
+            while not self.all_there and time.monotonic() < deadline:
+                self.all_there = ray.get(self.counter.arrived.remote()) >= ACTORS
+                time.sleep(0 if self.all_there else 0.2)
+            self.counter.add.remote(len(batch))
             return super().__call__(batch)
 
     job.BulkScorer = CountingScorer
@@ -75,7 +97,7 @@ def main(model_uri: str, tracking_uri: str, endpoint: str, bucket: str, input_ur
     from tiny import tiny_settings
 
     cluster, workers = start_multinode(head_cpus=1, worker_cpus=2)
-    settings = tiny_settings("bulk.part_size=4", "bulk.batch_size=2", "bulk.actors=2", "bulk.cpus_per_actor=2",
+    settings = tiny_settings("bulk.part_size=4", "bulk.batch_size=2", f"bulk.actors={ACTORS}", "bulk.cpus_per_actor=2",
                              "bulk.min_cpus_per_actor=2", "bulk.read_cpus=0.25", "ray.stall_timeout_s=120",
                              f"s3.endpoint_url={endpoint}", f"s3.bucket={bucket}", f"mlflow.tracking_uri={tracking_uri}")
     out = open_location(output_uri, settings.s3)
