@@ -71,9 +71,8 @@ class Trial:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
-def run_script(script: str, args: list[str], cwd: Path, report: Path, timeout: float) -> dict:
-    """Run a tests/cluster script on a cluster of its own; its JSON report."""
-    assert report == cwd / "report.json"
+def run_script(script: str, args: list[str], cwd: Path, timeout: float) -> dict:
+    """Run a tests/cluster script on a cluster of its own; its JSON report (cwd/report.json)."""
     return Trial(script, args, cwd, timeout).result()
 
 
@@ -112,7 +111,7 @@ def test_bulk_scoring_that_loses_a_worker_node_finishes_with_one_row_per_image(t
     got = run_script("multinode_bulk.py", [f"models:/{model}/{versions[0]}", uri, moto_s3.endpoint_url, moto_s3.bucket,
                                            f"s3://{moto_s3.bucket}/node-bulk-{run}/in",
                                            f"s3://{moto_s3.bucket}/node-bulk-{run}/out"],
-                     tmp_path, tmp_path / "report.json", 480)
+                     tmp_path, 480)
     assert got["actor_nodes"] == 2 and got["removed_at_s"] is not None, got  # an actor on each worker, one lost
     assert got["committed_before_removal"] < got["summary"]["parts"], got  # the loss came mid-run
     assert "error" not in got and got["summary"]["scored"] == len(images), got
@@ -131,7 +130,7 @@ def test_serving_that_loses_a_replica_node_loses_no_retried_request_and_gets_cap
     png = sorted(p for p in demo_root.rglob("*.png") if "ground_truth" not in p.parts)[0]
     uri, model, versions = two_versions(result.model_path.parent, png.read_bytes(), tmp_path,
                                         f"node-serve-{uuid.uuid4().hex[:8]}", mlflow_server)
-    got = run_script("multinode_serve.py", [uri, model, *versions, str(png)], tmp_path, tmp_path / "report.json", 480)
+    got = run_script("multinode_serve.py", [uri, model, *versions, str(png)], tmp_path, 480)
     attempts = got["attempts"]
     assert got["proxy_nodes"] == [got["head"]], got["proxy_nodes"]  # the one proxy outlives any worker
     assert sorted(got["replica_nodes"]) == sorted(got["workers"]), got  # one replica on each worker
