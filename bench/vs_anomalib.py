@@ -53,6 +53,9 @@ unit = "img/s"  # "img per CPU-s" with --clock cpu
 T = TypeVar("T")
 TODAY = ["model.encoder.shared_blocks=0", "scoring.cpu_amp=false", "train.cpu_amp=false", "scoring.runtime=torch"]
 FP32 = ["scoring.cpu_amp=false", "train.cpu_amp=false", "scoring.runtime=torch"]
+# not a setting: the teacher's and S_E's last blocks run whole, as before they ran for the class token
+# alone (plantad.models.class_token); the same scores, so the row times that lever alone
+WHOLE = "bench:whole-last-blocks"
 # label -> (model.branches, overrides on configs/production.yaml); the production rows use its defaults
 # (scoring.runtime: openvino, so their scoring runs the exported graph; "in torch" runs it eagerly).
 # "fp32" holds on CPU only: on CUDA every plantad row runs under bf16 autocast (train.amp), in torch
@@ -61,6 +64,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plantad dual, shared S_E, fp32": ("dual", [*FP32, "model.encoder.shared_blocks=8"]),
     "plantad dual, production in torch": ("dual", ["scoring.runtime=torch"]),
     "plantad dual, production": ("dual", []),
+    "plantad dual, production, last blocks whole (before)": ("dual", [WHOLE]),
     # the paper's S_E on a 224 px view of the 392 px input [reconstructed lever; target: the full-size class token]
     "plantad dual, production, S_E on a 224 px view": ("dual", ["model.encoder.image_size=224"]),
     # a milder view: 294 of 392 px (441 of S_E's 784 patch tokens)
@@ -126,9 +130,13 @@ def dinomaly(teacher: str, device: torch.device) -> torch.nn.Module:
 def plantad(config: str, size: int, branches: str, device: torch.device, overrides: list[str] = ()
             ) -> tuple[Settings, torch.nn.Module]:
     settings = load_settings(config, ["model.teacher.weights=random", f"data.image_size={size}",
-                                      f"model.branches={branches}", *overrides])
+                                      f"model.branches={branches}", *(o for o in overrides if o != WHOLE)])
     model = build_model(settings).to(device)
     model.noisy_or.threshold.fill_(0.5)
+    if WHOLE in overrides:  # the class token's distance reads only token 0 either way
+        model.teacher.class_token_only = False
+        if model.encoder is not None:
+            model.encoder.patch_mean = True
     return settings, model
 
 

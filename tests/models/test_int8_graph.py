@@ -42,7 +42,7 @@ def test_the_int8_graph_scores_like_torch_within_its_tolerance(tiny_model, test_
     graph = for_scoring(model, cfg, sha, graph_cache)
     assert graph.runtime == "openvino int8+bf16"
     entries = [p.name for p in graph_cache.iterdir() if p.is_dir()]  # cached apart from the fp16 graph
-    assert any(e.startswith(f"{sha}-{model.image_size}px-int8-ov") for e in entries), entries
+    assert any(e.startswith(f"{sha}-{model.image_size}px-int8-g") for e in entries), entries
     images, labels = test_images
     ref, got = score_batch(model, images, cfg), score_batch(graph, images, cfg)
     gap = float((got.probability - ref.probability).abs().max())

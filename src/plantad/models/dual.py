@@ -33,7 +33,8 @@ class DualStudentModel(nn.Module):
         semantic = cfg.branches in ("dual", "semantic")
         shared = cfg.encoder.shared_blocks if semantic else 0
         # one teacher forward serves both students; it runs to the end only when S_E needs its class token
-        self.teacher = Teacher(cfg.teacher, image_size, load_teacher_weights, final=semantic, share_blocks=shared)
+        self.teacher = Teacher(cfg.teacher, image_size, load_teacher_weights, final=semantic, share_blocks=shared,
+                               patch_mean=cfg.encoder.distill_patch_mean)
         t = self.teacher
         self.decoder: DecoderStudent | None = None
         self.encoder: EncoderStudent | SharedEncoderStudent | None = None

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from plantad.config import EncoderConfig, TeacherConfig
+from plantad.models.class_token import final_class_token
 
 
 class EncoderOutput(NamedTuple):
     cls: torch.Tensor  # (B, C)
-    patch_mean: torch.Tensor  # (B, C)
+    patch_mean: torch.Tensor | None  # (B, C); None unless model.encoder.distill_patch_mean reads it
 
 
 def _vit(teacher_cfg: TeacherConfig, image_size: int, depth: int | None) -> nn.Module:
@@ -77,10 +78,15 @@ class EncoderStudent(nn.Module):
         self.downscale = Downscale(image_size, view) if view != image_size else None
         self.vit = _vit(teacher_cfg, view, cfg.depth)
         self.num_prefix_tokens: int = self.vit.num_prefix_tokens
+        self.patch_mean = cfg.distill_patch_mean
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         if self.downscale is not None:
             x = self.downscale(x)
+        if not self.patch_mean:  # the class token alone; its last block runs for that token only
+            v = self.vit  # forward_features' steps up to its blocks
+            tokens = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+            return EncoderOutput(final_class_token(v.blocks, v.norm, tokens), None)
         tokens = self.vit.forward_features(x)  # (B, P+N, C), normalised like the teacher's output
         return EncoderOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1))
 
@@ -99,7 +105,10 @@ class SharedEncoderStudent(nn.Module):
         self.blocks = vit.blocks
         self.norm = vit.norm
         self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.patch_mean = cfg.distill_patch_mean
 
     def forward(self, tokens: torch.Tensor) -> EncoderOutput:
+        if not self.patch_mean:  # the class token alone; the last block runs for that token only
+            return EncoderOutput(final_class_token(self.blocks, self.norm, tokens), None)
         x = self.norm(self.blocks(tokens))  # (B, P+N, C)
         return EncoderOutput(x[:, 0], x[:, self.num_prefix_tokens :].mean(dim=1))

@@ -3,8 +3,8 @@
 Only the network's forward (teacher, students, distances) moves to OpenVINO; smoothing, image
 score, Noisy-OR and threshold stay in `plantad.scoring.score_batch`, so the scoring contract is the
 same. The graph is exported once per model file with `torch.export` (any batch size) and kept in
-a cache keyed by model.pt's sha256, the image size, the weight storage (`scoring.openvino_weights`)
-and the OpenVINO version. Every load checks the graph against the torch forward on a fixed batch; a
+a cache keyed by model.pt's sha256, the image size, the weight storage (`scoring.openvino_weights`),
+the graph's format and the OpenVINO version. Every load checks the graph against the torch forward on a fixed batch; a
 graph that disagrees is exported again, and when OpenVINO is missing, the export fails or the check
 still fails, scoring stays on torch with a warning that says why (the scores are the same within
 tolerance, only slower). An int8 graph (NNCF post-training quantization) takes its activation ranges
@@ -36,6 +36,9 @@ from plantad.scoring import score_batch
 
 log = logging.getLogger(__name__)
 GRAPH_FILE = "model.xml"
+# raised when the exported computation changes for the same model file, so caches export it again
+# (2: the teacher's and S_E's last block for the class token alone, models/class_token.py)
+GRAPH_FORMAT = 2
 # a graph must reproduce the torch forward within this fraction of the largest |value| (plus a
 # small absolute slack for distances near 0), in the precision scoring runs in
 TOLERANCE = {"f32": (5e-3, 1e-4), "bf16": (5e-2, 2e-3)}
@@ -131,7 +134,7 @@ def openvino_model(model: nn.Module, cfg: ScoringConfig, model_sha256: str | Non
     outputs = tuple(name for name, value in zip(RawScores._fields, reference) if value is not None)
     weights = cfg.openvino_weights
     normal = normal_images(model) if weights == "int8" else None
-    key = (f"{model_sha256}-{model.image_size}px-{weights}-ov{ov.__version__.split('-')[0]}"
+    key = (f"{model_sha256}-{model.image_size}px-{weights}-g{GRAPH_FORMAT}-ov{ov.__version__.split('-')[0]}"
            if model_sha256 else None)
     folder = cache_dir / key if key else None
     problem = ""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from plantad.config import REMOTE_WEIGHTS, TeacherConfig
+from plantad.models.class_token import class_token_block, supports_class_token_only
 from plantad.models.safe_load import (
     SHA256_SUFFIX,
     UnverifiedFileError,
@@ -179,11 +180,13 @@ def _verified_state_dict(path: Path, pin: str | None, pin_key: str) -> tuple[str
 class Teacher(nn.Module):
     """Frozen ViT run once per batch for every branch: the configured layers' raw tokens, the final
     class token (only with `final`; without it the teacher stops at the deepest block anything
-    needs) and, with `share_blocks` k > 0, all tokens after block k-1 for an S_E that shares them."""
+    needs) and, with `share_blocks` k > 0, all tokens after block k-1 for an S_E that shares them.
+    Without `patch_mean` nothing reads the final patch tokens, so the last block runs for the class
+    token alone (models/class_token.py)."""
 
     def __init__(
         self, cfg: TeacherConfig, image_size: int, load_weights: bool = True, final: bool = True,
-        share_blocks: int = 0,
+        share_blocks: int = 0, patch_mean: bool = True,
     ) -> None:
         super().__init__()
         self.vit, self.identity = build_vit(cfg, image_size, load_weights)
@@ -204,6 +207,9 @@ class Teacher(nn.Module):
         self.patch_size: int = int(self.vit.patch_embed.patch_size[0])
         # blocks whose outputs are read, in block order (forward_intermediates returns them so)
         self._taps = sorted(set(self.layers) | ({share_blocks - 1} if share_blocks else set()))
+        # the class token alone from the last block: nothing taps that block and nothing reads its patches
+        self.class_token_only = (final and not patch_mean and self._taps[-1] < depth - 1
+                                 and supports_class_token_only(self.vit.blocks[-1]))
         for p in self.vit.parameters():
             p.requires_grad_(False)
         self.vit.eval()
@@ -221,7 +227,17 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> TeacherFeatures:
         kw = dict(indices=self._taps, return_prefix_tokens=True, norm=False, output_fmt="NLC")
-        if self.final:
+        depth = len(self.vit.blocks)
+        cls = None
+        if self.class_token_only:  # every block but the last, then the last for the class token
+            indices = sorted(set(self._taps) | {depth - 2})
+            inter = self.vit.forward_intermediates(x, stop_early=True, intermediates_only=True,
+                                                   **{**kw, "indices": indices})
+            patch, pre = dict(zip(indices, inter))[depth - 2]
+            cls = self.vit.norm(class_token_block(self.vit.blocks[-1], torch.cat([pre, patch], dim=1)))[:, 0]
+            inter = [inter[indices.index(i)] for i in self._taps]
+            final = None
+        elif self.final:
             final, inter = self.vit.forward_intermediates(x, **kw)
         else:  # nothing needs the last blocks or the final norm
             final, inter = None, self.vit.forward_intermediates(x, stop_early=True, intermediates_only=True, **kw)
@@ -233,6 +249,6 @@ class Teacher(nn.Module):
             patch, pre = taps[self.share_blocks - 1]
             shared = torch.cat([pre, patch], dim=1)
         if final is None:
-            return TeacherFeatures(patches, prefix, None, None, shared)
+            return TeacherFeatures(patches, prefix, cls, None, shared)
         final_patch = final[:, self.num_prefix_tokens :]
         return TeacherFeatures(patches, prefix, final[:, 0], final_patch.mean(dim=1), shared)
