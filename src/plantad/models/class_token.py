@@ -3,8 +3,8 @@
 The teacher's final output feeds S_E's target, and S_E's final output its prediction; both are the
 class token unless `model.encoder.distill_patch_mean` asks for the mean patch token as well. The
 last block then needs every token's key and value, but the query, attention output and MLP of the
-class token only: the same numbers (up to the order of floating-point sums) for about a sixth of
-the block's work. Any block that is not timm's plain pre-norm `Block` runs whole.
+class token only: the same numbers (up to the order of floating-point sums) for the cost of the key
+and value projections, under a sixth of the block's work. Any block that is not timm's plain pre-norm `Block` runs whole.
 """
 
 from __future__ import annotations
