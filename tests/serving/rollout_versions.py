@@ -62,11 +62,12 @@ def register_dir(client: MlflowClient, experiment_id: str, name: str, model_dir:
     expected = expected_outputs(predictor, images)
     for row in expected["images"].values():
         row["probability"] = (row["probability"] + tamper) % 1.0
-    folder = Path(tempfile.mkdtemp(prefix=f"golden-tampered-{version}-"))
-    for g in images:
-        (folder / g.name).write_bytes(g.data)
-    (folder / EXPECTED).write_text(json.dumps(expected))
-    client.log_artifacts(run.info.run_id, str(folder), f"golden/v{version}")
+    with tempfile.TemporaryDirectory(prefix=f"golden-tampered-{version}-") as tmp:  # logged, then removed
+        folder = Path(tmp)
+        for g in images:
+            (folder / g.name).write_bytes(g.data)
+        (folder / EXPECTED).write_text(json.dumps(expected))
+        client.log_artifacts(run.info.run_id, str(folder), f"golden/v{version}")
     client.set_model_version_tag(name, version, TAG, f"golden/v{version}")
     return version
 
