@@ -229,19 +229,20 @@ class Teacher(nn.Module):
         kw = dict(indices=self._taps, return_prefix_tokens=True, norm=False, output_fmt="NLC")
         depth = len(self.vit.blocks)
         cls = None
+        final = None
         if self.class_token_only:  # every block but the last, then the last for the class token
             indices = sorted(set(self._taps) | {depth - 2})
-            inter = self.vit.forward_intermediates(x, stop_early=True, intermediates_only=True,
-                                                   **{**kw, "indices": indices})
-            patch, pre = dict(zip(indices, inter))[depth - 2]
+            taps = dict(zip(indices, self.vit.forward_intermediates(x, stop_early=True, intermediates_only=True,
+                                                                    **{**kw, "indices": indices})))
+            patch, pre = taps[depth - 2]
             cls = self.vit.norm(class_token_block(self.vit.blocks[-1], torch.cat([pre, patch], dim=1)))[:, 0]
-            inter = [inter[indices.index(i)] for i in self._taps]
-            final = None
         elif self.final:
             final, inter = self.vit.forward_intermediates(x, **kw)
+            taps = dict(zip(self._taps, inter))
         else:  # nothing needs the last blocks or the final norm
-            final, inter = None, self.vit.forward_intermediates(x, stop_early=True, intermediates_only=True, **kw)
-        taps = dict(zip(self._taps, inter))  # block index -> (patch tokens, prefix tokens)
+            taps = dict(zip(self._taps, self.vit.forward_intermediates(x, stop_early=True, intermediates_only=True,
+                                                                       **kw)))
+        # taps: block index -> (patch tokens, prefix tokens)
         patches = [taps[i][0] for i in self.layers]
         prefix = [taps[i][1] for i in self.layers]
         shared = None
