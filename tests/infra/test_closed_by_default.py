@@ -131,6 +131,10 @@ print("answer", ray.get(ray.remote(lambda: 42).remote()))
 """
 
 
+# how many times (1 s apart) a driver tries the GCS before ray.init gives up (Ray's default: 20)
+TWO_TRIES = {"RAY_gcs_server_port_wait_time_s": "2"}
+
+
 def _driver(head: Head, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """A process joining the head the way plantad's stages do (plantad.cluster.join)."""
     return subprocess.run([sys.executable, "-c", JOIN, head.address], env={**head.env, **env}, capture_output=True,
@@ -144,11 +148,12 @@ def test_joining_the_ray_head_or_its_dashboard_needs_the_token(ray_head: Head) -
     # from a new shell, with nothing set: plantad presents the token it finds in ~/.ray
     stranger = ray_head.token_file.parent.parent.parent / "stranger"
     stranger.mkdir(exist_ok=True)
-    refused = _driver(ray_head, {"HOME": str(stranger)})
+    # a refused driver tries again once a second, 20 times by default: 2 tries show the refusal
+    refused = _driver(ray_head, {"HOME": str(stranger), **TWO_TRIES})
     assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, refused.stderr[-3000:]
     same_user = _driver(ray_head, {})
     assert same_user.returncode == 0 and "answer 42" in same_user.stdout, same_user.stderr[-3000:]
-    wrong = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * len(token)})
+    wrong = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * len(token), **TWO_TRIES})
     assert wrong.returncode != 0 and "InvalidAuthToken" in wrong.stderr, wrong.stderr[-3000:]
     joined = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     assert joined.returncode == 0 and "answer 42" in joined.stdout, joined.stderr[-3000:]
