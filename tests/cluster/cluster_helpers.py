@@ -33,8 +33,8 @@ def free_cpus_back_to(expected: float, timeout_s: float = 60.0) -> float:
 def start_multinode(head_cpus: float, worker_cpus: float, workers: int = 2):
     """A Ray cluster of a head and `workers` worker nodes in this process (ray.cluster_utils), on ports
     of its own (the test session's cluster holds Ray's defaults), a lost node declared dead after 3
-    missed health checks 1 s apart (Ray's default: 5 x 3 s), this process joined to it:
-    (cluster, worker nodes)."""
+    missed health checks 1 s apart (Ray's default: 5 x 3 s), this process joined to it and its
+    state API pointed at it: (cluster, worker nodes)."""
     import os
 
     import ray
@@ -55,7 +55,12 @@ def start_multinode(head_cpus: float, worker_cpus: float, workers: int = 2):
         "gcs_server_port": free_port(), "_system_config": health})
     nodes = [cluster.add_node(num_cpus=worker_cpus) for _ in range(workers)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    # Ray's state API (list_actors, ...) called without an address, here or in a job's actors (Ray
+    # Train's placement-group cleaner), looks for a cluster and takes the newest on this machine: the
+    # session's, or a trial's running beside this one. plantad's jobs name theirs the same way.
+    os.environ["RAY_ADDRESS"] = cluster.address
+    ray.init(address=cluster.address, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     return cluster, nodes
 
 
