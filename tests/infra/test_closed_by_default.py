@@ -151,10 +151,19 @@ def test_joining_the_ray_head_or_its_dashboard_needs_the_token(ray_head: Head) -
     # a refused driver tries again once a second, 20 times by default: 2 tries show the refusal
     refused = _driver(ray_head, {"HOME": str(stranger), **TWO_TRIES})
     assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, refused.stderr[-3000:]
+    assert f"the Ray cluster at {ray_head.address} refused this process's auth token (InvalidAuthToken): it found " \
+           "none to present" in refused.stderr, refused.stderr[-3000:]
+    # what that user sees from a plantad command: the reason, not Ray's bare "Failed to connect"
+    status = subprocess.run([sys.executable, "-m", "plantad.cli", "status"], capture_output=True, text=True,
+                            timeout=180, env={**ray_head.env, "HOME": str(stranger), "RAY_ADDRESS": ray_head.address,
+                                              **TWO_TRIES})
+    assert status.returncode == 2 and f"error: the Ray cluster at {ray_head.address} refused this process's auth " \
+           "token (InvalidAuthToken): it found none to present. Give it the token" in status.stderr, status.stderr[-3000:]
     same_user = _driver(ray_head, {})
     assert same_user.returncode == 0 and "answer 42" in same_user.stdout, same_user.stderr[-3000:]
     wrong = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * len(token), **TWO_TRIES})
-    assert wrong.returncode != 0 and "InvalidAuthToken" in wrong.stderr, wrong.stderr[-3000:]
+    assert wrong.returncode != 0 and "refused this process's auth token (InvalidAuthToken): it is not the " \
+           "cluster's" in wrong.stderr, wrong.stderr[-3000:]
     joined = _driver(ray_head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     assert joined.returncode == 0 and "answer 42" in joined.stdout, joined.stderr[-3000:]
     assert http_status(f"{ray_head.dashboard}/api/version") == 401

@@ -178,9 +178,28 @@ def join(cfg: RayConfig, address: str, **init_kwargs) -> None:
         runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
         runtime_env["env_vars"] = {"RAY_ADDRESS": address, **runtime_env.get("env_vars", {})}
         init_kwargs["runtime_env"] = runtime_env
-    ray.init(address=address, **init_kwargs)
+    try:
+        ray.init(address=address, **init_kwargs)
+    except ConnectionError as exc:
+        if refused_token(exc):  # Ray's own message says only "Failed to connect to Ray cluster at ..."
+            why = "it is not the cluster's" if os.environ.get("RAY_AUTH_MODE") == "token" else "it found none to present"
+            raise ConnectionError(
+                f"the Ray cluster at {address} refused this process's auth token (InvalidAuthToken): {why}. Give "
+                "it the token of the user who started the head (`ray get-auth-token` there) in ~/.ray/auth_token, "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH") from exc
+        raise
     if loopback:
         _check_node_ip(cfg)
+
+
+def refused_token(exc: BaseException) -> bool:
+    """Whether Ray's failure to join (`exc` and its causes) was the cluster refusing the token."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "InvalidAuthToken" in str(seen) or type(seen).__name__ == "AuthenticationError":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def connect(cfg: RayConfig) -> None:
