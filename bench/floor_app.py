@@ -1,29 +1,29 @@
 """The floor for bench/serve_latency.py: the same Predictor behind a plain FastAPI app in one uvicorn
 process (no Ray, no Serve proxy, no batching): multipart in, one `Predictor.score` per request on one
-scoring thread (forwards never overlap, as in a replica with serve.max_concurrent_batches 1), JSON out.
+forward thread (forwards never overlap, as in a replica with serve.max_concurrent_batches 1; the
+replica's one-OpenMP-team discipline, `plantad.serving.forward`), JSON out.
 Usage: python bench/floor_app.py MODEL_DIR PORT THREADS
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from plantad.serving.forward import install_forward_thread
 from plantad.serving.predictor import Predictor
 
 
-def floor_app(model_dir: str) -> FastAPI:
+def floor_app(model_dir: str, threads: int) -> FastAPI:
+    # the replica's thread discipline: every forward on one thread with the intra-op threads
+    forward = install_forward_thread(threads)
     predictor = Predictor.load(model_dir)
-    predictor.warm_up()
-    scorer = ThreadPoolExecutor(1, thread_name_prefix="floor-score")
+    forward.run(predictor.warm_up)
     app = FastAPI()
 
     @app.post("/score")
@@ -31,7 +31,7 @@ def floor_app(model_dir: str) -> FastAPI:
         form = await request.form()
         images = [Image.open(io.BytesIO(await part.read())).convert("RGB")
                   for _, part in form.multi_items() if hasattr(part, "read")]
-        scores = await asyncio.get_running_loop().run_in_executor(scorer, predictor.score, images)
+        scores = await forward.call(predictor.score, images)
         return JSONResponse({"results": [{"probability": s.probability, "is_anomalous": s.is_anomalous,
                                           "threshold": s.threshold} for s in scores]})
 
@@ -44,5 +44,4 @@ def floor_app(model_dir: str) -> FastAPI:
 
 if __name__ == "__main__":
     model_dir, port, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    torch.set_num_threads(threads)  # the replica's intra-op threads
-    uvicorn.run(floor_app(model_dir), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(floor_app(model_dir, threads), host="127.0.0.1", port=port, log_level="warning", access_log=False)

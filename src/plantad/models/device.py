@@ -21,6 +21,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_compute_threads: int | None = None
+
+
+def set_compute_threads(threads: int) -> None:
+    """The threads a forward may use in this process, where it differs from the calling thread's
+    torch count (a serving process runs its forwards on one thread: `plantad.serving.forward`)."""
+    global _compute_threads
+    _compute_threads = threads
+
+
+def compute_threads() -> int:
+    """Threads for a compiled graph (OpenVINO's INFERENCE_NUM_THREADS): the process's forward
+    threads where set, else this thread's torch count."""
+    return _compute_threads if _compute_threads is not None else torch.get_num_threads()
+
+
 @cache
 def cpu_has_native_bf16() -> bool | None:
     """Whether oneDNN runs bf16 natively here (AVX512-BF16 / AMX); None when torch cannot tell."""

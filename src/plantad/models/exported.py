@@ -30,7 +30,7 @@ from torch import nn
 
 from plantad.config import ScoringConfig
 from plantad.data.images import as_uint8, normalised
-from plantad.models.device import autocast, model_device
+from plantad.models.device import autocast, compute_threads, model_device
 from plantad.models.interface import RawScores
 from plantad.scoring import score_batch
 
@@ -146,7 +146,7 @@ def openvino_model(model: nn.Module, cfg: ScoringConfig, model_sha256: str | Non
                 folder = _export(model, outputs, probe, cache_dir, key, weights, normal)
             try:
                 compiled = core.compile_model(str(folder / GRAPH_FILE), "CPU", {
-                    "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+                    "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": compute_threads()})
             finally:
                 if key is None:  # a compiled graph holds its weights: an uncached export can go
                     shutil.rmtree(folder, ignore_errors=True)

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from PIL import Image
 
 from plantad.serving.inputs import ApiError, ImageInput
-from plantad.serving.predictor import ImageScore, Predictor
+from plantad.serving.predictor import ImageScore, Predictor, Prepared
 from plantad.serving.render import anomaly_box, heatmap_overlay_png
 
 
 @dataclass(frozen=True)
 class ScoreJob:
-    images: list[Image.Image]
+    images: list[Image.Image | Prepared]  # a replica's are prepared on its decode threads
     threshold: float | None
     with_maps: bool
     line: str = "unknown"  # routes the job to the canary on the canary's lines

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -27,13 +28,14 @@ from plantad.serving.answers import (V2_OUTPUTS, ScoredJob, ScoreJob, model_bloc
                                      score_jobs, v2_answer, v2_band_parameters, v2_datatype, v2_images)
 from plantad.serving.bands import key_id
 from plantad.serving.drift import LineDrift
+from plantad.serving.forward import install_forward_thread
 from plantad.serving.holder import FixedLink, ModelHolder
 from plantad.serving.inspection import Inspection, page_html, part_ids, query_limit, query_line
 from plantad.serving.inputs import (LINE_NAME, ApiError, decode_base64_all, decode_executor, internal_error,
                                     on_executor, parse_json_body, parse_line, parse_score_request, parse_threshold,
                                     read_body)
 from plantad.serving.metrics import LineLabels, ServeMetrics
-from plantad.serving.predictor import Predictor
+from plantad.serving.predictor import Predictor, prepare
 from plantad.serving.rollout import ActorLink, canary_serves, shadow_scores
 from plantad.serving.traffic import ShadowJob, ShadowScorer, TrafficBook
 from plantad.serving.security import (bind_replica_grpc_to_node_ip, check_auth_closed, check_bearer, load_api_keys,
@@ -76,6 +78,8 @@ class ScoringServer:
         bind_replica_grpc_to_node_ip()  # before Serve starts that server, right after this constructor
         self.keys = load_api_keys(self.cfg)
         check_auth_closed(self.cfg, bool(self.keys))
+        # before anything runs a torch op: one OpenMP team in this process (serving/forward.py)
+        self.forward = install_forward_thread(torch.get_num_threads())  # Ray sets it from num_cpus
         self.decoder = decode_executor(self.cfg.ray_actor_options.num_cpus)
         self.webhook_secret = load_webhook_secret(self.cfg)
         self.metrics = ServeMetrics()
@@ -88,7 +92,7 @@ class ScoringServer:
         self.shadow = ShadowScorer(self.book, self.cfg.rollout.shadow.queue if self.cfg.rollout.shadow else 1,
                                    on_result=self._shadow_result, idle=lambda: self._in_flight == 0)
         self.holder = ModelHolder(self.cfg, self._link(), _replica_id(), on_poll=self._hand_over,
-                                  reserved_bytes=self.cfg.ray_actor_options.memory)
+                                  reserved_bytes=self.cfg.ray_actor_options.memory, forward=self.forward)
         # built per replica, not as a class decorator: max_concurrent_batches is fixed when the
         # batch queue is made, and only the config knows it
         self.batched_score = serve.batch(max_batch_size=self.cfg.max_batch_size,
@@ -143,12 +147,12 @@ class ScoringServer:
         on_canary = [canary is not None and canary_serves(declared, j.line) for j in jobs]
         async with self._forwards:
             if not any(on_canary):
-                return await asyncio.to_thread(score_jobs, current, jobs)
+                return await self.forward.call(score_jobs, current, jobs)
             out: list[ScoredJob | None] = [None] * len(jobs)
             for predictor, flag in ((current, False), (canary, True)):
                 idx = [i for i, c in enumerate(on_canary) if c == flag]
                 if idx:
-                    for i, done in zip(idx, await asyncio.to_thread(score_jobs, predictor, [jobs[i] for i in idx])):
+                    for i, done in zip(idx, await self.forward.call(score_jobs, predictor, [jobs[i] for i in idx])):
                         out[i] = done
             return out
 
@@ -172,6 +176,9 @@ class ScoringServer:
         declared = self.holder.declared
         role = "canary" if declared.canary and canary_serves(declared, line) else "champion"
         started = time.perf_counter()
+        # pre-processed on a decode thread, overlapping the forward that is running now
+        version = (self.holder.canary if role == "canary" else None) or self.holder.current
+        images = await on_executor(self.decoder, prepare, images, version.transform)
         job = ScoreJob(images, threshold, heatmap, line)
         # nothing else queued or scoring on this replica: a batch of one now, not after the batch window
         lone = self.cfg.idle_skips_batch_wait and self._in_flight == 0

@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from plantad.config import ServeConfig
 from plantad.models.checkpoint import ModelLoadError
+from plantad.serving.forward import ForwardThread
 from plantad.serving.golden import SelfTestError, golden_images, self_test
 from plantad.serving.memory import (check_swap_fits, measure_growth, predictor_footprint, resident_bytes,
                                     swap_room)
@@ -37,6 +38,7 @@ from plantad.tracking.model_source import ModelFetchError, ModelRef, cache_entry
 
 __all__ = ["ModelHolder", "SelfTestError"]
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_RETRY_S = 300.0  # longest wait between two tries of a version that could not be fetched or fit
 
 
@@ -126,6 +128,12 @@ def _transient(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
+def _warm_and_test(predictor: Predictor, images: list, expected: dict[str, Any] | None, atol: float) -> str:
+    """Warm a loaded version up, then self-test it: both where its forwards will run."""
+    predictor.warm_up()
+    return self_test(predictor, images, expected, atol)
+
+
 def _key(version: str | None) -> str:
     return "folder" if version is None else str(version)
 
@@ -134,10 +142,13 @@ class ModelHolder:
     """The serving Predictor plus a canary, a shadow and the previous champion, as declared."""
 
     def __init__(self, cfg: ServeConfig, link: Link, replica: str, cache_dir: Path | None = None,
-                 on_poll: Callable[[], None] | None = None, reserved_bytes: int | None = None) -> None:
+                 on_poll: Callable[[], None] | None = None, reserved_bytes: int | None = None,
+                 forward: ForwardThread | None = None) -> None:
         """`on_poll` runs after each poll (the replica hands its traffic counts to the controller);
         `reserved_bytes`: the memory Ray reserved for the replica, which a version loaded beside
-        those held must fit in (None: not checked)."""
+        those held must fit in (None: not checked); `forward`: the replica's forward thread, where a
+        loaded version warms up and takes its self-test (None: the loading thread)."""
+        self.forward = forward
         self.reserved_bytes = reserved_bytes
         self.footprints: dict[str, int] = {}  # version -> measured bytes of its load and warm-up
         self.cfg, self.link, self.replica, self.on_poll = cfg, link, replica, on_poll
@@ -185,13 +196,15 @@ class ModelHolder:
                                            runtime=self.cfg.runtime)
         if ref.registered:
             prune_cache(cache_entry(self.cache_dir, ref).parent, self.cfg.model_cache_keep)
-        predictor.warm_up()
         images, expected = golden if golden else (golden_images(self.extra_golden), None)
-        checked = self_test(predictor, images, expected, self.cfg.rollout.golden_atol)
+        checked = self._on_forward(_warm_and_test, predictor, images, expected, self.cfg.rollout.golden_atol)
         self.run_metrics[_key(ref.version)] = metrics
         self.checked[_key(ref.version)] = checked
         log.info("loaded %s in %.1f s (%s)", ref.describe(), time.perf_counter() - started, checked)
         return predictor
+
+    def _on_forward(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args) if self.forward is None else self.forward.run(fn, *args)
 
     def _run_metrics(self, ref: ModelRef) -> dict[str, float | None]:
         """The evaluation metrics of the run that produced the version (for /model)."""
@@ -340,7 +353,8 @@ class ModelHolder:
             # the registry version's tags (train/register stages): data_dvc_md5, data_manifest_sha256, git_commit
             "data_version": {**current.info()["data_version"],
                              **{k: v for k, v in current.ref.tags.items() if k.startswith(("data_", "git_"))}},
-            "torch_threads": torch.get_num_threads(),  # Ray sets OMP_NUM_THREADS from the replica's num_cpus
+            # the forward's threads (Ray sets OMP_NUM_THREADS from the replica's num_cpus)
+            "torch_threads": torch.get_num_threads() if self.forward is None else self.forward.threads,
             "following": self.cfg.model_uri,
             "declared_champion": self.declared.champion,
             "serving_last_known_good": self.serving_last_known_good,

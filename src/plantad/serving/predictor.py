@@ -43,6 +43,20 @@ class ImageScore:
     embedding: np.ndarray | None = None  # (C,) float32 teacher embedding, for the line-health drift test
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded image with its model input computed ahead of its batch (a replica does it on a
+    decode thread, while the previous batch's forward runs). A version of another input size
+    transforms the image again."""
+
+    image: Image.Image
+    input: torch.Tensor  # (3, S, S) float32: ImageTransform(S)(image)
+
+
+def prepare(images: list[Image.Image], transform: ImageTransform) -> list[Prepared]:
+    return [Prepared(img, transform(img)) for img in images]
+
+
 def _value(t: torch.Tensor | None, i: int) -> float | None:
     return None if t is None else float(t[i])
 
@@ -143,13 +157,22 @@ class Predictor:
             "loaded_at": self.loaded_at,
         }
 
-    def score(self, images: list[Image.Image], threshold: float | None = None, with_maps: bool = False) -> list[ImageScore]:
+    def model_input(self, image: Image.Image | Prepared) -> torch.Tensor:
+        """The (3, S, S) input of an RGB image, or of a prepared one (computed again at another size)."""
+        if isinstance(image, Prepared):
+            if image.input.shape[-1] == self.image_size:
+                return image.input
+            image = image.image
+        return self.transform(image)
+
+    def score(self, images: list[Image.Image | Prepared], threshold: float | None = None,
+              with_maps: bool = False) -> list[ImageScore]:
         """Score RGB images in chunks of `scoring.batch_size`; `threshold` overrides the stored one."""
         thr = self.threshold if threshold is None else float(threshold)
         results: list[ImageScore] = []
         step = self.settings.scoring.batch_size
         for start in range(0, len(images), step):
-            x = torch.stack([self.transform(img) for img in images[start:start + step]])
+            x = torch.stack([self.model_input(img) for img in images[start:start + step]])
             out = score_batch(self.model, x, self.settings.scoring, threshold=threshold, amp=self.settings.train.amp)
             results.extend(split_scores(out, thr, with_maps))
         return results

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from plantad.serving.predictor import ImageScore, Predictor
+from plantad.serving.predictor import ImageScore, Predictor, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class TrafficBook:
 class ShadowJob:
     predictor: Predictor
     line: str
-    images: list[Image.Image]
+    images: list[Image.Image | Prepared]  # a replica's are prepared on its decode threads
     champion: list[ImageScore]
     champion_ms: float
     pair: tuple[str | None, str | None]
