@@ -119,8 +119,9 @@ class ShadowScorer:
             return False
 
     def _lower_priority(self) -> None:
-        """Nice 19 for this thread; the threads torch starts from it (its own OpenMP team) inherit it,
-        so under contention the champion's threads get the cores (Linux: nice is per thread)."""
+        """Nice 19 for this thread, so under contention the champion's threads get the cores (Linux:
+        nice is per thread). In a replica it runs torch on this one thread: the forward thread holds
+        the process's only OpenMP team (plantad.serving.forward)."""
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             self.niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
