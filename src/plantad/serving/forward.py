@@ -16,7 +16,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,15 +43,15 @@ class ForwardThread:
         # process-wide value; set here, before that value drops to 1 for every other thread
         torch.get_num_threads()
 
-    def run(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` on the forward thread, waited for (called directly when already on it)."""
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the forward thread, waited for (called directly when already on it)."""
         if threading.get_ident() == self.ident:
-            return fn(*args)
-        return self._executor.submit(fn, *args).result()
+            return fn(*args, **kwargs)
+        return self._executor.submit(fn, *args, **kwargs).result()
 
-    async def call(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` on the forward thread, awaited from an event loop."""
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the forward thread, awaited from an event loop."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs))
 
 
 def install_forward_thread(threads: int) -> ForwardThread:
