@@ -20,10 +20,12 @@ have random weights (this machine cannot download DINOv2; speed does not depend 
 Timings are interleaved round-robin, best and median of `--rounds`. On a machine shared with other
 jobs, `--clock cpu --threads 1` times the CPU seconds this process spends instead of wall-clock
 seconds, which other jobs' load disturbs far less. `--weights` adds plantad's production graphs with fp32
-weights and NNCF INT8 (calibrated on normal demo images only) beside them. anomalib is an optional extra
+weights and NNCF INT8 (calibrated on normal demo images only) beside them. `--parts flops` counts the work
+per image of each scoring forward by stage (torch's FlopCounterMode), untimed. anomalib is an optional extra
 (`pip install -e ".[bench]"`); without it the Dinomaly rows are skipped with a note.
 Usage: python bench/vs_anomalib.py [--size 392] [--batch 8] [--rounds 5] [--devices cpu cuda]
-       [--clock wall|cpu] [--threads N] [--parts scoring profile training] [--compile] [--levers] [--weights]
+       [--clock wall|cpu] [--threads N] [--parts scoring profile training flops] [--compile] [--levers]
+       [--weights]
 """
 
 from __future__ import annotations
@@ -426,6 +428,62 @@ def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor
                       for k, (a, b) in pairs.items()))
 
 
+def flop_split(model: torch.nn.Module, run: Callable[[], object], parts: tuple[str, ...]
+               ) -> tuple[list[float], dict[str, float]]:
+    """GFLOPs of one call of `run` per child module of `model` named in `parts`, then the rest, as
+    torch's FlopCounterMode counts them: matrix products, convolutions and attention; element-wise
+    ops are not counted. A ModuleList child counts as the sum of its members. Also every module's
+    GFLOPs by its qualified name."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run()
+    counts = {k: sum(v.values()) / 1e9 for k, v in counter.get_flop_counts().items()}
+    root = type(model).__name__
+
+    def part(name: str) -> float:
+        prefix = f"{root}.{name}"
+        if prefix in counts:
+            return counts[prefix]
+        return sum(v for k, v in counts.items() if k.startswith(prefix + ".") and k[len(prefix) + 1:].isdigit())
+
+    split = [part(p) for p in parts]
+    return [*split, counts.get("Global", 0.0) - sum(split)], counts
+
+
+def report_flops(args, device: torch.device, peer_ok: bool) -> None:
+    """GFLOPs per image of one scoring forward, by stage, and the throughput ratio they allow: at
+    equal speed per FLOP a model is as much faster than the other as it does less work."""
+    x = torch.randn(1, 3, args.size, args.size, device=device)
+    rows: dict[str, list[float]] = {}
+    for label in ("plantad dual, production", "plantad local, production"):
+        settings, model = plantad(args.config, args.size, VARIANTS[label][0], device, VARIANTS[label][1])
+        scoring = settings.scoring.model_copy(update={"runtime": "torch", "cpu_amp": False})
+        rows[label], _ = flop_split(model.eval(), lambda m=model, c=scoring: score_batch(m, x, c),
+                                    ("teacher", "decoder", "encoder"))
+        teacher_name = settings.model.teacher.name
+    if peer_ok:
+        peer = dinomaly(teacher_name, device).eval()
+        (enc, bottleneck, decoder, rest), counts = flop_split(peer, lambda: peer(x),
+                                                              ("encoder", "bottleneck", "decoder"))
+        rows[PEER] = [enc, bottleneck + decoder, 0.0, rest]
+        # its torch forward runs every encoder block; nothing reads those after the last target layer
+        last = max(peer.target_layers)
+        unused = sum(v for k, v in counts.items()
+                     if (m := re.search(r"\.encoder\..*\bblocks\.(\d+)$", k)) and int(m.group(1)) > last)
+        rows[PEER_NEEDED.format(last=last)] = [enc - unused, bottleneck + decoder, 0.0, rest]
+    refs = [r for r in rows if r.startswith(PEER)]
+    print(f"\nWork per image, GFLOPs of one scoring forward at {args.size} px (torch's FlopCounterMode: matrix "
+          "products, convolutions, attention), and the throughput ratio it allows against Dinomaly")
+    print("| model | teacher (Dinomaly: encoder) | S_D (Dinomaly: bottleneck + decoder) | S_E | maps, scores | total | "
+          + " | ".join(f"{r} / this" for r in refs) + " |\n|---|---|---|---|---|---|" + "---|" * len(refs))
+    for label, split in rows.items():
+        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in split) + f" | {sum(split):.2f} | "
+              + " | ".join(f"{sum(rows[r]) / sum(split):.3f}" for r in refs) + " |", flush=True)
+
+
+PEER = "anomalib Dinomaly"
+PEER_NEEDED = PEER + ", encoder blocks 0 to {last} only (what its outputs need)"
 SCORE_REFS = (PEER_OV, "Dinomaly forward, bf16", "teacher forward, all blocks")
 TRAIN_REFS = ("Dinomaly train step, bf16",)
 
@@ -453,8 +511,9 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--parts", nargs="+", choices=["scoring", "profile", "training"],
-                        default=["scoring", "profile", "training"], help="profile: of the OpenVINO graphs (CPU)")
+    parser.add_argument("--parts", nargs="+", choices=["scoring", "profile", "training", "flops"],
+                        default=["scoring", "profile", "training"],
+                        help="profile: of the OpenVINO graphs (CPU); flops: work per image by stage (not timed)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (compiles for about 1 min)")
     parser.add_argument("--levers", action="store_true",
                         help="OpenVINO compile levers for the production graph, beside the production rows only")
@@ -477,6 +536,8 @@ def main() -> None:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         score: dict[str, float] = {}
         train: dict[str, float] = {}
+        if "flops" in args.parts:
+            report_flops(args, device, peer_ok)
         if "scoring" in args.parts or "profile" in args.parts:
             fns, stages, profiles = scoring_fns(args, device, peer_ok)
             fns, stages = kept(fns, args.rows, SCORE_REFS), kept(stages, args.rows, SCORE_REFS)
