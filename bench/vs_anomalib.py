@@ -428,7 +428,7 @@ def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor
                       for k, (a, b) in pairs.items()))
 
 
-def flop_split(model: torch.nn.Module, run: Callable[[], object], parts: tuple[str, ...]
+def flop_split(model: torch.nn.Module, run: Callable[[], object], parts: tuple[str, ...], grad: bool = False
                ) -> tuple[list[float], dict[str, float]]:
     """GFLOPs of one call of `run` per child module of `model` named in `parts`, then the rest, as
     torch's FlopCounterMode counts them: matrix products, convolutions and attention; element-wise
@@ -436,7 +436,7 @@ def flop_split(model: torch.nn.Module, run: Callable[[], object], parts: tuple[s
     GFLOPs by its qualified name."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
         run()
     counts = {k: sum(v.values()) / 1e9 for k, v in counter.get_flop_counts().items()}
     root = type(model).__name__
@@ -480,6 +480,19 @@ def report_flops(args, device: torch.device, peer_ok: bool) -> None:
     for label, split in rows.items():
         print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in split) + f" | {sum(split):.2f} | "
               + " | ".join(f"{sum(rows[r]) / sum(split):.3f}" for r in refs) + " |", flush=True)
+    steps = {}
+    for label in ("plantad dual, production", "plantad local, production"):
+        settings, model = plantad(args.config, args.size, VARIANTS[label][0], device, VARIANTS[label][1])
+        opt, sched = build_optimizer(model, settings.train)
+        steps[label] = sum(flop_split(model, lambda m=model, o=opt, sc=sched, st=settings: train_step(
+            m, x, o, sc, 0, st.train), (), grad=True)[0])
+    if peer_ok:
+        peer = dinomaly(teacher_name, device).train()
+        steps[PEER] = sum(flop_split(peer, lambda: peer(x, global_step=0).backward(), (), grad=True)[0])
+    print(f"\nWork per image of one training step at {args.size} px (forward and backward), GFLOPs")
+    print("| model | GFLOPs | " + (f"{PEER} / this |\n|---|---|---|" if PEER in steps else "\n|---|---|"))
+    for label, total in steps.items():
+        print(f"| {label} | {total:.2f} | " + (f"{steps[PEER] / total:.3f} |" if PEER in steps else ""), flush=True)
 
 
 PEER = "anomalib Dinomaly"
