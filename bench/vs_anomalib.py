@@ -431,12 +431,14 @@ def report_agreement(settings: Settings, model: torch.nn.Module, x: torch.Tensor
 def flop_split(model: torch.nn.Module, run: Callable[[], object], parts: tuple[str, ...], grad: bool = False
                ) -> tuple[list[float], dict[str, float]]:
     """GFLOPs of one call of `run` per child module of `model` named in `parts`, then the rest, as
-    torch's FlopCounterMode counts them: matrix products, convolutions and attention; element-wise
-    ops are not counted. A ModuleList child counts as the sum of its members. Also every module's
+    torch's FlopCounterMode counts them: matrix products (attention's included, run as such here),
+    convolutions; element-wise ops are not counted. A ModuleList child counts as the sum of its members. Also every module's
     GFLOPs by its qualified name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+    # attention as its matrix products: the counter has no formula for the CPU's fused kernels
+    with torch.set_grad_enabled(grad), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         run()
     counts = {k: sum(v.values()) / 1e9 for k, v in counter.get_flop_counts().items()}
     root = type(model).__name__
