@@ -432,8 +432,8 @@ def flop_split(model: torch.nn.Module, run: Callable[[], object], parts: tuple[s
                ) -> tuple[list[float], dict[str, float]]:
     """GFLOPs of one call of `run` per child module of `model` named in `parts`, then the rest, as
     torch's FlopCounterMode counts them: matrix products (attention's included, run as such here),
-    convolutions; element-wise ops are not counted. A ModuleList child counts as the sum of its members. Also every module's
-    GFLOPs by its qualified name."""
+    convolutions; element-wise ops are not counted. A ModuleList child counts as the sum of its
+    members. Also every module's GFLOPs by its qualified name."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -458,11 +458,15 @@ def report_flops(args, device: torch.device, peer_ok: bool) -> None:
     equal speed per FLOP a model is as much faster than the other as it does less work."""
     x = torch.randn(1, 3, args.size, args.size, device=device)
     rows: dict[str, list[float]] = {}
+    steps: dict[str, float] = {}
     for label in ("plantad dual, production", "plantad local, production"):
         settings, model = plantad(args.config, args.size, VARIANTS[label][0], device, VARIANTS[label][1])
         scoring = settings.scoring.model_copy(update={"runtime": "torch", "cpu_amp": False})
         rows[label], _ = flop_split(model.eval(), lambda m=model, c=scoring: score_batch(m, x, c),
                                     ("teacher", "decoder", "encoder"))
+        opt, sched = build_optimizer(model, settings.train)  # train_step puts the model in training mode
+        steps[label] = sum(flop_split(model, lambda m=model, o=opt, sc=sched, st=settings: train_step(
+            m, x, o, sc, 0, st.train), (), grad=True)[0])
         teacher_name = settings.model.teacher.name
     if peer_ok:
         peer = dinomaly(teacher_name, device).eval()
@@ -474,6 +478,8 @@ def report_flops(args, device: torch.device, peer_ok: bool) -> None:
         unused = sum(v for k, v in counts.items()
                      if (m := re.search(r"\.encoder\..*\bblocks\.(\d+)$", k)) and int(m.group(1)) > last)
         rows[PEER_NEEDED.format(last=last)] = [enc - unused, bottleneck + decoder, 0.0, rest]
+        peer.train()
+        steps[PEER] = sum(flop_split(peer, lambda: peer(x, global_step=0).backward(), (), grad=True)[0])
     refs = [r for r in rows if r.startswith(PEER)]
     print(f"\nWork per image, GFLOPs of one scoring forward at {args.size} px (torch's FlopCounterMode: matrix "
           "products, convolutions, attention), and the throughput ratio it allows against Dinomaly")
@@ -482,15 +488,6 @@ def report_flops(args, device: torch.device, peer_ok: bool) -> None:
     for label, split in rows.items():
         print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in split) + f" | {sum(split):.2f} | "
               + " | ".join(f"{sum(rows[r]) / sum(split):.3f}" for r in refs) + " |", flush=True)
-    steps = {}
-    for label in ("plantad dual, production", "plantad local, production"):
-        settings, model = plantad(args.config, args.size, VARIANTS[label][0], device, VARIANTS[label][1])
-        opt, sched = build_optimizer(model, settings.train)
-        steps[label] = sum(flop_split(model, lambda m=model, o=opt, sc=sched, st=settings: train_step(
-            m, x, o, sc, 0, st.train), (), grad=True)[0])
-    if peer_ok:
-        peer = dinomaly(teacher_name, device).train()
-        steps[PEER] = sum(flop_split(peer, lambda: peer(x, global_step=0).backward(), (), grad=True)[0])
     print(f"\nWork per image of one training step at {args.size} px (forward and backward), GFLOPs")
     print("| model | GFLOPs | " + (f"{PEER} / this |\n|---|---|---|" if PEER in steps else "\n|---|---|"))
     for label, total in steps.items():
