@@ -7,14 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from plantad.cluster.capacity import read_capacity
-from plantad.cluster.watch import StallError, watched_iter
+from plantad.cluster.watch import StallError, WorkStopped, stop_thread, watched_iter
 from plantad.training.ray_restarts import NoRoomError, run_with_restarts
 from plantad.training.ray_train import run_ray_training
 from cluster_helpers import free_cpus_back_to, hold, tiny_ray_settings
@@ -42,15 +44,47 @@ def test_watched_iter_passes_items_and_errors_and_bounds_the_wait() -> None:
         list(watched_iter(broken, 5.0, lambda: "never", "item"))
     got, started = [], time.monotonic()
     with pytest.raises(StallError, match=r"no item for 0.5 s \(ray.stall_timeout_s\) after 1: the cluster's CPUs"):
-        for item in watched_iter(iter_then_hang, 0.5, lambda: "the cluster's CPUs", "item"):
+        for item in watched_iter(iter_then_wait, 0.5, lambda: "the cluster's CPUs", "item"):
             got.append(item)
     assert got == [1] and time.monotonic() - started < 5
+    assert producers() == [], "the stalled producer still runs after the stall was raised"
 
 
-def iter_then_hang():
+def producers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("watched ")]
+
+
+def iter_then_wait():
+    """A producer that waits as Ray Data's iterators do: in Python, polling every 10 ms."""
     yield 1
-    time.sleep(3600)  # a daemon thread: abandoned when the consumer gives up
-    yield 2
+    while True:
+        time.sleep(0.01)
+
+
+def test_a_consumer_that_stops_early_stops_the_producer_and_a_blocked_one_is_named() -> None:
+    items = watched_iter(lambda: slow(list(range(1000)), 0.01), 5.0, lambda: "never", "item")
+    with closing(items):
+        assert next(items) == 0  # the producer blocks on the full queue from here on
+    assert producers() == [], "closing the iterator left its producer running"
+    # a thread inside one long C call cannot be stopped: the caller learns so, within the bound
+    landed: list[str] = []
+    blocked = threading.Thread(target=sleep_in_c, args=(landed,), name="watched sleeper", daemon=True)
+    blocked.start()
+    started = time.monotonic()
+    assert stop_thread(blocked, bound_s=0.5) is False
+    assert 0.5 <= time.monotonic() - started < 2
+    blocked.join(10)
+    assert landed == ["stopped"]  # the exception landed once the call returned
+
+
+def sleep_in_c(landed: list[str]) -> None:
+    try:
+        time.sleep(3)
+        for _ in range(100):
+            time.sleep(0.01)  # Python code again: the exception lands here
+        landed.append("never stopped")
+    except WorkStopped:
+        landed.append("stopped")
 
 
 def stalled_training(moto_s3, demo_shards, demo_manifest, tmp_path, holder_cpus: float, stall_s: float,
@@ -127,6 +161,8 @@ def test_bulk_scoring_that_gets_no_actor_fails_after_the_bound(ray_local, traine
         proc.stderr[-3000:]
     assert "waited for 1 scoring actor(s) of 1 CPU and read tasks of 0.25 CPU" in proc.stderr
     assert "actor Replica 'main-job-replica'" in proc.stderr
+    # the error is the last word: nothing of the stopped stream calls into Ray while the process exits
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("error: no scored batch"), proc.stderr[-3000:]
     assert took < 120
     free_cpus_back_to(total)  # the job ended with its process: nothing of it waits on in the cluster
 

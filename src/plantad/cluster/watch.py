@@ -5,10 +5,16 @@ Ray Train and Ray Data wait without a bound for resources, a worker or a dataset
 tasks stay pending, their warnings scroll by). Progress here is what the job itself sees: a
 scored batch arriving at the driver (`watched_iter`), or a beat that a Ray Train worker sends at
 its start, at each dataset batch and each step (`ProgressBoard`, read by `run_watched`).
+
+The watched work runs in a thread. A job that gives up stops that thread before it raises
+(`stop_thread`): left running, it goes on calling into Ray while the process exits and Ray
+shuts down, so Ray reconnects from it, prints tracebacks after the job's error, and the process
+can die of SIGSEGV instead of exiting with its own status.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -20,39 +26,90 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+STOP_S = 15.0  # how long a job that gives up waits for its work thread to unwind
+
+
 class StallError(TimeoutError):
     """A job made no progress for its bound; the message names what it waited for."""
+
+
+class WorkStopped(BaseException):
+    """Raised inside a work thread that its job gave up on. A BaseException, as Ctrl-C is: the
+    library code the thread runs unwinds as it does on an interrupt (Ray Data's iterators shut
+    their executor down on any BaseException)."""
+
+
+def stop_thread(thread: threading.Thread, bound_s: float = STOP_S, drain: Callable[[], None] = lambda: None) -> bool:
+    """Raise WorkStopped in `thread` and wait up to `bound_s` for it to end; whether it ended.
+
+    The exception lands when the thread next runs Python code (Ray Data's waits poll every 10 ms);
+    a thread blocked in one long C call is left running, with a warning. `drain` runs while waiting
+    (it empties a queue the thread may be blocked on)."""
+    if not thread.is_alive():
+        return True
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(WorkStopped))
+    deadline = time.monotonic() + bound_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        drain()
+        thread.join(0.05)
+    if thread.is_alive():
+        log.warning("the thread '%s' did not stop within %g s of its job giving up", thread.name, bound_s)
+        return False
+    return True
+
+
+def drain_queue(box: queue.Queue) -> None:
+    try:
+        while True:
+            box.get_nowait()
+    except queue.Empty:
+        pass
 
 
 def watched_iter(items: Callable[[], Iterable[T]], stall_s: float, waiting_for: Callable[[], str],
                  what: str) -> Iterator[T]:
     """The items of `items()`, called and iterated in a daemon thread (Ray Data's iterators block in
     the call already); StallError when none arrives for `stall_s` (the time the consumer spends on an
-    item does not count). `what` names the items."""
+    item does not count). `what` names the items. Close the iterator when the consumer stops early
+    (`contextlib.closing`): a stall, a consumer's error or a close stops the thread."""
     box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
 
     def produce() -> None:
         try:
-            for item in items():
-                box.put(("item", item))
-            box.put(("end", None))
-        except BaseException as exc:  # handed to the consumer, which raises it
-            box.put(("error", exc))
+            try:
+                for item in items():
+                    box.put(("item", item))
+                box.put(("end", None))
+            except WorkStopped:
+                raise
+            except BaseException as exc:  # handed to the consumer, which raises it
+                box.put(("error", exc))
+        except WorkStopped:  # the consumer gave up; nobody reads the box any more
+            pass
 
-    threading.Thread(target=produce, name=f"watched {what}", daemon=True).start()
-    count = 0
-    while True:
-        try:
-            kind, value = box.get(timeout=stall_s)
-        except queue.Empty:
-            raise StallError(f"no {what} for {stall_s:g} s (ray.stall_timeout_s) after {count}: "
-                             f"{waiting_for()}") from None
-        if kind == "end":
-            return
-        if kind == "error":
-            raise value
-        count += 1
-        yield value
+    producer = threading.Thread(target=produce, name=f"watched {what}", daemon=True)
+    producer.start()
+    count, ended = 0, False
+    try:
+        while True:
+            try:
+                kind, value = box.get(timeout=stall_s)
+            except queue.Empty:
+                raise StallError(f"no {what} for {stall_s:g} s (ray.stall_timeout_s) after {count}: "
+                                 f"{waiting_for()}") from None
+            if kind in ("end", "error"):
+                ended = True
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            count += 1
+            yield value
+    finally:
+        if ended:  # the producer is returning by itself
+            producer.join(STOP_S)
+        else:
+            stop_thread(producer, drain=lambda: drain_queue(box))
 
 
 class ProgressBoard:
@@ -99,7 +156,8 @@ class Beat:
 def run_watched(work: Callable[[], T], board, stall_s: float, waiting_for: Callable[[dict], str],
                 abort: Callable[[], None], poll_s: float = 1.0) -> T:
     """work() in a daemon thread; StallError when no participant beat the board for `stall_s`
-    (counted from the start until the first beat). Before raising, `abort()` ends the work's Ray side.
+    (counted from the start until the first beat). Before raising, `abort()` ends the work's Ray side
+    and the thread is stopped.
     `waiting_for(beats)` says what was awaited, from the last beats {who: (age_s, what)}."""
     import ray
 
@@ -107,11 +165,17 @@ def run_watched(work: Callable[[], T], board, stall_s: float, waiting_for: Calla
 
     def run() -> None:
         try:
-            done.put(("ok", work()))
-        except BaseException as exc:
-            done.put(("error", exc))
+            try:
+                done.put(("ok", work()))
+            except WorkStopped:
+                raise
+            except BaseException as exc:
+                done.put(("error", exc))
+        except WorkStopped:  # the job gave up on the work
+            pass
 
-    threading.Thread(target=run, name="watched work", daemon=True).start()
+    worker = threading.Thread(target=run, name="watched work", daemon=True)
+    worker.start()
     started = time.time()
     while True:
         try:
@@ -127,6 +191,7 @@ def run_watched(work: Callable[[], T], board, stall_s: float, waiting_for: Calla
                 abort()
             except Exception as exc:  # the stall is the error to report; the abort's is secondary
                 log.warning("could not abort the stalled run: %s", exc)
+            stop_thread(worker, drain=lambda: drain_queue(done))
             raise StallError(message)
         if kind == "error":
             raise value

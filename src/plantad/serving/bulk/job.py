@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -237,7 +238,8 @@ def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str
             batches = watched_iter(
                 lambda: scored_batches(pending, entries, src, ref, mid, tracking_uri, fitted, maps),
                 settings.ray.stall_timeout_s, lambda: stall_reason(fitted), "scored batch")
-            warm = commit_stream(batches, pending, out, mid, progress, lock)
+            with closing(batches):  # a failed commit stops the stream too
+                warm = commit_stream(batches, pending, out, mid, progress, lock)
         seconds = time.perf_counter() - start
         by_folder = folder_counts(read_part(out, p.file) for p in parts)
         errors = sum(c["errors"] for c in by_folder.values())
