@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from plantad.config import load_settings
-from plantad.logs import quiet_library_logs
+from plantad.logs import quiet_library_logs, skip_driver_lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     if stage.enabled:
         from plantad.serving.bulk import run_bulk
 
-        summary = run_bulk(settings, stage.input, stage.output, stage.model, stage.maps, progress=False)
+        with skip_driver_lines():
+            summary = run_bulk(settings, stage.input, stage.output, stage.model, stage.maps, progress=False)
         record = {"enabled": True, "input": stage.input, "model": stage.model, **summary.as_dict()}
         print(summary.text())
     else:

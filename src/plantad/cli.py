@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from plantad.config import ConfigError, Settings, load_settings, settings_to_dict
-from plantad.logs import quiet_library_logs
+from plantad.logs import quiet_library_logs, skip_driver_lines
 
 log = logging.getLogger("plantad")
 
@@ -138,7 +138,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     model = args.model or f"models:/{settings.mlflow.registered_model}@champion"
-    summary = run_bulk(settings, args.input, args.output, model, args.maps, progress=True)
+    with skip_driver_lines():
+        summary = run_bulk(settings, args.input, args.output, model, args.maps, progress=True)
     print(summary.text())
     return 0
 
