@@ -138,8 +138,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     model = args.model or f"models:/{settings.mlflow.registered_model}@champion"
+    bar = sys.stderr.isatty()  # asked before the filter turns stderr into a pipe
     with skip_driver_lines():
-        summary = run_bulk(settings, args.input, args.output, model, args.maps, progress=True)
+        summary = run_bulk(settings, args.input, args.output, model, args.maps, progress=bar)
     print(summary.text())
     return 0
 

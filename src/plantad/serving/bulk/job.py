@@ -162,7 +162,7 @@ def commit_stream(batches: Iterable[pd.DataFrame], pending: list[Part], out: Loc
     counts: Counter[int] = Counter()
     total = sum(len(p.relpaths) for p in pending)
     first: tuple[float, int] | None = None  # (arrival time, rows) of the first batch
-    with tqdm(total=total, unit="img", desc="scoring", disable=None if progress else True) as bar:
+    with tqdm(total=total, unit="img", desc="scoring", disable=not progress) as bar:
         for batch in batches:
             if set(batch["model_id"]) != {mid}:
                 raise RuntimeError(f"rows scored by {set(batch['model_id'])} in the run of {mid}")
@@ -213,8 +213,9 @@ def publish_table(out: Location, parts: list[Part], info: dict) -> None:
 
 
 def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str, maps_uri: str | None = None,
-             progress: bool = True) -> BulkSummary:
-    """Score every image under `input_uri` into `output_uri/<model id>/`; resumes a killed run."""
+             progress: bool = False) -> BulkSummary:
+    """Score every image under `input_uri` into `output_uri/<model id>/`; resumes a killed run.
+    `progress` shows a progress bar on stderr (the CLI asks for one when stderr is a terminal)."""
     bulk = settings.bulk
     src = open_location(input_uri, settings.s3)
     entries = listing_entries(list_image_sizes(src, bulk.extensions))
