@@ -100,6 +100,14 @@ def test_folder_is_scored_like_score_batch_with_error_rows_and_maps(ray_local, t
     assert (again.scored, again.skipped_parts, again.images, again.errors) == (0, summary.parts, len(images), 4)
     assert comparable(read_results(open_location(str(out / mid), bulk_settings().s3))).equals(comparable(table))
 
+    # another folder into the same output would re-plan the table and delete these rows: refused, untouched
+    make_input(demo_root, tmp_path / "line-2", limit=3)
+    stored = {p.name: p.read_bytes() for p in (out / mid).rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=f"{out / mid} holds the finished table of {tmp_path / 'in'}, not of "
+                                         f"{tmp_path / 'line-2'}: .* its own output \\(--output"):
+        run_bulk(bulk_settings(), str(tmp_path / "line-2"), str(out), str(model_dir), progress=False)
+    assert {p.name: p.read_bytes() for p in (out / mid).rglob("*") if p.is_file()} == stored
+
 
 @pytest.mark.e2e
 def test_each_champion_version_writes_its_own_table(ray_local, trained_tiny, demo_root, tmp_path):

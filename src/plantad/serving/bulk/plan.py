@@ -165,6 +165,13 @@ def manifest_identity(out: Location) -> dict[str, Any] | None:
     return json.loads(read_bytes(out, MANIFEST)).get("identity")
 
 
+def manifest_input(out: Location) -> str | None:
+    """The input that the finished table in `out` scored; None when there is none."""
+    if not exists(out, MANIFEST):
+        return None
+    return json.loads(read_bytes(out, MANIFEST)).get("input")
+
+
 def read_results(out: Location) -> pd.DataFrame:
     """The finished table of one model's output folder: the parts its manifest lists, one row per image."""
     if not exists(out, MANIFEST):
