@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="bulk-score every image under a folder or s3:// prefix into Parquet (Ray Data)")
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix, searched recursively")
-    p.add_argument("--output", required=True, help="folder or s3://bucket/prefix; rows go to <output>/<model id>/")
+    p.add_argument("--output", required=True, help="folder or s3://bucket/prefix; rows go to <output>/<model id>/ "
+                                               "(one input per output: give each folder or shift its own)")
     p.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or a model directory "
                                    "(default: models:/<mlflow.registered_model>@champion)")
     p.add_argument("--maps", help="folder or s3:// prefix for heatmap PNGs (<maps>/<model id>/<path>.heatmap.png)")
