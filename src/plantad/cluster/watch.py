@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,24 @@ def stop_thread(thread: threading.Thread, bound_s: float = STOP_S, drain: Callab
     return True
 
 
+def work_thread(name: str, body: Callable[[], None], on_error: Callable[[BaseException], None]) -> threading.Thread:
+    """A started daemon thread running body(); its exception goes to on_error, except WorkStopped:
+    the job that stopped it reads nothing more from it."""
+
+    def run() -> None:
+        try:
+            body()
+        except WorkStopped:
+            return
+        except BaseException as exc:
+            with suppress(WorkStopped):
+                on_error(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 def drain_queue(box: queue.Queue) -> None:
     try:
         while True:
@@ -75,20 +94,12 @@ def watched_iter(items: Callable[[], Iterable[T]], stall_s: float, waiting_for: 
     box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
 
     def produce() -> None:
-        try:
-            try:
-                for item in items():
-                    box.put(("item", item))
-                box.put(("end", None))
-            except WorkStopped:
-                raise
-            except BaseException as exc:  # handed to the consumer, which raises it
-                box.put(("error", exc))
-        except WorkStopped:  # the consumer gave up; nobody reads the box any more
-            pass
+        for item in items():
+            box.put(("item", item))
+        box.put(("end", None))
 
-    producer = threading.Thread(target=produce, name=f"watched {what}", daemon=True)
-    producer.start()
+    # an error is handed to the consumer, which raises it
+    producer = work_thread(f"watched {what}", produce, lambda exc: box.put(("error", exc)))
     count, ended = 0, False
     try:
         while True:
@@ -163,19 +174,7 @@ def run_watched(work: Callable[[], T], board, stall_s: float, waiting_for: Calla
 
     done: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
 
-    def run() -> None:
-        try:
-            try:
-                done.put(("ok", work()))
-            except WorkStopped:
-                raise
-            except BaseException as exc:
-                done.put(("error", exc))
-        except WorkStopped:  # the job gave up on the work
-            pass
-
-    worker = threading.Thread(target=run, name="watched work", daemon=True)
-    worker.start()
+    worker = work_thread("watched work", lambda: done.put(("ok", work())), lambda exc: done.put(("error", exc)))
     started = time.time()
     while True:
         try:

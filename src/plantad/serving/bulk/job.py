@@ -27,8 +27,8 @@ from plantad.cluster.watch import watched_iter
 from plantad.config import BulkConfig, RayConfig, Settings
 from plantad.serving.bulk.lock import RunLock, held_lock
 from plantad.serving.bulk.plan import (
-    PARTS, Entry, Part, commit_part, done_parts, identity_digest, listing_entries, manifest_identity, manifest_input,
-    model_id, model_sha256, plan_parts, read_part, table_identity, write_manifest,
+    PARTS, Entry, Part, commit_part, done_parts, finished_manifest, identity_digest, listing_entries, model_id,
+    model_sha256, plan_parts, read_part, table_identity, write_manifest,
 )
 from plantad.serving.bulk.scorer import BulkScorer, read_batch
 from plantad.storage import TMP_PREFIX, Location, delete, list_image_sizes, list_names, open_location
@@ -192,22 +192,22 @@ def tidy_parts(out: Location, parts: list[Part]) -> None:
             delete(out, f"{PARTS}/{name}")
 
 
-def refuse_other_input(out: Location, src: Location) -> None:
+def refuse_other_input(out: Location, manifest: dict, src: Location) -> None:
     """A table holds one input's rows: re-planning it for another input would delete the rows of the
     first (a user scoring each line's folder into one --output), so that is refused."""
-    finished = manifest_input(out)
+    finished = manifest.get("input")
     if finished is not None and finished != src.uri:
         raise ValueError(f"{out.uri} holds the finished table of {finished}, not of {src.uri}: scoring "
                          f"{src.uri} there would replace those rows. Give this input its own output (--output; "
                          f"bulk.stage.output for the score stage), or delete {out.uri} to replace the table")
 
 
-def plan_table(out: Location, relpaths: list[str], part_size: int, identity: dict,
+def plan_table(manifest: dict, relpaths: list[str], part_size: int, identity: dict,
                done: set[str]) -> tuple[dict, list[Part]]:
     """The identity and parts this run writes: its own, or, for a run without heatmaps, those of the
-    finished table that differs only by having them, when that table already holds every part."""
+    finished table (`manifest`) that differs only by having them, when that table already holds every part."""
     parts = plan_parts(relpaths, part_size, identity_digest(identity))
-    finished = manifest_identity(out)
+    finished = manifest.get("identity")
     if identity["maps"] is None and finished and finished.get("maps") and {**finished, "maps": None} == identity:
         with_maps = plan_parts(relpaths, part_size, identity_digest(finished))
         if all(p.file in done for p in with_maps):
@@ -237,9 +237,10 @@ def run_bulk(settings: Settings, input_uri: str, output_uri: str, model_uri: str
     out = out_root.child(mid)
     identity = table_identity(ref, sha256, bulk, None if maps is None else maps.child(mid).uri)
     with held_lock(out, settings.s3, bulk.lock_stale_s) as lock:
-        refuse_other_input(out, src)
+        manifest = finished_manifest(out)
+        refuse_other_input(out, manifest, src)
         done = done_parts(out)
-        identity, parts = plan_table(out, list(entries), bulk.part_size, identity, done)
+        identity, parts = plan_table(manifest, list(entries), bulk.part_size, identity, done)
         pending = [p for p in parts if p.file not in done]
         log.info("%d images under %s in %d parts, %d to score with %s into %s",
                  len(entries), src.uri, len(parts), len(pending), ref.describe(), out.uri)

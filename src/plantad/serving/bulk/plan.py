@@ -158,18 +158,11 @@ def write_manifest(out: Location, parts: list[Part], info: dict[str, Any]) -> No
     write_atomic(out, MANIFEST, json.dumps(body, indent=2, default=str).encode())
 
 
-def manifest_identity(out: Location) -> dict[str, Any] | None:
-    """The identity of the finished table in `out`; None when there is none (or it predates identities)."""
+def finished_manifest(out: Location) -> dict[str, Any]:
+    """The manifest of the finished table in `out` (its input, identity, parts); {} when there is none."""
     if not exists(out, MANIFEST):
-        return None
-    return json.loads(read_bytes(out, MANIFEST)).get("identity")
-
-
-def manifest_input(out: Location) -> str | None:
-    """The input that the finished table in `out` scored; None when there is none."""
-    if not exists(out, MANIFEST):
-        return None
-    return json.loads(read_bytes(out, MANIFEST)).get("input")
+        return {}
+    return json.loads(read_bytes(out, MANIFEST))
 
 
 def read_results(out: Location) -> pd.DataFrame:
